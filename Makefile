@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a fresh machine: they build .venv first when needed.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xreal-installed
+# The local package mirror prints one warning per missing index folder; keep real errors visible.
+QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip $(QUIET)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 $(QUIET)
+	$(PY) -m pip install --quiet -e '.[dev]' $(QUIET)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/xreal phantom --count 64 --size 128 --seed 0 --out demo-output/phantom --overwrite
+	$(VENV)/bin/xreal manifest validate manifests/demo.parquet
+	$(VENV)/bin/xreal manifest audit manifests/demo.parquet
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/manifest_scale.py
+	$(PY) benchmarks/phantom_speed.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

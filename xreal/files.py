@@ -1,0 +1,60 @@
+"""Small file-system helpers shared by every writer: atomic writes and safe paths."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from xreal.errors import XRealError
+
+
+class PathError(XRealError, ValueError):
+    """A path that is missing, unreadable or outside the allowed root."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    Nothing is ever visible under the final name until it is complete: on an
+    exception the temporary file is removed and ``path`` is left untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part" + final.suffix, dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def resolve_under(root: str | os.PathLike[str], relative: str | os.PathLike[str]) -> Path:
+    """Resolve ``relative`` against ``root`` and refuse anything that escapes ``root``.
+
+    Symbolic links are followed before the check, so a link pointing outside
+    the root is refused too. Absolute paths are allowed only inside the root.
+    """
+    base = Path(root).resolve()
+    if str(relative).strip() == "":
+        raise PathError("empty path")
+    candidate = (base / relative).resolve()
+    if candidate != base and base not in candidate.parents:
+        raise PathError(f"path {str(relative)!r} is outside the allowed root {str(base)!r}")
+    return candidate
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

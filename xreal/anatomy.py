@@ -1,0 +1,70 @@
+"""Where target anatomies come from (files, CheXmask RLE, built-in templates) and what they measure."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from xreal.errors import MaskError
+from xreal.labels import Anatomy
+
+TEMPLATE_PATTERN = re.compile(r"^phantom-(\d{1,9})$")
+TEMPLATE_HELP = "built-in templates are named 'phantom-<n>' with n a whole number (the phantom anatomy of seed n)"
+
+
+def template_seed(name: str) -> int:
+    """The phantom seed of a built-in template name such as ``"phantom-12"``."""
+    match = TEMPLATE_PATTERN.match(str(name).strip())
+    if not match:
+        raise MaskError(f"unknown anatomy template {name!r}; {TEMPLATE_HELP}")
+    return int(match.group(1))
+
+
+def template_label_map(name: str, size: int) -> np.ndarray:
+    """Render the label map of a built-in template at ``size`` x ``size``."""
+    from xreal import phantom
+
+    return phantom.anatomy_template(template_seed(name), size)
+
+
+@dataclass(frozen=True)
+class AnatomyStats:
+    """Areas are fractions of the image; the ratio is the cardiothoracic ratio."""
+
+    right_lung_area: float
+    left_lung_area: float
+    heart_area: float
+    cardiothoracic_ratio: float
+
+
+def _column_extent(mask: np.ndarray) -> int:
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[-1] - cols[0] + 1) if cols.size else 0
+
+
+def cardiothoracic_ratio(label_map: np.ndarray) -> float:
+    """Widest horizontal extent of the heart over that of the thorax (lungs and heart).
+
+    The thoracic width is taken from the outer edge of the right lung to the
+    outer edge of the left lung, as a radiologist measures it on a PA film.
+    """
+    label_map = np.asarray(label_map)
+    heart = _column_extent(label_map == Anatomy.HEART)
+    thorax = _column_extent(label_map != Anatomy.BACKGROUND)
+    if heart == 0 or thorax == 0:
+        raise MaskError("cardiothoracic ratio needs a label map with lungs and heart")
+    return heart / thorax
+
+
+def anatomy_stats(label_map: np.ndarray) -> AnatomyStats:
+    """Lung and heart areas and the cardiothoracic ratio of a label map."""
+    label_map = np.asarray(label_map)
+    total = float(label_map.size)
+    return AnatomyStats(
+        right_lung_area=float((label_map == Anatomy.RIGHT_LUNG).sum()) / total,
+        left_lung_area=float((label_map == Anatomy.LEFT_LUNG).sum()) / total,
+        heart_area=float((label_map == Anatomy.HEART).sum()) / total,
+        cardiothoracic_ratio=cardiothoracic_ratio(label_map),
+    )

@@ -36,18 +36,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def resolve_under(root: str | os.PathLike[str], relative: str | os.PathLike[str]) -> Path:
-    """Resolve ``relative`` against ``root`` and refuse anything that escapes ``root``.
+def resolve_under(
+    root: str | os.PathLike[str], path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None
+) -> Path:
+    """Resolve ``path`` (relative to ``base``, default ``root``) and refuse anything outside ``root``.
 
     Symbolic links are followed before the check, so a link pointing outside
     the root is refused too. Absolute paths are allowed only inside the root.
     """
-    base = Path(root).resolve()
-    if str(relative).strip() == "":
+    allowed = Path(root).resolve()
+    if str(path).strip() == "":
         raise PathError("empty path")
-    candidate = (base / relative).resolve()
-    if candidate != base and base not in candidate.parents:
-        raise PathError(f"path {str(relative)!r} is outside the allowed root {str(base)!r}")
+    candidate = (Path(base or allowed) / path).resolve()
+    if candidate != allowed and allowed not in candidate.parents:
+        raise PathError(f"path {str(path)!r} is outside the allowed root {str(allowed)!r}")
     return candidate
 
 

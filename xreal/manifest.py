@@ -315,7 +315,8 @@ def check_columns(schema: pa.Schema) -> list[ManifestIssue]:
 class _RowChecker:
     """Validates rows batch by batch, remembering ids seen and files already checked."""
 
-    def __init__(self, root: Path):
+    def __init__(self, base: Path, root: Path):
+        self.base = base
         self.root = root
         self.seen: set[str] = set()
         self.label_cache: dict[tuple, tuple[str, ...] | str] = {}
@@ -415,7 +416,7 @@ class _RowChecker:
         key = (column, value)
         if key not in self.file_cache:
             try:
-                path = resolve_under(self.root, value)
+                path = resolve_under(self.root, value, base=self.base)
                 self.file_cache[key] = (path, reader(path).shape)
             except (PathError, MaskError) as exc:
                 self.file_cache[key] = str(exc)
@@ -588,8 +589,8 @@ def iter_requests(
 ) -> Iterator[tuple[list[Request], list[ManifestIssue]]]:
     """Stream a manifest as (valid requests, issues) per record batch.
 
-    Relative file paths are resolved against ``root`` (by default the
-    manifest's folder), and no file outside it is read.
+    Relative file paths are resolved against the manifest's folder, and no
+    file outside ``root`` (by default that folder) is read.
     """
     path = Path(path)
     parquet, _ = open_manifest(path)
@@ -597,7 +598,7 @@ def iter_requests(
     if column_issues:
         yield [], column_issues
         return
-    checker = _RowChecker(_default_root(path, root))
+    checker = _RowChecker(path.resolve().parent, _default_root(path, root))
     offset = 0
     for batch in parquet.iter_batches(batch_size=batch_rows):
         yield checker.check_batch(batch, offset)

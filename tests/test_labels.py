@@ -1,7 +1,15 @@
 import pytest
 
 from xreal.errors import LabelError
-from xreal.labels import ANATOMY_IDS, CHEXPERT_LABELS, NO_FINDING, Anatomy, canonical_label, canonical_labels, prompt_for
+from xreal.labels import (
+    ANATOMY_IDS,
+    CHEXPERT_LABELS,
+    NO_FINDING,
+    Anatomy,
+    canonical_label,
+    canonical_labels,
+    prompt_for,
+)
 
 
 def test_vocabulary_is_the_14_chexpert_labels():
@@ -10,7 +18,9 @@ def test_vocabulary_is_the_14_chexpert_labels():
     assert {"Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Support Devices"} <= set(CHEXPERT_LABELS)
 
 
-@pytest.mark.parametrize("spelling", ["pleural effusion", "PLEURAL EFFUSION", "Pleural_Effusion", " pleural  effusion "])
+@pytest.mark.parametrize(
+    "spelling", ["pleural effusion", "PLEURAL EFFUSION", "Pleural_Effusion", " pleural  effusion "]
+)
 def test_labels_match_case_insensitively(spelling):
     assert canonical_label(spelling) == "Pleural Effusion"
 
@@ -38,4 +48,4 @@ def test_prompt_is_the_positive_labels_and_empty_for_no_finding():
 def test_anatomy_ids():
     assert [int(a) for a in Anatomy] == [0, 1, 2, 3]
     assert Anatomy.RIGHT_LUNG == 1 and Anatomy.HEART == 3
-    assert ANATOMY_IDS == {0, 1, 2, 3}
+    assert {0, 1, 2, 3} == ANATOMY_IDS

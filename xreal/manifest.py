@@ -322,6 +322,7 @@ class _RowChecker:
         self.label_cache: dict[tuple, tuple[str, ...] | str] = {}
         self.file_cache: dict[tuple[str, str], tuple[Path, tuple[int, int]] | str] = {}
         self.template_cache: dict[str, str | None] = {}
+        self.rle_cache: dict[tuple, list[str]] = {}
 
     def check_batch(self, batch: pa.RecordBatch, offset: int) -> tuple[list[Request], list[ManifestIssue]]:
         columns = {name: batch.column(name).to_pylist() for name in batch.schema.names if name in MANIFEST_SCHEMA.names}
@@ -457,16 +458,20 @@ class _RowChecker:
         if height < 1 or width < 1:
             problem(column, f"height and width must be positive, got {height}x{width}")
             return None
-        ok = True
-        for part in ("right_lung", "left_lung", "heart"):
-            try:
-                if not check_rle(value.get(part) or "", height, width):
-                    problem(column, f"{part} is empty; the anatomy needs both lungs and the heart")
-                    ok = False
-            except MaskError as exc:
-                problem(column, f"{part} {exc}")
-                ok = False
-        return AnatomySource("rle", value, (height, width)) if ok else None
+        parts = ("right_lung", "left_lung", "heart")
+        key = (*(value.get(part) for part in parts), height, width)
+        if key not in self.rle_cache:
+            reasons = []
+            for part in parts:
+                try:
+                    if not check_rle(value.get(part) or "", height, width):
+                        reasons.append(f"{part} is empty; the anatomy needs both lungs and the heart")
+                except MaskError as exc:
+                    reasons.append(f"{part} {exc}")
+            self.rle_cache[key] = reasons
+        for reason in self.rle_cache[key]:
+            problem(column, reason)
+        return None if self.rle_cache[key] else AnatomySource("rle", value, (height, width))
 
     def _location(self, row, labels, anatomy, problem) -> tuple[Path | None, tuple[Box, ...], str]:
         mask_value, raw_boxes = row["pathology_mask_path"], row["boxes"]
@@ -633,43 +638,53 @@ def load_requests(path: str | os.PathLike[str], root: str | os.PathLike[str] | N
 # --- expansion ------------------------------------------------------------------
 
 
+def _sample_batch(request_ids: Sequence[str], counts: Sequence[int], seeds: Sequence[int | None]) -> pa.RecordBatch:
+    ids, owners, replicas, sample_seeds = [], [], [], []
+    for request_id, count, seed in zip(request_ids, counts, seeds, strict=True):
+        for replica in range(int(count)):
+            ids.append(sample_id(request_id, replica))
+            owners.append(request_id)
+            replicas.append(replica)
+            sample_seeds.append(derive_seed(request_id, replica) if seed is None else (int(seed) + replica) % (1 << 63))
+    arrays = [
+        pa.array(ids, pa.string()),
+        pa.array(owners, pa.string()),
+        pa.array(replicas, pa.int64()),
+        pa.array(sample_seeds, pa.int64()),
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=SAMPLE_SCHEMA)
+
+
 def expand_requests(requests: Sequence[Request]) -> pa.RecordBatch:
     """One sample row per (request, replica): stable ``sample_id`` and seed."""
-    ids, request_ids, replicas, seeds = [], [], [], []
-    for request in requests:
-        for replica in range(request.num_samples):
-            ids.append(sample_id(request.request_id, replica))
-            request_ids.append(request.request_id)
-            replicas.append(replica)
-            seeds.append(request.sample_seed(replica))
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array(ids, pa.string()),
-            pa.array(request_ids, pa.string()),
-            pa.array(replicas, pa.int64()),
-            pa.array(seeds, pa.int64()),
-        ],
-        schema=SAMPLE_SCHEMA,
+    return _sample_batch(
+        [r.request_id for r in requests], [r.num_samples for r in requests], [r.seed for r in requests]
     )
 
 
 def expand_manifest(
-    path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, batch_rows: int = BATCH_ROWS
+    path: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None,
+    batch_rows: int = BATCH_ROWS,
+    validate: bool = True,
 ) -> Iterator[pa.RecordBatch]:
     """Stream the samples of a manifest as record batches of :data:`SAMPLE_SCHEMA`.
 
-    Raises :class:`ManifestInvalid` at the first batch with a problem; run
-    :func:`validate_manifest` first to get every problem at once.
+    The whole manifest is validated first (:class:`ManifestInvalid` lists
+    every problem) unless ``validate=False`` says the caller has just done so.
+    Expansion itself reads only the id, count and seed columns.
     """
     path = Path(path)
-    for requests, issues in iter_requests(path, root, batch_rows):
-        if issues:
-            _, version = open_manifest(path)
-            report = ValidationReport(
-                path, _default_root(path, root), version, issues=issues[:200], issue_count=len(issues)
-            )
+    if validate:
+        report = validate_manifest(path, root)
+        if not report.ok:
             raise ManifestInvalid(report)
-        yield expand_requests(requests)
+    parquet, _ = open_manifest(path)
+    columns = [c for c in ("request_id", "num_samples", "seed") if c in parquet.schema_arrow.names]
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+        seeds = batch.column("seed").to_pylist() if "seed" in columns else [None] * batch.num_rows
+        seeds = [None if isinstance(s, float) and math.isnan(s) else s for s in seeds]
+        yield _sample_batch(batch.column("request_id").to_pylist(), batch.column("num_samples").to_pylist(), seeds)
 
 
 # --- writing --------------------------------------------------------------------

@@ -14,6 +14,7 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -139,7 +140,7 @@ def check_binary_mask(mask: np.ndarray, where: str = "pathology mask") -> np.nda
         binary = mask
     else:
         values = np.unique(mask)
-        if len(values) > 2 or values[0] != 0 or (len(values) == 2 and values[1] <= 0):
+        if len(values) > 2 or values[0] < 0 or (len(values) == 2 and values[0] != 0):
             shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if len(values) > 6 else "")
             raise MaskError(f"{where}: a pathology mask must be binary (0 and one positive value), found {shown}")
         binary = mask > 0
@@ -253,7 +254,7 @@ def check_box(box: Box, height: int, width: int, units: BoxUnits = "pixel", wher
     if len(box) != 4:
         raise MaskError(f"{where}: expected (x_min, y_min, x_max, y_max), got {len(box)} values")
     x0, y0, x1, y1 = (float(v) for v in box)
-    if not all(np.isfinite([x0, y0, x1, y1])):
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise MaskError(f"{where}: coordinates must be finite numbers, got {tuple(box)}")
     if x1 <= x0 or y1 <= y0:
         raise MaskError(f"{where}: x_max must exceed x_min and y_max exceed y_min, got {tuple(box)}")

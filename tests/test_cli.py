@@ -1,0 +1,110 @@
+import json
+import subprocess
+import sys
+
+import click
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from conftest import box_label_map
+
+from xreal.cli import cli
+from xreal.manifest import write_manifest
+from xreal.masks import write_mask_file
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def all_commands(group: click.Group, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+def test_help_lists_commands_and_every_command_has_help():
+    result = run("--help")
+    assert result.exit_code == 0
+    assert "manifest" in result.output and "phantom" in result.output
+    commands = list(all_commands(cli))
+    assert {("manifest", "validate"), ("manifest", "audit"), ("manifest", "build")} <= set(commands)
+    for command in commands:
+        result = run(*command, "--help")
+        assert result.exit_code == 0, command
+        assert "Usage: " in result.output
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    write_mask_file(tmp_path / "anatomy.png", box_label_map())
+    rows = [
+        {
+            "request_id": "a",
+            "labels": ["Edema"],
+            "num_samples": 2,
+            "anatomy_path": "anatomy.png",
+            "boxes": [{"label": None, "x_min": 0.1, "y_min": 0.2, "x_max": 0.4, "y_max": 0.6}],
+        },
+        {"request_id": "b", "labels": ["No Finding"], "num_samples": 1, "anatomy_path": "anatomy.png"},
+    ]
+    write_manifest(rows, tmp_path / "m.parquet")
+    return tmp_path / "m.parquet"
+
+
+def test_validate_exit_codes(manifest, tmp_path):
+    ok = run("manifest", "validate", manifest)
+    assert ok.exit_code == 0 and "valid manifest, 2 requests, 3 samples" in ok.output
+    write_manifest(
+        [{"request_id": "x", "labels": ["Edma"], "num_samples": 1, "anatomy_path": "../../etc/passwd"}],
+        tmp_path / "bad.parquet",
+    )
+    bad = run("manifest", "validate", tmp_path / "bad.parquet")
+    assert bad.exit_code == 2
+    assert "row 0, request 'x', column 'labels': unknown pathology label 'Edma'" in bad.output
+    assert (
+        "row 0, request 'x', column 'anatomy_path': path '../../etc/passwd' is outside the allowed root" in bad.output
+    )
+    as_json = json.loads(run("manifest", "validate", tmp_path / "bad.parquet", "--json").output)
+    assert as_json["ok"] is False and {i["column"] for i in as_json["issues"]} == {"labels", "anatomy_path"}
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path):
+    (tmp_path / "notes.parquet").write_text("hello")
+    for args in (
+        ("manifest", "validate", tmp_path / "notes.parquet"),
+        ("manifest", "audit", tmp_path / "missing.parquet"),
+        ("manifest", "build", tmp_path / "spec.toml", "--out", tmp_path / "m.parquet"),
+    ):
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and result.output.startswith("Error: ")
+    assert run("phantom", "--size", "1000", "--out", tmp_path).exit_code == 2
+
+
+def test_console_script_prints_one_paragraph_and_exits_2(tmp_path):
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    xreal = [sys.executable, "-m", "xreal.cli"]
+    result = subprocess.run(
+        [*xreal, "manifest", "validate", tmp_path / "empty.parquet"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"Error: {tmp_path / 'empty.parquet'}: empty file; expected a Parquet manifest"
+
+
+def test_audit_text_and_json(manifest):
+    text = run("manifest", "audit", manifest)
+    assert text.exit_code == 0 and "Requested images per label" in text.output and "Edema" in text.output
+    data = json.loads(run("manifest", "audit", manifest, "--json").output)
+    assert data["samples"] == 3 and data["per_label"]["Edema"]["samples"] == 2
+
+
+def test_build_and_expand(tmp_path):
+    (tmp_path / "spec.csv").write_text("request_id,anatomy_template,labels,num_samples\nh,phantom-4,No Finding,3\n")
+    built = run("manifest", "build", tmp_path / "spec.csv", "--out", tmp_path / "m.parquet")
+    assert built.exit_code == 0, built.output
+    expanded = run("manifest", "expand", tmp_path / "m.parquet", "--out", tmp_path / "samples.parquet")
+    assert expanded.exit_code == 0, expanded.output
+    table = pq.read_table(tmp_path / "samples.parquet")
+    assert table["sample_id"].to_pylist() == ["h-r0000", "h-r0001", "h-r0002"]

@@ -1,0 +1,155 @@
+"""The training index: one Parquet table describing a labelled chest X-ray training set.
+
+The phantom writes it today; ingestion of MIMIC-CXR and CheXmask writes the
+same layout later, so training code reads one format. The columns are
+documented in ``manifests/README.md`` (section "Training index").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from xreal.errors import XRealError
+from xreal.files import atomic_path
+from xreal.images import write_png16
+from xreal.labels import CHEXPERT_LABELS, slug
+from xreal.masks import write_mask_file
+
+TRAINING_INDEX_VERSION = "1"
+INDEX_FILE = "index.parquet"
+
+BOX_TYPE = pa.struct(
+    [
+        ("label", pa.string()),
+        ("x_min", pa.float32()),
+        ("y_min", pa.float32()),
+        ("x_max", pa.float32()),
+        ("y_max", pa.float32()),
+    ]
+)
+PATHOLOGY_MASK_TYPE = pa.struct([("label", pa.string()), ("path", pa.string())])
+
+TRAINING_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=False),
+        pa.field("anatomy_path", pa.string()),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("view_position", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("subject_id", pa.string()),
+        *[pa.field(label, pa.float32()) for label in CHEXPERT_LABELS],
+        pa.field("pathology_masks", pa.list_(PATHOLOGY_MASK_TYPE)),
+        pa.field("boxes", pa.list_(BOX_TYPE)),
+        pa.field("finding", pa.string()),
+    ],
+    metadata={"xreal.schema": "training-index", "xreal.schema_version": TRAINING_INDEX_VERSION},
+)
+
+
+def write_training_index(rows: list[dict] | pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write rows (dicts with the schema's columns) as a training index, atomically."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(rows)
+    missing = [name for name in TRAINING_INDEX_SCHEMA.names if name not in frame.columns]
+    if missing:
+        raise XRealError(f"training index rows lack columns: {', '.join(missing)}")
+    table = pa.Table.from_pandas(frame[TRAINING_INDEX_SCHEMA.names], schema=TRAINING_INDEX_SCHEMA, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def read_training_index(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a training index, checking that it is one and of a version this code reads."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_FILE
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise XRealError(f"{path}: cannot read training index ({exc})") from None
+    meta = table.schema.metadata or {}
+    kind = meta.get(b"xreal.schema", b"").decode()
+    version = meta.get(b"xreal.schema_version", b"").decode()
+    if kind != "training-index":
+        raise XRealError(f"{path}: not an xreal training index (schema tag {kind or 'missing'!r})")
+    if version != TRAINING_INDEX_VERSION:
+        raise XRealError(f"{path}: training index version {version!r}; this xreal reads {TRAINING_INDEX_VERSION!r}")
+    return table.to_pandas()
+
+
+def split_for(subject_id: str, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
+    """A stable train/validate/test split from a subject id (same subject, same split)."""
+    digest = hashlib.blake2b(subject_id.encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    train, validate = fractions
+    return "train" if u < train else "validate" if u < train + validate else "test"
+
+
+def write_phantom_training_set(
+    out: str | os.PathLike[str],
+    count: int,
+    size: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+    chunk: int = 256,
+    progress: bool = False,
+) -> Path:
+    """Render ``count`` phantom cases into ``out`` as a training set; return the index path.
+
+    Layout: ``images/<id>.png`` (16-bit), ``anatomy/<id>.png`` (label map),
+    ``pathology/<id>_<label>.png`` (binary masks) and ``index.parquet``. The
+    index is written last, so a folder with an index is complete.
+    """
+    from xreal import phantom
+
+    if count < 1:
+        raise XRealError(f"--count must be at least 1, got {count}")
+    out = Path(out)
+    index_path = out / INDEX_FILE
+    if index_path.exists() and not overwrite:
+        raise XRealError(f"{index_path} already exists; choose another --out or pass --overwrite")
+    rows = []
+    bar = tqdm(total=count, desc="phantom", unit="img", disable=not progress)
+    for start in range(0, count, chunk):
+        batch = phantom.generate(min(chunk, count - start), size=size, seed=seed, start=start)
+        for case in (batch[i] for i in range(len(batch))):
+            image_id = f"phantom-{seed}-{case.index:06d}"
+            write_png16(out / "images" / f"{image_id}.png", case.image)
+            write_mask_file(out / "anatomy" / f"{image_id}.png", case.anatomy)
+            masks = []
+            for label, mask in case.pathology_masks.items():
+                rel = f"pathology/{image_id}_{slug(label)}.png"
+                write_mask_file(out / rel, mask)
+                masks.append({"label": label, "path": rel})
+            row: dict = {
+                "image_id": image_id,
+                "image_path": f"images/{image_id}.png",
+                "anatomy_path": f"anatomy/{image_id}.png",
+                "height": size,
+                "width": size,
+                "view_position": "PA",
+                "split": split_for(image_id),
+                "source": "phantom",
+                "subject_id": image_id,
+                "pathology_masks": masks,
+                "boxes": [
+                    {"label": label, "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
+                    for label, x0, y0, x1, y1 in case.boxes
+                ],
+                "finding": case.finding,
+            }
+            row.update({label: float(label in case.labels) for label in CHEXPERT_LABELS})
+            rows.append(row)
+        bar.update(len(batch))
+    bar.close()
+    return write_training_index(rows, index_path)

@@ -51,11 +51,13 @@ def cardiothoracic_ratio(label_map: np.ndarray) -> float:
     outer edge of the left lung, as a radiologist measures it on a PA film.
     """
     label_map = np.asarray(label_map)
+    if label_map.ndim != 2:
+        raise MaskError(f"cardiothoracic ratio needs a 2-D label map, got shape {label_map.shape}")
+    lungs = (label_map == Anatomy.RIGHT_LUNG) | (label_map == Anatomy.LEFT_LUNG)
     heart = _column_extent(label_map == Anatomy.HEART)
-    thorax = _column_extent(label_map != Anatomy.BACKGROUND)
-    if heart == 0 or thorax == 0:
+    if heart == 0 or not lungs.any():
         raise MaskError("cardiothoracic ratio needs a label map with lungs and heart")
-    return heart / thorax
+    return heart / _column_extent(lungs | (label_map == Anatomy.HEART))
 
 
 def anatomy_stats(label_map: np.ndarray) -> AnatomyStats:

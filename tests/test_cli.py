@@ -108,3 +108,18 @@ def test_build_and_expand(tmp_path):
     assert expanded.exit_code == 0, expanded.output
     table = pq.read_table(tmp_path / "samples.parquet")
     assert table["sample_id"].to_pylist() == ["h-r0000", "h-r0001", "h-r0002"]
+
+
+def test_phantom_command_writes_a_training_set_and_keeps_existing_ones(tmp_path):
+    out = tmp_path / "set"
+    first = run("phantom", "--count", 3, "--size", 64, "--seed", 2, "--out", out)
+    assert first.exit_code == 0, first.output
+    assert pq.read_table(out / "index.parquet").num_rows == 3
+    assert len(list((out / "images").glob("*.png"))) == 3
+    again = run("phantom", "--count", 5, "--out", out)
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert pq.read_table(out / "index.parquet").num_rows == 3
+    assert run("phantom", "--count", 5, "--out", out, "--overwrite").exit_code == 0
+    assert pq.read_table(out / "index.parquet").num_rows == 5
+    assert run("phantom", "--count", 2, "--out", out, "--overwrite").exit_code == 0
+    assert len(list((out / "images").glob("*.png"))) == 2  # files of the replaced set are removed

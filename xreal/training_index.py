@@ -152,4 +152,22 @@ def write_phantom_training_set(
             rows.append(row)
         bar.update(len(batch))
     bar.close()
-    return write_training_index(rows, index_path)
+    stale = _listed_files(index_path) - {path for row in rows for path in _row_files(row)}
+    write_training_index(rows, index_path)
+    for path in stale:
+        (out / path).unlink(missing_ok=True)
+    return index_path
+
+
+def _row_files(row: dict) -> list[str]:
+    masks = row.get("pathology_masks")
+    return [row["image_path"], row["anatomy_path"], *(m["path"] for m in (masks if masks is not None else []))]
+
+
+def _listed_files(index_path: Path) -> set[str]:
+    """Files an existing index lists (none if there is no readable index)."""
+    try:
+        frame = read_training_index(index_path)
+    except XRealError:
+        return set()
+    return {path for row in frame.to_dict("records") for path in _row_files(row) if path}

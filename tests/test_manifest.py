@@ -27,6 +27,7 @@ def workspace(tmp_path, label_map):
     lesion = np.zeros_like(label_map, dtype=bool)
     lesion[20:28, 12:20] = True
     write_mask_file(tmp_path / "masks" / "lesion.png", lesion)
+    (tmp_path / "masks" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return tmp_path
 
 
@@ -129,6 +130,8 @@ BAD_ROWS = [
     (0, {"request_id": "has space"}, "request_id", "letters, digits"),
     (0, {"request_id": None}, "request_id", "is missing"),
     (0, {"anatomy_path": "masks/missing.png"}, "anatomy_path", "not found"),
+    (0, {"anatomy_path": "masks/corrupt.png"}, "anatomy_path", "unreadable mask file"),
+    (0, {"pathology_mask_path": "masks/corrupt.png"}, "pathology_mask_path", "unreadable mask file"),
     (0, {"anatomy_path": "../../etc/passwd"}, "anatomy_path", "outside the allowed root"),
     (0, {"anatomy_path": "/etc/hostname"}, "anatomy_path", "outside the allowed root"),
     (0, {"anatomy_path": "masks/lesion.png"}, "anatomy_path", "not anatomy ids"),

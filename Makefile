@@ -7,7 +7,7 @@ STAMP := $(VENV)/.xreal-installed
 # The local package mirror prints one warning per missing index folder; keep real errors visible.
 QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-model test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 	$(VENV)/bin/xreal phantom --count 64 --size 128 --seed 0 --out demo-output/phantom --overwrite
 	$(VENV)/bin/xreal manifest validate manifests/demo.parquet
 	$(VENV)/bin/xreal manifest audit manifests/demo.parquet
+
+# Retrain the bundled demo model from phantoms on CPU (about 30 min on 2 cores; a rerun resumes).
+demo-model: $(STAMP)
+	$(VENV)/bin/xreal phantom --count 3000 --size 64 --seed 11 --out build/demo-phantom --overwrite
+	$(VENV)/bin/xreal train demo --index build/demo-phantom --work build/demo-train --out xreal/bundles/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -147,6 +147,129 @@ def expand(path: Path, out: Path, root: Path | None) -> None:
     click.echo(f"wrote {out}: {total} samples")
 
 
+@cli.group(cls=_Group)
+def train() -> None:
+    """Train the autoencoder, the Anatomy Controller and the backbone from a training index."""
+
+
+def _training_options(function):
+    options = [
+        click.option(
+            "--index",
+            type=click.Path(file_okay=False, path_type=Path),
+            required=True,
+            help="Training set folder (with index.parquet).",
+        ),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False, path_type=Path),
+            required=True,
+            help="Run folder: checkpoints, the trained component; a rerun resumes.",
+        ),
+        click.option("--preset", type=click.Choice(["demo", "paper", "tiny"]), default="demo", show_default=True),
+        click.option("--steps", type=click.IntRange(min=1), required=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--lr", "learning_rate", type=float, default=2e-4, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True),
+        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _run_and_data(index, out, preset, steps, batch_size, learning_rate, seed, checkpoint_every, mixed_precision):
+    from xreal.model import get_preset
+    from xreal.training import TrainingRun, load_training_set
+
+    data = load_training_set(index, get_preset(preset).image_size)
+    run = TrainingRun(
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        mixed_precision=mixed_precision,
+    )
+    return run, data
+
+
+@train.command("autoencoder")
+@_training_options
+def train_autoencoder_command(**options) -> None:
+    """Train the first-stage autoencoder; saves OUT/model."""
+    from xreal.training import train_autoencoder
+
+    run, data = _run_and_data(**options)
+    train_autoencoder(data, run, preset=options["preset"]).save_pretrained(run.out / "model")
+    click.echo(f"wrote {run.out / 'model'} ({run.log['seconds']} s)")
+
+
+@train.command("anatomy-controller")
+@_training_options
+def train_anatomy_controller_command(**options) -> None:
+    """Train the Anatomy Controller (image or anatomy map in, image out); saves OUT/model."""
+    from xreal.training import train_autoencoder
+
+    run, data = _run_and_data(**options)
+    train_autoencoder(data, run, preset=options["preset"], anatomy_controller=True).save_pretrained(run.out / "model")
+    click.echo(f"wrote {run.out / 'model'} ({run.log['seconds']} s)")
+
+
+@train.command("backbone")
+@_training_options
+@click.option(
+    "--autoencoder",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run folder of `xreal train autoencoder`.",
+)
+@click.option(
+    "--anatomy-controller",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run folder of `xreal train anatomy-controller`.",
+)
+def train_backbone_command(autoencoder: Path, anatomy_controller: Path, **options) -> None:
+    """Train UNet and text encoder on the frozen autoencoder; saves the model bundle OUT/bundle."""
+    from diffusers import AutoencoderKL
+
+    from xreal.model import save_bundle
+    from xreal.training import train_backbone
+
+    run, data = _run_and_data(**options)
+    vae = AutoencoderKL.from_pretrained(autoencoder / "model", use_safetensors=True)
+    controller = AutoencoderKL.from_pretrained(anatomy_controller / "model", use_safetensors=True)
+    pipeline = train_backbone(data, run, vae, controller, preset=options["preset"])
+    training = {
+        "data": f"{len(data)} training images from {options['index']}",
+        "command": " ".join(sys.argv),
+        "backbone": run.log,
+    }
+    click.echo(f"wrote {save_bundle(pipeline, run.out / 'bundle', training=training)}")
+
+
+@train.command("demo")
+@click.option(
+    "--index", type=click.Path(file_okay=False, path_type=Path), required=True, help="Phantom training set folder."
+)
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the three training runs (a rerun resumes).",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle to write.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
+    """Train the demo bundle end to end with the demo schedule (CPU-sized)."""
+    from xreal.training import train_demo_bundle
+
+    click.echo(f"wrote {train_demo_bundle(index, work, out, seed=seed, command=' '.join(sys.argv))}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="xreal")

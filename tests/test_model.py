@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from xreal.errors import XRealError
+from xreal.model import (
+    BUNDLE_FILE,
+    build_pipeline,
+    get_preset,
+    load_pipeline,
+    reference_scheduler,
+    save_bundle,
+    verify_bundle,
+)
+from xreal.text import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    pipeline = build_pipeline("tiny", texts=["Small left pleural effusion."])
+    folder = save_bundle(pipeline, tmp_path_factory.mktemp("bundle") / "tiny", training={"data": "none"})
+    return pipeline, folder
+
+
+def test_presets():
+    paper = get_preset("paper")
+    assert (paper.image_size, paper.latent_size, paper.unet_channels, paper.context_width) == (
+        256,
+        64,
+        (224, 448, 896, 896),
+        1280,
+    )
+    assert get_preset("demo").latent_size == 16
+    with pytest.raises(XRealError, match="unknown preset 'huge'"):
+        get_preset("huge")
+
+
+def test_scheduler_follows_the_reference_schedule():
+    scheduler = reference_scheduler()
+    assert scheduler.betas[0].item() == pytest.approx(0.0015)
+    assert scheduler.betas[-1].item() == pytest.approx(0.0295)
+    assert torch.allclose(scheduler.betas.sqrt(), torch.linspace(0.0015**0.5, 0.0295**0.5, 1000))
+    scheduler.set_timesteps(100)
+    assert scheduler.timesteps.tolist() == list(range(991, 0, -10))  # uniform DDIM timesteps, offset by one
+
+
+def test_tokenizer_encodes_prompts_like_bert():
+    tokenizer = build_tokenizer([], max_length=8)
+    ids = tokenizer(["Cardiomegaly", ""], padding="max_length", max_length=8).input_ids
+    cls, sep, pad = (tokenizer.convert_tokens_to_ids(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+    assert ids[0][0] == cls and sep in ids[0] and pad == 0
+    assert ids[1][:3] == [cls, sep, pad]
+    assert tokenizer.unk_token_id not in ids[0]  # every CheXpert label is in the vocabulary
+
+
+def test_bundle_round_trip_keeps_every_component(tiny_bundle):
+    pipeline, folder = tiny_bundle
+    loaded = load_pipeline(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["anatomy_controller", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae", BUNDLE_FILE]
+    )
+    assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    for name in ("vae", "anatomy_controller", "unet", "text_encoder"):
+        original, restored = getattr(pipeline, name).state_dict(), getattr(loaded, name).state_dict()
+        assert original.keys() == restored.keys()
+        assert all(torch.equal(original[k], restored[k]) for k in original), name
+    ids = torch.tensor([[2, 5, 3, 0, 0, 0, 0, 0]])
+    assert torch.equal(pipeline.text_encoder(ids), loaded.text_encoder(ids))
+    assert loaded.tokenizer("Edema").input_ids == pipeline.tokenizer("Edema").input_ids
+    assert loaded.scheduler.config.beta_schedule == "scaled_linear"
+    assert loaded.config.preset == "tiny" and list(loaded.config.value_range) == [-1.0, 1.0]
+
+
+def test_bundle_record_and_checksums(tiny_bundle, tmp_path):
+    _, folder = tiny_bundle
+    record = json.loads((folder / BUNDLE_FILE).read_text())
+    assert record["preset"]["name"] == "tiny" and record["image_size"] == 32
+    assert "Cardiomegaly" in record["labels"] and record["training"] == {"data": "none"}
+    assert "unet/diffusion_pytorch_model.safetensors" in record["files"]
+    verify_bundle(folder)
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    weights = damaged / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(XRealError, match=r"unet/diffusion_pytorch_model\.safetensors does not match its checksum"):
+        load_pipeline(damaged)
+    with pytest.raises(XRealError, match="not an xreal model bundle"):
+        load_pipeline(tmp_path)
+
+
+def test_tokenizer_is_reproducible_and_falls_back_to_characters():
+    texts = ["Small left pleural effusion.", "Moderate perihilar haziness."]
+    first, second = build_tokenizer(texts, 16), build_tokenizer(list(reversed(texts)), 16)
+    assert first.get_vocab() == second.get_vocab()
+    tokens = first.convert_ids_to_tokens(first("Pleural effusion xyz").input_ids)
+    assert tokens == ["[CLS]", "pleural", "effusion", "x", "##y", "##z", "[SEP]"]

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from xreal import phantom
+from xreal.errors import LabelError, XRealError
+from xreal.model import build_pipeline
+
+STEPS = dict(num_inference_steps=6, anatomy_steps=3)
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    torch.manual_seed(0)
+    pipe = build_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def requests():
+    """Eight items with different anatomies, prompts, masks and seeds (three healthy)."""
+    labels = [["Lung Lesion"], [], ["Pleural Effusion"], ["Cardiomegaly"], [], ["Edema"], ["Consolidation"], []]
+    cases = phantom.generate(8, 64, seed=3, pathologies=labels)
+    masks = [case.pathology_masks[case.labels[0]] if case.pathology_masks else None for case in cases]
+    prompts = [list(case.labels) for case in cases]
+    return cases.anatomy, prompts, [11 * i + 1 for i in range(8)], masks
+
+
+def test_images_do_not_depend_on_batching(pipeline, requests):
+    anatomy, prompts, seeds, masks = requests
+    together = pipeline(anatomy, prompts, seeds, masks, **STEPS)
+    for i in range(8):
+        alone = pipeline(anatomy[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], masks[i : i + 1], **STEPS)
+        np.testing.assert_allclose(alone.images[0], together.images[i], atol=1e-4)
+        np.testing.assert_allclose(alone.healthy_images[0], together.healthy_images[i], atol=1e-4)
+    assert together.images.shape == (8, 32, 32) and together.images.dtype == np.float32
+    assert together.images.min() >= 0.0 and together.images.max() <= 1.0
+    assert together.has_pathology.tolist() == [m is not None for m in masks]
+
+
+def test_seeds_and_prompts_matter(pipeline, requests):
+    anatomy, prompts, _, masks = requests
+    a = pipeline(anatomy[:1], prompts[:1], [1], masks[:1], **STEPS).images
+    b = pipeline(anatomy[:1], prompts[:1], [2], masks[:1], **STEPS).images
+    again = pipeline(anatomy[:1], prompts[:1], [1], masks[:1], **STEPS).images
+    assert np.array_equal(a, again) and not np.allclose(a, b)
+
+
+def test_healthy_items_skip_stage_two(pipeline, requests):
+    anatomy, prompts, seeds, masks = requests
+    out = pipeline(anatomy, prompts, seeds, masks, **STEPS)
+    healthy = ~out.has_pathology
+    assert np.array_equal(out.images[healthy], out.healthy_images[healthy])
+    assert not np.allclose(out.images[~healthy], out.healthy_images[~healthy])
+
+
+def test_stage_two_changes_only_near_the_pathology_mask(pipeline):
+    case = phantom.generate(1, 64, seed=4, pathologies=[["Lung Lesion"]])[0]
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[8:24, 8:24] = True
+    out = pipeline([case.anatomy], [["Lung Lesion"]], [5], [mask], latent_handoff=True, **STEPS)
+    change = np.abs(out.images[0] - out.healthy_images[0])
+    inside = change[4:12, 4:12].mean()
+    far = change[20:, 20:]  # at least 8 image pixels (2 latent cells) from the mask
+    assert inside > 10 * far.mean()
+    assert far.max() < 0.05
+
+
+def test_latent_handoff_skips_the_reencoding(pipeline, requests):
+    anatomy, prompts, seeds, masks = requests
+    calls = []
+    handle = pipeline.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        pipeline(anatomy[:2], prompts[:2], seeds[:2], masks[:2], **STEPS)
+        reencoded = len(calls)
+        calls.clear()
+        pipeline(anatomy[:2], prompts[:2], seeds[:2], masks[:2], latent_handoff=True, **STEPS)
+    finally:
+        handle.remove()
+    assert reencoded == len(calls) + 1
+
+
+def test_bad_inputs(pipeline, requests):
+    anatomy, prompts, seeds, masks = requests
+    with pytest.raises(XRealError, match="one anatomy, prompt, seed and pathology mask per item"):
+        pipeline(anatomy[:2], prompts[:1], seeds[:2], masks[:2], **STEPS)
+    with pytest.raises(XRealError, match="item 0: pathology mask is 32x32 but its anatomy is 64x64"):
+        pipeline(anatomy[:1], prompts[:1], seeds[:1], [np.ones((32, 32), bool)], **STEPS)
+    with pytest.raises(LabelError, match="unknown pathology label 'Lung Lesoin'"):
+        pipeline(anatomy[:1], [["Lung Lesoin"]], seeds[:1], masks[:1], **STEPS)
+    with pytest.raises(XRealError, match="a pathology prompt needs a pathology mask"):
+        pipeline(anatomy[:1], prompts[:1], seeds[:1], [None], **STEPS)
+    with pytest.raises(XRealError, match="anatomy_steps must be between 0 and num_inference_steps"):
+        pipeline(anatomy[:1], prompts[:1], seeds[:1], masks[:1], num_inference_steps=4, anatomy_steps=5)
+    with pytest.raises(XRealError, match="item 0 anatomy"):
+        pipeline([np.zeros((64, 64), np.uint8)], [""], [1], [None], **STEPS)

@@ -1,0 +1,205 @@
+"""The XReal model's components, their size presets, and model bundles on disk.
+
+A model bundle is a diffusers pipeline folder (``model_index.json`` and one
+folder per component, safetensors only) plus ``xreal_bundle.json``: the preset,
+what it was trained on and how, and the sha256 of every file, checked when the
+bundle is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from xreal.errors import XRealError
+from xreal.files import atomic_path, sha256_file
+from xreal.text import XRealTextEncoder, build_tokenizer
+
+BUNDLE_FILE = "xreal_bundle.json"
+BUNDLE_VERSION = 1
+DEMO_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
+SD_SCALE_FACTOR = 0.18215
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of every component. ``paper`` follows the reference; ``demo`` trains on 2 CPU cores."""
+
+    name: str
+    image_size: int
+    autoencoder_channels: tuple[int, ...]  # three levels: downsampling factor 4
+    autoencoder_layers: int
+    unet_channels: tuple[int, ...]
+    unet_layers: int
+    unet_heads: int
+    norm_groups: int
+    context_width: int
+    text_layers: int
+    text_heads: int
+    max_tokens: int
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.autoencoder_channels) - 1)
+
+
+PRESETS = {
+    "paper": Preset("paper", 256, (128, 256, 512), 2, (224, 448, 896, 896), 2, 8, 32, 1280, 32, 8, 77),
+    "demo": Preset("demo", 64, (32, 64, 64), 1, (32, 64, 96), 1, 4, 16, 128, 2, 4, 16),
+    # For tests: every code path, in milliseconds.
+    "tiny": Preset("tiny", 32, (8, 8, 8), 1, (8, 16), 1, 2, 4, 16, 1, 2, 8),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise XRealError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def reference_scheduler() -> DDIMScheduler:
+    """DDIM with the reference schedule: 1000 steps, betas 0.0015-0.0295 linear in sqrt space,
+    uniform timesteps offset by one, and alpha_cumprod[0] as the last step's 'previous' value."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0015,
+        beta_end=0.0295,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def build_autoencoder(preset: Preset, scaling_factor: float = SD_SCALE_FACTOR) -> AutoencoderKL:
+    """A KL autoencoder: 3 latent channels, factor 4, no attention (also the Anatomy Controller's shape)."""
+    levels = len(preset.autoencoder_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=preset.autoencoder_channels,
+        layers_per_block=preset.autoencoder_layers,
+        norm_num_groups=min(32, preset.autoencoder_channels[0]),
+        sample_size=preset.image_size,
+        scaling_factor=scaling_factor,
+        mid_block_add_attention=False,
+    )
+
+
+def build_unet(preset: Preset) -> UNet2DConditionModel:
+    """The latent diffusion UNet: cross-attention at every level but the first, epsilon prediction."""
+    levels = len(preset.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=preset.latent_size,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        block_out_channels=preset.unet_channels,
+        layers_per_block=preset.unet_layers,
+        cross_attention_dim=preset.context_width,
+        attention_head_dim=preset.unet_heads,  # diffusers' legacy name: the number of heads
+        norm_num_groups=preset.norm_groups,
+    )
+
+
+def build_text_encoder(preset: Preset, vocab_size: int) -> XRealTextEncoder:
+    return XRealTextEncoder(
+        vocab_size=vocab_size,
+        max_positions=preset.max_tokens,
+        width=preset.context_width,
+        layers=preset.text_layers,
+        heads=preset.text_heads,
+    )
+
+
+def build_pipeline(preset: str | Preset, texts: list[str] | None = None, **metadata: Any):
+    """A freshly initialised XReal pipeline at a preset (untrained, for training or tests)."""
+    from xreal.sampling import XRealPipeline
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    tokenizer = build_tokenizer(texts or [], preset.max_tokens)
+    return XRealPipeline(
+        vae=build_autoencoder(preset),
+        anatomy_controller=build_autoencoder(preset),
+        unet=build_unet(preset),
+        text_encoder=build_text_encoder(preset, len(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=reference_scheduler(),
+        preset=preset.name,
+        image_size=preset.image_size,
+        **metadata,
+    )
+
+
+# --- bundles on disk --------------------------------------------------------------
+
+
+def _bundle_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != BUNDLE_FILE and not p.name.startswith("."))
+
+
+def save_bundle(pipeline, folder: str | os.PathLike[str], training: dict[str, Any] | None = None) -> Path:
+    """Save a pipeline as a model bundle (safetensors only) with its record and checksums."""
+    folder = Path(folder)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    pickled = [p for p in _bundle_files(folder) if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    if pickled:
+        raise XRealError(f"refusing to keep pickled weights in a bundle: {', '.join(map(str, pickled))}")
+    record = {
+        "bundle_version": BUNDLE_VERSION,
+        "preset": asdict(get_preset(pipeline.config.preset)),
+        "image_size": pipeline.config.image_size,
+        "value_range": list(pipeline.config.value_range),
+        "labels": list(pipeline.config.labels),
+        "training": training or {},
+        "files": {str(p.relative_to(folder)): sha256_file(p) for p in _bundle_files(folder)},
+    }
+    with atomic_path(folder / BUNDLE_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+def read_bundle_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / BUNDLE_FILE
+    if not path.is_file():
+        raise XRealError(f"{folder}: not an xreal model bundle (no {BUNDLE_FILE})")
+    return json.loads(path.read_text())
+
+
+def verify_bundle(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every file of a bundle against its recorded sha256; return the record."""
+    folder = Path(folder)
+    record = read_bundle_record(folder)
+    problems = []
+    for name, digest in record["files"].items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name} does not match its checksum")
+    if problems:
+        raise XRealError(f"{folder}: model bundle is damaged: {'; '.join(problems)}")
+    return record
+
+
+def load_pipeline(folder: str | os.PathLike[str] | None = None, device: str = "cpu", verify: bool = True):
+    """Load a model bundle (the bundled demo model by default), checksums verified first."""
+    from xreal.sampling import XRealPipeline
+
+    folder = Path(folder) if folder is not None else DEMO_BUNDLE
+    if verify:
+        verify_bundle(folder)
+    pipeline = XRealPipeline.from_pretrained(folder, use_safetensors=True)
+    return pipeline.to(device)

@@ -1,0 +1,290 @@
+"""XRealPipeline: batched two-stage controlled sampling (anatomy control, then pathology control).
+
+Every item of a batch has its own anatomy label map, pathology mask, prompt and
+seed; an item's image depends only on those and the model, never on the batch
+it was generated in (each item draws all its noise from its own generator).
+"""
+
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedTokenizerFast
+
+from xreal.errors import XRealError
+from xreal.labels import CHEXPERT_LABELS, NO_FINDING, Anatomy, prompt_for
+from xreal.masks import check_binary_mask, check_label_map, resize_label_map, resize_mask
+from xreal.settings import DEFAULT_SETTINGS
+from xreal.text import XRealTextEncoder
+
+
+@dataclass
+class XRealPipelineOutput(BaseOutput):
+    """``images``: final X-rays ``[B, H, W]`` in [0, 1]; ``healthy_images``: the stage-1 healthy twins;
+    ``has_pathology``: which items went through stage 2."""
+
+    images: np.ndarray
+    healthy_images: np.ndarray
+    has_pathology: np.ndarray
+
+
+def label_map_image(label_maps: torch.Tensor) -> torch.Tensor:
+    """Anatomy label maps ``[B, H, W]`` -> the Anatomy Controller's input ``[B, 3, H, W]`` in [0, 1]."""
+    scaled = label_maps.float() / float(max(Anatomy))
+    return scaled[:, None].expand(-1, 3, -1, -1)
+
+
+class XRealPipeline(DiffusionPipeline):
+    """Anatomy- and pathology-controlled chest X-ray generation (XReal).
+
+    Components: ``vae`` (first-stage autoencoder), ``anatomy_controller`` (an
+    autoencoder mapping an anatomy label map to a coarse X-ray), ``unet``
+    (latent diffusion backbone), ``text_encoder`` and ``tokenizer`` (prompt
+    conditioning) and ``scheduler`` (DDIM).
+    """
+
+    model_cpu_offload_seq = "text_encoder->anatomy_controller->vae->unet"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        anatomy_controller: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        text_encoder: XRealTextEncoder,
+        tokenizer: PreTrainedTokenizerFast,
+        scheduler: DDIMScheduler,
+        preset: str = "demo",
+        image_size: int = 64,
+        value_range: Sequence = (-1.0, 1.0),  # (low, high) of images the autoencoder sees
+        labels: Sequence = CHEXPERT_LABELS,  # the label vocabulary the model was trained on
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            anatomy_controller=anatomy_controller,
+            unet=unet,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+        )
+        self.register_to_config(
+            preset=preset, image_size=image_size, value_range=list(value_range), labels=list(labels)
+        )
+
+    # --- pieces ---------------------------------------------------------------------
+
+    def to_model_range(self, images01: torch.Tensor) -> torch.Tensor:
+        low, high = self.config.value_range
+        return images01 * (high - low) + low
+
+    def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
+        low, high = self.config.value_range
+        return ((images - low) / (high - low)).clamp(0.0, 1.0)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.text_encoder.config.max_positions,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))
+
+    def encode(self, autoencoder: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (the posterior mean) of images in the model's value range."""
+        return autoencoder.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+    def anatomy_prior(self, label_maps: torch.Tensor) -> torch.Tensor:
+        """The Anatomy Controller's coarse X-ray for each label map, in the model's value range."""
+        inputs = self.to_model_range(label_map_image(label_maps))
+        ac = self.anatomy_controller
+        return ac.decode(ac.encode(inputs).latent_dist.mode()).sample
+
+    def _noise(self, generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+        return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
+
+    def _denoise(self, latents, z0, keep, blend_steps, context, uncond, guidance_scale, eta, generators):
+        """DDIM from ``latents``; before each of the first ``blend_steps`` steps, the region where
+        ``keep`` is 1 is replaced by ``z0`` noised to the current step (soft where keep is fractional)."""
+        guided = uncond is not None and guidance_scale > 1.0
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if i < blend_steps:
+                known = self.scheduler.add_noise(z0, self._noise(generators, z0), t.repeat(len(z0)))
+                latents = keep * known + (1.0 - keep) * latents
+            if guided:
+                eps_uncond, eps_cond = self.unet(
+                    torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, context])
+                ).sample.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            else:
+                eps = self.unet(latents, t, encoder_hidden_states=context).sample
+            noise = self._noise(generators, latents) if eta > 0 else None
+            latents = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=noise).prev_sample
+        return latents
+
+    # --- the call ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        anatomy: Sequence[np.ndarray] | np.ndarray,
+        prompts: Sequence[str | Sequence[str]],
+        seeds: Sequence[int],
+        pathology_masks: Sequence[np.ndarray | None] | None = None,
+        num_inference_steps: int = DEFAULT_SETTINGS.steps,
+        anatomy_steps: int = DEFAULT_SETTINGS.anatomy_steps,
+        soft_scale: float = DEFAULT_SETTINGS.soft_scale,
+        guidance_scale: float = DEFAULT_SETTINGS.guidance_scale,
+        eta: float = DEFAULT_SETTINGS.eta,
+        latent_handoff: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> XRealPipelineOutput:
+        """Generate one X-ray per item.
+
+        Args:
+            anatomy: anatomy label maps (Anatomy ids), one per item, any size (resized nearest).
+            prompts: per item, a prompt string or a list of CheXpert labels; "" or ["No Finding"]
+                asks for a healthy image and skips stage 2.
+            seeds: one seed per item; all of an item's noise comes from its own generator.
+            pathology_masks: per item, a binary mask of where the pathology goes (None for healthy items).
+            num_inference_steps: DDIM steps of each stage.
+            anatomy_steps: stage-1 steps that blend in the Anatomy Controller's latent.
+            soft_scale: weight of that blend outside the anatomy (1 inside).
+            guidance_scale: classifier-free guidance of stage 2 (<= 1 turns it off).
+            eta: DDIM eta (1.0 is the reference's stochastic DDIM).
+            latent_handoff: give stage 2 the stage-1 latent instead of decoding and re-encoding it.
+            autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
+        """
+        items = self._check_inputs(anatomy, prompts, seeds, pathology_masks, num_inference_steps, anatomy_steps)
+        settings = dict(
+            num_inference_steps=num_inference_steps,
+            anatomy_steps=anatomy_steps,
+            soft_scale=soft_scale,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            latent_handoff=latent_handoff,
+            autocast_dtype=autocast_dtype,
+        )
+        return self._generate_splitting_on_oom(items, settings)
+
+    def _generate_splitting_on_oom(self, items, settings) -> XRealPipelineOutput:
+        try:
+            return self._generate(*items, **settings)
+        except torch.OutOfMemoryError:
+            if len(items[0]) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(items[0]) // 2
+            parts = [
+                self._generate_splitting_on_oom([x[:half] for x in items], settings),
+                self._generate_splitting_on_oom([x[half:] for x in items], settings),
+            ]
+            return XRealPipelineOutput(
+                *(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "healthy_images", "has_pathology"))
+            )
+
+    def _check_inputs(self, anatomy, prompts, seeds, pathology_masks, steps, anatomy_steps):
+        n = len(anatomy)
+        masks = list(pathology_masks) if pathology_masks is not None else [None] * n
+        if not (len(prompts) == len(seeds) == len(masks) == n) or n == 0:
+            raise XRealError(
+                f"one anatomy, prompt, seed and pathology mask per item: got {n} anatomies, {len(prompts)} prompts, "
+                f"{len(seeds)} seeds and {len(masks)} masks"
+            )
+        if not 1 <= steps <= self.scheduler.config.num_train_timesteps:
+            raise XRealError(f"num_inference_steps must be between 1 and 1000, got {steps}")
+        if not 0 <= anatomy_steps <= steps:
+            raise XRealError(f"anatomy_steps must be between 0 and num_inference_steps ({steps}), got {anatomy_steps}")
+        size = self.config.image_size
+        texts, label_maps, pathology = [], [], []
+        for i, (prompt, label_map, mask) in enumerate(zip(prompts, anatomy, masks, strict=True)):
+            text = prompt if isinstance(prompt, str) else prompt_for(prompt)
+            label_map = check_label_map(label_map, where=f"item {i} anatomy")
+            label_maps.append(resize_label_map(label_map, size))
+            if (mask is None) != (text == ""):
+                raise XRealError(
+                    f"item {i}: a pathology prompt needs a pathology mask and a healthy ({NO_FINDING}) item takes "
+                    f"none; got prompt {text!r} and {'no mask' if mask is None else 'a mask'}"
+                )
+            if mask is not None:
+                mask = check_binary_mask(mask, where=f"item {i} pathology mask")
+                if mask.shape != label_map.shape:
+                    raise XRealError(
+                        f"item {i}: pathology mask is {mask.shape[0]}x{mask.shape[1]} but its anatomy is "
+                        f"{label_map.shape[0]}x{label_map.shape[1]}"
+                    )
+                mask = resize_mask(mask, size, rule="any")
+            texts.append(text)
+            pathology.append(mask)
+        return [np.stack(label_maps), texts, [int(s) for s in seeds], pathology]
+
+    def _generate(
+        self,
+        label_maps,
+        texts,
+        seeds,
+        pathology,
+        *,
+        num_inference_steps,
+        anatomy_steps,
+        soft_scale,
+        guidance_scale,
+        eta,
+        latent_handoff,
+        autocast_dtype,
+    ) -> XRealPipelineOutput:
+        device = self.device
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        latent_size = self.unet.config.sample_size
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            dtype = self.unet.dtype
+
+            # Stage 1: anatomy control, empty prompt, no guidance.
+            maps = torch.from_numpy(label_maps).to(device)
+            z_anatomy = self.encode(self.vae, self.anatomy_prior(maps)).to(dtype)
+            soft = np.stack([np.where(resize_label_map(m, latent_size) > 0, 1.0, soft_scale) for m in label_maps])
+            soft = torch.from_numpy(soft).to(device=device, dtype=dtype)[:, None]
+            empty = self.encode_prompt([""] * len(texts)).to(dtype)
+            start = self._noise(generators, z_anatomy) * self.scheduler.init_noise_sigma
+            healthy_latents = self._denoise(start, z_anatomy, soft, anatomy_steps, empty, None, 1.0, eta, generators)
+            healthy = self.decode(healthy_latents)
+
+            # Stage 2: pathology control, only where a pathology was asked for.
+            final = healthy.clone()
+            todo = [i for i, mask in enumerate(pathology) if mask is not None]
+            if todo:
+                index = torch.tensor(todo, device=device)
+                z_healthy = healthy_latents[index] if latent_handoff else self.encode(self.vae, healthy[index])
+                masks = np.stack([resize_mask(pathology[i], latent_size) for i in todo])
+                keep = 1.0 - torch.from_numpy(masks).to(device=device, dtype=dtype)[:, None]
+                context = self.encode_prompt([texts[i] for i in todo]).to(dtype)
+                sub_generators = [generators[i] for i in todo]
+                start = self._noise(sub_generators, z_healthy) * self.scheduler.init_noise_sigma
+                latents = self._denoise(
+                    start,
+                    z_healthy.to(dtype),
+                    keep,
+                    num_inference_steps,
+                    context,
+                    empty[index],
+                    guidance_scale,
+                    eta,
+                    sub_generators,
+                )
+                final[index] = self.decode(latents).to(final.dtype)
+
+        to_numpy = lambda x: self.to_unit_range(x.float()).mean(dim=1).cpu().numpy()  # noqa: E731
+        has = np.array([mask is not None for mask in pathology])
+        return XRealPipelineOutput(images=to_numpy(final), healthy_images=to_numpy(healthy), has_pathology=has)

@@ -1,0 +1,330 @@
+"""Training the three trained parts of XReal from a training index.
+
+- the first-stage autoencoder (reconstruct the image),
+- the Anatomy Controller (reconstruct the image from the image or, half of the
+  time, from its anatomy label map),
+- the backbone: UNet and text encoder together, epsilon prediction on the
+  frozen autoencoder's latents, with an EMA copy of the UNet.
+
+Every step's batch and noise are drawn from generators seeded with
+``(seed, step)``, so a run resumed from a checkpoint continues exactly as if it
+had never stopped. Checkpoints hold safetensors weights, the optimizer state
+(loaded with ``weights_only=True``) and the step. ``accelerate`` places the
+work on the available devices and runs mixed precision when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from xreal.errors import XRealError
+from xreal.images import read_image
+from xreal.labels import CHEXPERT_LABELS, prompt_for
+from xreal.masks import read_label_map, resize_label_map
+from xreal.model import build_autoencoder, build_pipeline, get_preset, save_bundle
+from xreal.sampling import label_map_image
+from xreal.training_index import read_training_index
+
+KL_WEIGHT = 1e-6
+PROMPT_DROPOUT = 0.1
+
+
+@dataclass
+class TrainingSet:
+    """A training index held in memory at one size: images in [-1, 1] (3 channels), label maps, prompts."""
+
+    images: torch.Tensor
+    label_maps: torch.Tensor
+    prompts: list[str]
+    findings: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def load_training_set(index_dir: str | Path, size: int, split: str | None = "train") -> TrainingSet:
+    """Read every image and anatomy map of a training index (optionally one split) at ``size``."""
+    index_dir = Path(index_dir)
+    frame = read_training_index(index_dir)
+    if split is not None:
+        frame = frame[frame["split"] == split]
+    frame = frame[frame["anatomy_path"].notna()]
+    if frame.empty:
+        raise XRealError(f"{index_dir}: no {split or ''} images with an anatomy map to train on")
+    images, maps, prompts = [], [], []
+    for row in frame.itertuples(index=False):
+        row = row._asdict()
+        image = read_image(index_dir / row["image_path"])
+        if image.shape != (size, size):
+            image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+        images.append(image)
+        maps.append(resize_label_map(read_label_map(index_dir / row["anatomy_path"]), size))
+    labels = frame[list(CHEXPERT_LABELS)].fillna(0.0).to_numpy() == 1.0
+    prompts = [prompt_for([lab for lab, on in zip(CHEXPERT_LABELS, row, strict=True) if on]) for row in labels]
+    image_tensor = torch.from_numpy(np.stack(images)).float()[:, None].expand(-1, 3, -1, -1) * 2.0 - 1.0
+    return TrainingSet(
+        image_tensor.contiguous(),
+        torch.from_numpy(np.stack(maps)).long(),
+        prompts,
+        frame["finding"].fillna("").tolist(),
+    )
+
+
+@dataclass
+class TrainingRun:
+    """Settings shared by the three trainers."""
+
+    out: Path
+    steps: int
+    batch_size: int = 32
+    learning_rate: float = 2e-4
+    seed: int = 0
+    checkpoint_every: int = 500
+    mixed_precision: str = "no"
+    log: dict[str, Any] = field(default_factory=dict)
+
+    def step_generator(self, step: int) -> tuple[np.random.Generator, torch.Generator]:
+        seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0])
+        return np.random.default_rng([self.seed, step]), torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Initialise weights from ``seed`` without touching the caller's random state."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(out.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _save_checkpoint(run: TrainingRun, step: int, modules: dict[str, nn.Module], optimizer, ema: EMAModel | None):
+    folder = run.out / "checkpoints" / f"step-{step}"
+    staging = folder.with_name(folder.name + ".part")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, module in modules.items():
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, staging / f"{name}.safetensors"
+        )
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    if ema is not None:
+        torch.save(ema.state_dict(), staging / "ema.pt")
+    (staging / "state.json").write_text(json.dumps({"step": step}))
+    staging.rename(folder)
+    for old in run.out.glob("checkpoints/step-*"):
+        if old != folder:
+            shutil.rmtree(old)
+
+
+def _load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer, ema: EMAModel | None) -> int:
+    for name, module in modules.items():
+        module.load_state_dict(load_file(folder / f"{name}.safetensors"))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if ema is not None:
+        ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=True))
+    return json.loads((folder / "state.json").read_text())["step"]
+
+
+def _train(
+    run: TrainingRun,
+    modules: dict[str, nn.Module],
+    loss_fn: Callable,
+    ema: EMAModel | None = None,
+    description: str = "train",
+) -> Accelerator:
+    """The shared loop: resume, step, checkpoint. ``loss_fn(step, rng, generator, device)`` returns a loss."""
+    accelerator = Accelerator(mixed_precision=run.mixed_precision, cpu=not torch.cuda.is_available())
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=0.0)
+    start = 0
+    latest = _latest_checkpoint(run.out)
+    if latest is not None:
+        start = _load_checkpoint(latest, modules, optimizer, ema)
+    prepared = accelerator.prepare(*modules.values(), optimizer)
+    optimizer = prepared[-1]
+    if ema is not None:
+        ema.to(accelerator.device)
+    began = time.perf_counter()
+    losses = []
+    bar = tqdm(
+        range(start, run.steps),
+        initial=start,
+        total=run.steps,
+        desc=description,
+        disable=not accelerator.is_local_main_process,
+    )
+    for step in bar:
+        rng, generator = run.step_generator(step)
+        with accelerator.autocast():
+            loss = loss_fn(step, rng, generator, accelerator.device)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(modules["unet"]).parameters())
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
+            _save_checkpoint(
+                run, step + 1, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, optimizer, ema
+            )
+    run.log.update(
+        steps=run.steps,
+        resumed_from=start,
+        seconds=round(time.perf_counter() - began, 1),
+        final_loss=float(np.mean(losses[-50:])) if losses else None,
+    )
+    return accelerator
+
+
+def _autoencoder_loss(
+    model: AutoencoderKL, inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    posterior = model.encode(inputs).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
+    latents = posterior.mean + posterior.std * noise
+    reconstruction = model.decode(latents).sample
+    return F.l1_loss(reconstruction, targets) + KL_WEIGHT * posterior.kl().mean()
+
+
+def train_autoencoder(
+    data: TrainingSet, run: TrainingRun, preset: str = "demo", anatomy_controller: bool = False
+) -> AutoencoderKL:
+    """Train the first-stage autoencoder, or the Anatomy Controller with ``anatomy_controller=True``.
+
+    The controller sees the anatomy label map (scaled to [-1, 1], 3 channels)
+    instead of the image with probability 0.5 and always reconstructs the image.
+    """
+    with _seeded(run.seed):
+        model = build_autoencoder(get_preset(preset))
+    masks = label_map_image(data.label_maps) * 2.0 - 1.0
+
+    def loss_fn(step, rng, generator, device):
+        idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
+        targets = data.images[idx]
+        inputs = targets
+        if anatomy_controller:
+            use_mask = torch.from_numpy(rng.random(run.batch_size) < 0.5)[:, None, None, None]
+            inputs = torch.where(use_mask, masks[idx], targets)
+        return _autoencoder_loss(model, inputs.to(device), targets.to(device), generator)
+
+    _train(run, {"model": model}, loss_fn, description="anatomy controller" if anatomy_controller else "autoencoder")
+    model = model.cpu().eval()
+    if not anatomy_controller:
+        with torch.no_grad():
+            latents = torch.cat(
+                [model.encode(data.images[i : i + 64]).latent_dist.mode() for i in range(0, min(len(data), 512), 64)]
+            )
+        model.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return model
+
+
+def train_backbone(
+    data: TrainingSet,
+    run: TrainingRun,
+    autoencoder: AutoencoderKL,
+    anatomy_controller: AutoencoderKL,
+    preset: str = "demo",
+    ema_decay: float = 0.999,
+):
+    """Train UNet and text encoder on the frozen autoencoder's latents; return the full pipeline."""
+    with _seeded(run.seed):
+        pipeline = build_pipeline(preset, texts=data.findings + data.prompts)
+    pipeline.vae, pipeline.anatomy_controller = autoencoder, anatomy_controller
+    unet, text_encoder, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
+    scheduler = pipeline.scheduler
+    with torch.no_grad():
+        latents = (
+            torch.cat([autoencoder.encode(data.images[i : i + 64]).latent_dist.mode() for i in range(0, len(data), 64)])
+            * autoencoder.config.scaling_factor
+        )
+    tokens = tokenizer(
+        data.prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=text_encoder.config.max_positions,
+        return_tensors="pt",
+    ).input_ids
+    empty = tokenizer(
+        [""], padding="max_length", max_length=text_encoder.config.max_positions, return_tensors="pt"
+    ).input_ids
+    alphas = scheduler.alphas_cumprod
+    ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
+
+    def loss_fn(step, rng, generator, device):
+        idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
+        z0 = latents[idx]
+        noise = torch.randn(z0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (run.batch_size,), generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        ids = tokens[idx].clone()
+        ids[torch.from_numpy(rng.random(run.batch_size) < PROMPT_DROPOUT)] = empty[0]
+        context = text_encoder(ids.to(device))
+        prediction = unet(noisy.to(device), t.to(device), encoder_hidden_states=context).sample
+        return F.mse_loss(prediction.float(), noise.to(device))
+
+    _train(run, {"unet": unet, "text_encoder": text_encoder}, loss_fn, ema=ema, description="backbone")
+    ema.copy_to(unet.parameters())
+    pipeline.to("cpu")
+    return pipeline
+
+
+def write_run_record(run: TrainingRun, name: str, extra: dict[str, Any] | None = None) -> None:
+    record = {"part": name, **asdict(run), **(extra or {})}
+    record["out"] = str(run.out)
+    (run.out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+DEMO_SCHEDULE = {"autoencoder": (1200, 16), "anatomy_controller": (1200, 16), "backbone": (6000, 32)}
+
+
+def train_demo_bundle(
+    index_dir: Path,
+    work: Path,
+    out: Path,
+    schedule: dict[str, tuple[int, int]] = DEMO_SCHEDULE,
+    seed: int = 0,
+    command: str = "",
+) -> Path:
+    """Train all three parts on a phantom training index and save the demo bundle to ``out``.
+
+    ``schedule`` maps each part to (steps, batch size).
+    """
+    preset = get_preset("demo")
+    data = load_training_set(index_dir, preset.image_size)
+    runs = [
+        TrainingRun(work / name, steps=schedule[name][0], batch_size=schedule[name][1], seed=seed)
+        for name in ("autoencoder", "anatomy_controller", "backbone")
+    ]
+    autoencoder = train_autoencoder(data, runs[0])
+    controller = train_autoencoder(data, runs[1], anatomy_controller=True)
+    pipeline = train_backbone(data, runs[2], autoencoder, controller)
+    training = {
+        "data": f"{len(data)} phantom training images ({index_dir})",
+        "command": command,
+        "runs": {r.out.name: r.log for r in runs},
+    }
+    return save_bundle(pipeline, out, training=training)

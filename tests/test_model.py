@@ -98,3 +98,17 @@ def test_tokenizer_is_reproducible_and_falls_back_to_characters():
     assert first.get_vocab() == second.get_vocab()
     tokens = first.convert_ids_to_tokens(first("Pleural effusion xyz").input_ids)
     assert tokens == ["[CLS]", "pleural", "effusion", "x", "##y", "##z", "[SEP]"]
+
+
+def test_model_card_is_written_from_the_record(tiny_bundle, tmp_path):
+    import shutil
+
+    from xreal.model import MODEL_CARD, write_model_card
+
+    _, folder = tiny_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    card = write_model_card(copy, metrics="| metric | value |\n|---|---|\n| Dice | 0.9 |")
+    text = card.read_text()
+    assert card.name == MODEL_CARD and "preset `tiny`" in text and "| Dice | 0.9 |" in text
+    verify_bundle(copy)  # the card is documentation, outside the checksums

@@ -63,8 +63,10 @@ def test_stage_two_changes_only_near_the_pathology_mask(pipeline):
     change = np.abs(out.images[0] - out.healthy_images[0])
     inside = change[4:12, 4:12].mean()
     far = change[20:, 20:]  # at least 8 image pixels (2 latent cells) from the mask
-    assert inside > 10 * far.mean()
-    assert far.max() < 0.05
+    # Untrained weights: the hand-off keeps the latents outside the mask, and the decoder spreads the change
+    # only locally. The trained demo bundle is held to more in test_demo_bundle.py.
+    assert inside > 5 * far.mean()
+    assert far.max() < 0.1
 
 
 def test_latent_handoff_skips_the_reencoding(pipeline, requests):
@@ -95,3 +97,12 @@ def test_bad_inputs(pipeline, requests):
         pipeline(anatomy[:1], prompts[:1], seeds[:1], masks[:1], num_inference_steps=4, anatomy_steps=5)
     with pytest.raises(XRealError, match="item 0 anatomy"):
         pipeline([np.zeros((64, 64), np.uint8)], [""], [1], [None], **STEPS)
+
+
+def test_autocast_runs_in_reduced_precision(pipeline, requests):
+    anatomy, prompts, seeds, masks = requests
+    full = pipeline(anatomy[:2], prompts[:2], seeds[:2], masks[:2], **STEPS)
+    reduced = pipeline(anatomy[:2], prompts[:2], seeds[:2], masks[:2], autocast_dtype=torch.bfloat16, **STEPS)
+    assert reduced.images.dtype == np.float32
+    assert not np.array_equal(full.images, reduced.images)  # bf16 really ran
+    assert np.abs(full.images - reduced.images).mean() < 0.05

@@ -21,6 +21,7 @@ from xreal.files import atomic_path, sha256_file
 from xreal.text import XRealTextEncoder, build_tokenizer
 
 BUNDLE_FILE = "xreal_bundle.json"
+MODEL_CARD = "MODEL_CARD.md"
 BUNDLE_VERSION = 1
 DEMO_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
 SD_SCALE_FACTOR = 0.18215
@@ -147,7 +148,45 @@ def build_pipeline(preset: str | Preset, texts: list[str] | None = None, **metad
 
 
 def _bundle_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != BUNDLE_FILE and not p.name.startswith("."))
+    """The files a bundle's checksums cover: everything but its record and its model card."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in (BUNDLE_FILE, MODEL_CARD) and not p.name.startswith(".")
+    )
+
+
+def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None) -> Path:
+    """Write MODEL_CARD.md from the bundle record (and measured metrics, as Markdown, when given)."""
+    folder = Path(folder)
+    record = read_bundle_record(folder)
+    preset, training = record["preset"], record["training"]
+    lines = [
+        f"# XReal model bundle: preset `{preset['name']}`",
+        "",
+        f"- images: {record['image_size']} px grayscale, value range {record['value_range']}; "
+        f"latents {record['image_size'] // 2 ** (len(preset['autoencoder_channels']) - 1)} px, 3 channels",
+        f"- autoencoder channels {preset['autoencoder_channels']}, UNet channels {preset['unet_channels']}, "
+        f"context width {preset['context_width']}, text encoder {preset['text_layers']} layers",
+        f"- trained on: {training.get('data', 'unknown')}",
+        f"- command: `{training.get('command', '')}`",
+        "",
+        "## Training runs",
+        "",
+        "| part | steps | batch | seconds | final loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name, run in training.get("runs", {}).items():
+        lines.append(
+            f"| {name} | {run.get('steps')} | {run.get('batch_size', '')} | {run.get('seconds')} | "
+            f"{run.get('final_loss', 0):.4f} |"
+        )
+    if metrics:
+        lines += ["", "## Measured", "", metrics.strip()]
+    path = folder / MODEL_CARD
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def save_bundle(pipeline, folder: str | os.PathLike[str], training: dict[str, Any] | None = None) -> Path:

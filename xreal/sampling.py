@@ -5,7 +5,6 @@ seed; an item's image depends only on those and the model, never on the batch
 it was generated in (each item draws all its noise from its own generator).
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -39,7 +39,7 @@ from xreal.errors import XRealError
 from xreal.images import read_image
 from xreal.labels import CHEXPERT_LABELS, prompt_for
 from xreal.masks import read_label_map, resize_label_map
-from xreal.model import build_autoencoder, build_pipeline, get_preset, save_bundle
+from xreal.model import build_autoencoder, build_pipeline, get_preset, save_bundle, write_model_card
 from xreal.sampling import label_map_image
 from xreal.training_index import read_training_index
 
@@ -325,6 +325,8 @@ def train_demo_bundle(
     training = {
         "data": f"{len(data)} phantom training images ({index_dir})",
         "command": command,
-        "runs": {r.out.name: r.log for r in runs},
+        "runs": {r.out.name: {**r.log, "batch_size": r.batch_size} for r in runs},
     }
-    return save_bundle(pipeline, out, training=training)
+    save_bundle(pipeline, out, training=training)
+    write_model_card(out)
+    return out

@@ -112,3 +112,14 @@ def test_model_card_is_written_from_the_record(tiny_bundle, tmp_path):
     text = card.read_text()
     assert card.name == MODEL_CARD and "preset `tiny`" in text and "| Dice | 0.9 |" in text
     verify_bundle(copy)  # the card is documentation, outside the checksums
+
+
+def test_half_precision_bundles_load_as_float32(tmp_path):
+    pipeline = build_pipeline("tiny")
+    folder = save_bundle(pipeline, tmp_path / "half", weights_dtype=torch.float16)
+    assert pipeline.unet.dtype == torch.float32  # the caller's pipeline is left as it was
+    loaded = load_pipeline(folder)
+    assert loaded.unet.dtype == torch.float32
+    assert json.loads((folder / BUNDLE_FILE).read_text())["weights_dtype"] == "float16"
+    weight = "conv_in.weight"
+    assert torch.equal(loaded.unet.state_dict()[weight], pipeline.unet.state_dict()[weight].half().float())

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 
 from xreal.errors import XRealError
 from xreal.files import atomic_path, sha256_file
@@ -189,10 +191,28 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
     return path
 
 
-def save_bundle(pipeline, folder: str | os.PathLike[str], training: dict[str, Any] | None = None) -> Path:
-    """Save a pipeline as a model bundle (safetensors only) with its record and checksums."""
+def save_bundle(
+    pipeline,
+    folder: str | os.PathLike[str],
+    training: dict[str, Any] | None = None,
+    weights_dtype: torch.dtype | None = None,
+) -> Path:
+    """Save a pipeline as a model bundle (safetensors only) with its record and checksums.
+
+    ``weights_dtype=torch.float16`` halves the files (the demo bundle ships
+    that way); loading gives float32 weights again unless asked otherwise.
+    """
     folder = Path(folder)
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    original = pipeline.unet.dtype
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # casting a whole pipeline warns once per component
+    try:
+        if weights_dtype is not None:
+            pipeline.to(dtype=weights_dtype)
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    finally:
+        pipeline.to(dtype=original)
+        diffusers_logging.set_verbosity(verbosity)
     pickled = [p for p in _bundle_files(folder) if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     if pickled:
         raise XRealError(f"refusing to keep pickled weights in a bundle: {', '.join(map(str, pickled))}")
@@ -202,6 +222,7 @@ def save_bundle(pipeline, folder: str | os.PathLike[str], training: dict[str, An
         "image_size": pipeline.config.image_size,
         "value_range": list(pipeline.config.value_range),
         "labels": list(pipeline.config.labels),
+        "weights_dtype": str(weights_dtype or original).removeprefix("torch."),
         "training": training or {},
         "files": {str(p.relative_to(folder)): sha256_file(p) for p in _bundle_files(folder)},
     }

@@ -327,6 +327,6 @@ def train_demo_bundle(
         "command": command,
         "runs": {r.out.name: {**r.log, "batch_size": r.batch_size} for r in runs},
     }
-    save_bundle(pipeline, out, training=training)
+    save_bundle(pipeline, out, training=training, weights_dtype=torch.float16)
     write_model_card(out)
     return out

@@ -29,11 +29,12 @@ def test_autoencoder_training_learns_and_resumes_exactly(data, tmp_path):
     straight = train_autoencoder(
         data, TrainingRun(tmp_path / "a", steps=6, batch_size=4, checkpoint_every=3), preset="tiny"
     )
-    first = TrainingRun(tmp_path / "b", steps=3, batch_size=4, checkpoint_every=3)
+    first = TrainingRun(tmp_path / "b", steps=3, batch_size=4, checkpoint_every=3, preview_every=3)
     train_autoencoder(data, first, preset="tiny")
-    resumed_run = TrainingRun(tmp_path / "b", steps=6, batch_size=4, checkpoint_every=3)
+    resumed_run = TrainingRun(tmp_path / "b", steps=6, batch_size=4, checkpoint_every=3, preview_every=3)
     resumed = train_autoencoder(data, resumed_run, preset="tiny")
     assert resumed_run.log["resumed_from"] == 3
+    assert sorted(p.name for p in (tmp_path / "b" / "previews").iterdir()) == ["step-3.png", "step-6.png"]
     assert states_equal(straight, resumed)
     untrained = build_autoencoder(get_preset("tiny"))
     assert not states_equal(straight, untrained)

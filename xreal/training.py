@@ -20,7 +20,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +98,14 @@ class TrainingRun:
     learning_rate: float = 2e-4
     seed: int = 0
     checkpoint_every: int = 500
+    preview_every: int = 500
     mixed_precision: str = "no"
     log: dict[str, Any] = field(default_factory=dict)
 
-    def step_generator(self, step: int) -> tuple[np.random.Generator, torch.Generator]:
-        seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0])
-        return np.random.default_rng([self.seed, step]), torch.Generator().manual_seed(seed)
+    def step_generator(self, step: int, process: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+        """The batch and noise generators of one step (and one process, when several GPUs train)."""
+        seed = int(np.random.SeedSequence([self.seed, step, process]).generate_state(1)[0])
+        return np.random.default_rng([self.seed, step, process]), torch.Generator().manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -153,8 +155,15 @@ def _train(
     loss_fn: Callable,
     ema: EMAModel | None = None,
     description: str = "train",
+    preview: Callable[[dict[str, nn.Module]], np.ndarray] | None = None,
 ) -> Accelerator:
-    """The shared loop: resume, step, checkpoint. ``loss_fn(step, rng, generator, device)`` returns a loss."""
+    """The shared loop: resume, step, checkpoint, preview.
+
+    ``loss_fn(rng, generator, device, modules)`` returns the loss of one step,
+    computed with ``modules`` (the accelerator-prepared ones, so gradients are
+    synchronised across GPUs). ``preview(modules)`` returns an image grid in
+    [0, 1], saved as ``previews/step-N.png``.
+    """
     accelerator = Accelerator(mixed_precision=run.mixed_precision, cpu=not torch.cuda.is_available())
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=0.0)
@@ -164,6 +173,7 @@ def _train(
         start = _load_checkpoint(latest, modules, optimizer, ema)
     prepared = accelerator.prepare(*modules.values(), optimizer)
     optimizer = prepared[-1]
+    live = dict(zip(modules, prepared[:-1], strict=True))
     if ema is not None:
         ema.to(accelerator.device)
     began = time.perf_counter()
@@ -176,9 +186,9 @@ def _train(
         disable=not accelerator.is_local_main_process,
     )
     for step in bar:
-        rng, generator = run.step_generator(step)
+        rng, generator = run.step_generator(step, accelerator.process_index)
         with accelerator.autocast():
-            loss = loss_fn(step, rng, generator, accelerator.device)
+            loss = loss_fn(rng, generator, accelerator.device, live)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -186,10 +196,13 @@ def _train(
             ema.step(accelerator.unwrap_model(modules["unet"]).parameters())
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.steps:
+        done = step + 1 == run.steps
+        if (step + 1) % run.checkpoint_every == 0 or done:
             _save_checkpoint(
                 run, step + 1, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, optimizer, ema
             )
+        if preview is not None and accelerator.is_main_process and ((step + 1) % run.preview_every == 0 or done):
+            _save_preview(run.out / "previews" / f"step-{step + 1}.png", preview, modules)
     run.log.update(
         steps=run.steps,
         resumed_from=start,
@@ -197,6 +210,19 @@ def _train(
         final_loss=float(np.mean(losses[-50:])) if losses else None,
     )
     return accelerator
+
+
+def _save_preview(path: Path, preview: Callable, modules: dict[str, nn.Module]) -> None:
+    training = {name: module.training for name, module in modules.items()}
+    for module in modules.values():
+        module.eval()
+    try:
+        grid = np.asarray(preview(modules), dtype=np.float32)
+    finally:
+        for name, module in modules.items():
+            module.train(training[name])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.clip(0, 1) * 255).astype(np.uint8)).save(path)
 
 
 def _autoencoder_loss(
@@ -221,16 +247,31 @@ def train_autoencoder(
         model = build_autoencoder(get_preset(preset))
     masks = label_map_image(data.label_maps) * 2.0 - 1.0
 
-    def loss_fn(step, rng, generator, device):
+    def loss_fn(rng, generator, device, modules):
         idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
         targets = data.images[idx]
         inputs = targets
         if anatomy_controller:
             use_mask = torch.from_numpy(rng.random(run.batch_size) < 0.5)[:, None, None, None]
             inputs = torch.where(use_mask, masks[idx], targets)
-        return _autoencoder_loss(model, inputs.to(device), targets.to(device), generator)
+        return _autoencoder_loss(modules["model"], inputs.to(device), targets.to(device), generator)
 
-    _train(run, {"model": model}, loss_fn, description="anatomy controller" if anatomy_controller else "autoencoder")
+    shown = (masks if anatomy_controller else data.images)[:8]
+
+    @torch.no_grad()
+    def preview(modules):
+        ae = modules["model"]
+        device = next(ae.parameters()).device
+        output = ae.decode(ae.encode(shown.to(device)).latent_dist.mode()).sample.cpu()
+        return torch.cat([torch.cat(list(shown.mean(1)), 1), torch.cat(list(output.mean(1)), 1)], 0) / 2 + 0.5
+
+    _train(
+        run,
+        {"model": model},
+        loss_fn,
+        preview=preview,
+        description="anatomy controller" if anatomy_controller else "autoencoder",
+    )
     model = model.cpu().eval()
     if not anatomy_controller:
         with torch.no_grad():
@@ -273,7 +314,8 @@ def train_backbone(
     alphas = scheduler.alphas_cumprod
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
 
-    def loss_fn(step, rng, generator, device):
+    def loss_fn(rng, generator, device, modules):
+        unet, text_encoder = modules["unet"], modules["text_encoder"]
         idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=generator)
@@ -286,16 +328,21 @@ def train_backbone(
         prediction = unet(noisy.to(device), t.to(device), encoder_hidden_states=context).sample
         return F.mse_loss(prediction.float(), noise.to(device))
 
-    _train(run, {"unet": unet, "text_encoder": text_encoder}, loss_fn, ema=ema, description="backbone")
+    @torch.no_grad()
+    def preview(modules):
+        from xreal.sampling import XRealPipeline
+
+        parts = {**pipeline.components, "unet": modules["unet"], "text_encoder": modules["text_encoder"]}
+        sampler = XRealPipeline(**parts, preset=preset, image_size=pipeline.config.image_size)
+        sampler.set_progress_bar_config(disable=True)
+        label_maps = data.label_maps[:4].numpy().astype(np.uint8)
+        images = sampler(label_maps, [""] * 4, [0, 1, 2, 3], num_inference_steps=20, anatomy_steps=10).images
+        return torch.from_numpy(np.concatenate(list(images), 1))
+
+    _train(run, {"unet": unet, "text_encoder": text_encoder}, loss_fn, ema=ema, preview=preview, description="backbone")
     ema.copy_to(unet.parameters())
     pipeline.to("cpu")
     return pipeline
-
-
-def write_run_record(run: TrainingRun, name: str, extra: dict[str, Any] | None = None) -> None:
-    record = {"part": name, **asdict(run), **(extra or {})}
-    record["out"] = str(run.out)
-    (run.out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 DEMO_SCHEDULE = {"autoencoder": (1200, 16), "anatomy_controller": (1200, 16), "backbone": (6000, 32)}

@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/xreal phantom --count 64 --size 128 --seed 0 --out demo-output/phantom --overwrite
 	$(VENV)/bin/xreal manifest validate manifests/demo.parquet
 	$(VENV)/bin/xreal manifest audit manifests/demo.parquet
+	$(PY) benchmarks/demo_grid.py --out demo-output/demo_grid.png
 
 # Retrain the bundled demo model from phantoms on CPU (about 30 min on 2 cores; a rerun resumes).
 demo-model: $(STAMP)

@@ -74,29 +74,16 @@ def main() -> None:
     seeds = list(range(n))
 
     started = time.perf_counter()
-    controlled, uncontrolled = [], []
+    controlled, uncontrolled, handed_off, reference = [], [], [], []
+    settings = dict(num_inference_steps=args.steps, anatomy_steps=args.steps // 2)
     for lo in range(0, n, args.batch_size):
         hi = min(n, lo + args.batch_size)
-        controlled.append(
-            pipe(
-                requested[lo:hi],
-                [[label] for label in labels[lo:hi]],
-                seeds[lo:hi],
-                masks[lo:hi],
-                num_inference_steps=args.steps,
-                anatomy_steps=args.steps // 2,
-            )
-        )
-        uncontrolled.append(
-            pipe(
-                requested[lo:hi],
-                [""] * (hi - lo),
-                seeds[lo:hi],
-                [None] * (hi - lo),
-                num_inference_steps=args.steps,
-                anatomy_steps=0,
-            )
-        )
+        request = (requested[lo:hi], [[label] for label in labels[lo:hi]], seeds[lo:hi], masks[lo:hi])
+        controlled.append(pipe(*request, **settings))
+        handed_off.append(pipe(*request, latent_handoff=True, **settings))
+        reference.append(pipe(*request, restore_outside=False, **settings))
+        healthy_only = (requested[lo:hi], [""] * (hi - lo), seeds[lo:hi], [None] * (hi - lo))
+        uncontrolled.append(pipe(*healthy_only, num_inference_steps=args.steps, anatomy_steps=0))
     seconds = time.perf_counter() - started
     final = np.concatenate([o.images for o in controlled])
     twin = np.concatenate([o.healthy_images for o in controlled])
@@ -120,16 +107,28 @@ def main() -> None:
     print(f"  {'mean':12s} {mean(with_control):13.3f} {mean(without):9.3f} {mean(sanity):27.3f}   (goal >= 0.85)")
 
     print("\nPathology placement: share of |final - healthy twin| inside the requested mask (goal >= 0.80)")
-    change = np.abs(final - twin)
-    shares, margin_shares = [], []
-    for i, mask in enumerate(masks):
-        total = change[i].sum() + 1e-8
-        shares.append(change[i][mask].sum() / total)
-        margin_shares.append(change[i][ndimage.binary_dilation(mask, iterations=4)].sum() / total)
-    print(
-        f"  inside the mask: mean {np.mean(shares):.3f}, median {np.median(shares):.3f}; "
-        f"within 4 px of it (one latent cell): mean {np.mean(margin_shares):.3f}"
-    )
+    handoff_final = np.concatenate([o.images for o in handed_off])
+    handoff_twin = np.concatenate([o.healthy_images for o in handed_off])
+    reference_final = np.concatenate([o.images for o in reference])
+    modes = {
+        "reference (decode + re-encode, no restore)": (reference_final, twin),
+        "default (restore outside)": (final, twin),
+        "default + latent hand-off": (handoff_final, handoff_twin),
+    }
+    for name, (after, before) in modes.items():
+        change = np.abs(after - before)
+        shares, margin_shares, outside = [], [], []
+        for i, mask in enumerate(masks):
+            total = change[i].sum() + 1e-8
+            near = ndimage.binary_dilation(mask, iterations=4)
+            shares.append(change[i][mask].sum() / total)
+            margin_shares.append(change[i][near].sum() / total)
+            outside.append(change[i][~near].mean())
+        print(
+            f"  {name:42s} inside the mask mean {np.mean(shares):.3f} (median {np.median(shares):.3f}); "
+            f"within 4 px (one latent cell) {np.mean(margin_shares):.3f}; "
+            f"mean change farther out {np.mean(outside):.4f}"
+        )
 
     print("\nPathology fidelity: phantom-trained classifier, probability > 0.5 (goal: detected in >= 80%)")
     on_final, on_twin = classify(classifier, final), classify(classifier, twin)

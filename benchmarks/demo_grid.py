@@ -34,8 +34,14 @@ def main() -> None:
     healthy = [phantom.generate(1, size, seed=s, pathologies=[[]])[0] for s in seeds]
     diseased = [phantom.generate(1, size, seed=s, pathologies=[[lab]])[0] for s, lab in zip(seeds, labels, strict=True)]
     masks = [case.pathology_masks[lab] for case, lab in zip(diseased, labels, strict=True)]
-    out = pipe([c.anatomy for c in healthy], [[lab] for lab in labels], seeds, masks, num_inference_steps=args.steps,
-               anatomy_steps=args.steps // 2)
+    out = pipe(
+        [c.anatomy for c in healthy],
+        [[lab] for lab in labels],
+        seeds,
+        masks,
+        num_inference_steps=args.steps,
+        anatomy_steps=args.steps // 2,
+    )
     rows = []
     for i in range(len(labels)):
         anatomy = COLOURS[healthy[i].anatomy]

@@ -202,3 +202,14 @@ def test_failed_write_keeps_the_previous_file(tmp_path, label_map, monkeypatch):
         write_mask_file(target, np.zeros_like(label_map))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["map.png"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, label_map):
+    import os
+    import stat
+
+    write_mask_file(tmp_path / "map.png", label_map)
+    mode = stat.S_IMODE(os.stat(tmp_path / "map.png").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -59,7 +59,7 @@ def test_stage_two_changes_only_near_the_pathology_mask(pipeline):
     case = phantom.generate(1, 64, seed=4, pathologies=[["Lung Lesion"]])[0]
     mask = np.zeros((64, 64), dtype=bool)
     mask[8:24, 8:24] = True
-    out = pipeline([case.anatomy], [["Lung Lesion"]], [5], [mask], latent_handoff=True, **STEPS)
+    out = pipeline([case.anatomy], [["Lung Lesion"]], [5], [mask], latent_handoff=True, restore_outside=False, **STEPS)
     change = np.abs(out.images[0] - out.healthy_images[0])
     inside = change[4:12, 4:12].mean()
     far = change[20:, 20:]  # at least 8 image pixels (2 latent cells) from the mask
@@ -106,3 +106,16 @@ def test_autocast_runs_in_reduced_precision(pipeline, requests):
     assert reduced.images.dtype == np.float32
     assert not np.array_equal(full.images, reduced.images)  # bf16 really ran
     assert np.abs(full.images - reduced.images).mean() < 0.05
+
+
+def test_restore_outside_keeps_the_healthy_twin_away_from_the_mask(pipeline):
+    case = phantom.generate(1, 64, seed=4, pathologies=[["Lung Lesion"]])[0]
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[8:24, 8:24] = True  # 4:12 at the tiny preset's 32 px; one latent cell is 4 px
+    request = ([case.anatomy], [["Lung Lesion"]], [5], [mask])
+    restored = pipeline(*request, **STEPS)
+    reference = pipeline(*request, restore_outside=False, **STEPS)
+    far = (slice(26, None), slice(26, None))  # beyond the widened, feathered mask
+    assert np.array_equal(restored.images[0][far], restored.healthy_images[0][far])
+    assert not np.array_equal(reference.images[0][far], reference.healthy_images[0][far])
+    np.testing.assert_allclose(restored.images[0][6:10, 6:10], reference.images[0][6:10, 6:10], atol=2e-3)

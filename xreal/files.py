@@ -11,6 +11,9 @@ from pathlib import Path
 
 from xreal.errors import XRealError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 class PathError(XRealError, ValueError):
     """A path that is missing, unreadable or outside the allowed root."""
@@ -27,6 +30,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part" + final.suffix, dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; the final file gets the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, final)

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from scipy import ndimage
 from transformers import PreTrainedTokenizerFast
 
 from xreal.errors import XRealError
@@ -32,6 +33,13 @@ class XRealPipelineOutput(BaseOutput):
     images: np.ndarray
     healthy_images: np.ndarray
     has_pathology: np.ndarray
+
+
+def feathered(mask: np.ndarray, latent_size: int) -> np.ndarray:
+    """A [0, 1] weight: 1 on the mask widened by one latent cell, falling to 0 over another cell."""
+    cell = mask.shape[0] / latent_size
+    widened = ndimage.binary_dilation(mask, iterations=max(1, round(cell)))
+    return ndimage.gaussian_filter(widened.astype(np.float32), sigma=cell / 2).clip(0.0, 1.0) * 1.0
 
 
 def label_map_image(label_maps: torch.Tensor) -> torch.Tensor:
@@ -147,6 +155,7 @@ class XRealPipeline(DiffusionPipeline):
         guidance_scale: float = DEFAULT_SETTINGS.guidance_scale,
         eta: float = DEFAULT_SETTINGS.eta,
         latent_handoff: bool = False,
+        restore_outside: bool = True,
         autocast_dtype: torch.dtype | None = None,
     ) -> XRealPipelineOutput:
         """Generate one X-ray per item.
@@ -163,6 +172,9 @@ class XRealPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance of stage 2 (<= 1 turns it off).
             eta: DDIM eta (1.0 is the reference's stochastic DDIM).
             latent_handoff: give stage 2 the stage-1 latent instead of decoding and re-encoding it.
+            restore_outside: keep the healthy twin's pixels away from the pathology mask: stage 2's image is
+                blended in through the mask widened by one latent cell and feathered. The decoder's group
+                norms otherwise shift the whole image a little; False gives the reference's output.
             autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
         """
         items = self._check_inputs(anatomy, prompts, seeds, pathology_masks, num_inference_steps, anatomy_steps)
@@ -173,6 +185,7 @@ class XRealPipeline(DiffusionPipeline):
             guidance_scale=guidance_scale,
             eta=eta,
             latent_handoff=latent_handoff,
+            restore_outside=restore_outside,
             autocast_dtype=autocast_dtype,
         )
         return self._generate_splitting_on_oom(items, settings)
@@ -241,6 +254,7 @@ class XRealPipeline(DiffusionPipeline):
         guidance_scale,
         eta,
         latent_handoff,
+        restore_outside,
         autocast_dtype,
     ) -> XRealPipelineOutput:
         device = self.device
@@ -282,7 +296,12 @@ class XRealPipeline(DiffusionPipeline):
                     eta,
                     sub_generators,
                 )
-                final[index] = self.decode(latents).to(final.dtype)
+                generated = self.decode(latents).to(final.dtype)
+                if restore_outside:
+                    weight = torch.from_numpy(np.stack([feathered(pathology[i], latent_size) for i in todo]))
+                    weight = weight.to(device=device, dtype=final.dtype)[:, None]
+                    generated = weight * generated + (1.0 - weight) * healthy[index]
+                final[index] = generated
 
         to_numpy = lambda x: self.to_unit_range(x.float()).mean(dim=1).cpu().numpy()  # noqa: E731
         has = np.array([mask is not None for mask in pathology])

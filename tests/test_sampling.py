@@ -119,3 +119,38 @@ def test_restore_outside_keeps_the_healthy_twin_away_from_the_mask(pipeline):
     assert np.array_equal(restored.images[0][far], restored.healthy_images[0][far])
     assert not np.array_equal(reference.images[0][far], reference.healthy_images[0][far])
     np.testing.assert_allclose(restored.images[0][6:10, 6:10], reference.images[0][6:10, 6:10], atol=2e-3)
+
+
+def test_settings_per_item(pipeline, requests):
+    anatomy, prompts, seeds, masks = requests
+    mixed = pipeline(
+        anatomy[:2], prompts[:2], seeds[:2], masks[:2], guidance_scale=[7.0, 3.0], soft_scale=[0.2, 0.5], **STEPS
+    )
+    second = pipeline(anatomy[1:2], prompts[1:2], seeds[1:2], masks[1:2], guidance_scale=3.0, soft_scale=0.5, **STEPS)
+    np.testing.assert_allclose(mixed.images[1], second.images[0], atol=1e-4)
+    same = pipeline(anatomy[:2], prompts[:2], seeds[:2], masks[:2], num_inference_steps=[6, 6], anatomy_steps=3)
+    assert same.images.shape[0] == 2
+    with pytest.raises(XRealError, match="num_inference_steps must be the same for every item of a batch"):
+        pipeline(anatomy[:2], prompts[:2], seeds[:2], masks[:2], num_inference_steps=[6, 8], anatomy_steps=3)
+    with pytest.raises(XRealError, match="soft_scale must lie in"):
+        pipeline(anatomy[:2], prompts[:2], seeds[:2], masks[:2], soft_scale=[0.2, 1.5], **STEPS)
+
+
+def test_out_of_memory_splits_the_batch_without_changing_images(pipeline, requests, monkeypatch):
+    anatomy, prompts, seeds, masks = requests
+    expected = pipeline(anatomy[:4], prompts[:4], seeds[:4], masks[:4], **STEPS)
+    real = type(pipeline)._generate
+    sizes = []
+
+    def small_memory(self, label_maps, *args, **kwargs):
+        sizes.append(len(label_maps))
+        if len(label_maps) > 1:
+            raise torch.OutOfMemoryError("pretend the GPU is full")
+        return real(self, label_maps, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "_generate", small_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    split = pipeline(anatomy[:4], prompts[:4], seeds[:4], masks[:4], **STEPS)
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    np.testing.assert_allclose(split.images, expected.images, atol=1e-4)
+    assert split.has_pathology.tolist() == expected.has_pathology.tolist()

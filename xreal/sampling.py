@@ -35,6 +35,28 @@ class XRealPipelineOutput(BaseOutput):
     has_pathology: np.ndarray
 
 
+def _shared(name: str, value, n: int):
+    """A setting the whole batch must share, given once or once per item."""
+    if np.ndim(value) == 0:
+        return value
+    values = list(value)
+    if len(values) != n:
+        raise XRealError(f"{name}: got {len(values)} values for {n} items")
+    if len(set(values)) > 1:
+        raise XRealError(
+            f"{name} must be the same for every item of a batch (they share one scheduler); got "
+            f"{', '.join(str(v) for v in sorted(set(values)))}. Put items with different {name} in separate batches"
+        )
+    return values[0]
+
+
+def _per_item(name: str, value, n: int) -> np.ndarray:
+    values = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)) if np.ndim(value) == 0 else np.asarray(value)
+    if values.shape != (n,) or not np.all(np.isfinite(values)):
+        raise XRealError(f"{name}: expected one finite number or one per item ({n}), got {value!r}")
+    return values.astype(np.float64)
+
+
 def feathered(mask: np.ndarray, latent_size: int) -> np.ndarray:
     """A [0, 1] weight: 1 on the mask widened by one latent cell, falling to 0 over another cell."""
     cell = mask.shape[0] / latent_size
@@ -124,7 +146,8 @@ class XRealPipeline(DiffusionPipeline):
     def _denoise(self, latents, z0, keep, blend_steps, context, uncond, guidance_scale, eta, generators):
         """DDIM from ``latents``; before each of the first ``blend_steps`` steps, the region where
         ``keep`` is 1 is replaced by ``z0`` noised to the current step (soft where keep is fractional)."""
-        guided = uncond is not None and guidance_scale > 1.0
+        guided = uncond is not None and bool((guidance_scale > 1.0).any())
+        scale = guidance_scale.clamp(min=1.0).view(-1, 1, 1, 1).to(latents) if guided else None
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if i < blend_steps:
                 known = self.scheduler.add_noise(z0, self._noise(generators, z0), t.repeat(len(z0)))
@@ -133,7 +156,7 @@ class XRealPipeline(DiffusionPipeline):
                 eps_uncond, eps_cond = self.unet(
                     torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, context])
                 ).sample.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                eps = eps_uncond + scale * (eps_cond - eps_uncond)
             else:
                 eps = self.unet(latents, t, encoder_hidden_states=context).sample
             noise = self._noise(generators, latents) if eta > 0 else None
@@ -149,11 +172,11 @@ class XRealPipeline(DiffusionPipeline):
         prompts: Sequence[str | Sequence[str]],
         seeds: Sequence[int],
         pathology_masks: Sequence[np.ndarray | None] | None = None,
-        num_inference_steps: int = DEFAULT_SETTINGS.steps,
-        anatomy_steps: int = DEFAULT_SETTINGS.anatomy_steps,
-        soft_scale: float = DEFAULT_SETTINGS.soft_scale,
-        guidance_scale: float = DEFAULT_SETTINGS.guidance_scale,
-        eta: float = DEFAULT_SETTINGS.eta,
+        num_inference_steps: int | Sequence[int] = DEFAULT_SETTINGS.steps,
+        anatomy_steps: int | Sequence[int] = DEFAULT_SETTINGS.anatomy_steps,
+        soft_scale: float | Sequence[float] = DEFAULT_SETTINGS.soft_scale,
+        guidance_scale: float | Sequence[float] = DEFAULT_SETTINGS.guidance_scale,
+        eta: float | Sequence[float] = DEFAULT_SETTINGS.eta,
         latent_handoff: bool = False,
         restore_outside: bool = True,
         autocast_dtype: torch.dtype | None = None,
@@ -168,21 +191,29 @@ class XRealPipeline(DiffusionPipeline):
             pathology_masks: per item, a binary mask of where the pathology goes (None for healthy items).
             num_inference_steps: DDIM steps of each stage.
             anatomy_steps: stage-1 steps that blend in the Anatomy Controller's latent.
-            soft_scale: weight of that blend outside the anatomy (1 inside).
-            guidance_scale: classifier-free guidance of stage 2 (<= 1 turns it off).
+            soft_scale: weight of that blend outside the anatomy (1 inside); one value or one per item.
+            guidance_scale: classifier-free guidance of stage 2 (<= 1 turns it off); one value or one per item.
             eta: DDIM eta (1.0 is the reference's stochastic DDIM).
+            Steps, anatomy steps and eta may also be given per item, but must then be equal: a batch
+            shares one scheduler.
             latent_handoff: give stage 2 the stage-1 latent instead of decoding and re-encoding it.
             restore_outside: keep the healthy twin's pixels away from the pathology mask: stage 2's image is
                 blended in through the mask widened by one latent cell and feathered. The decoder's group
                 norms otherwise shift the whole image a little; False gives the reference's output.
             autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
         """
+        n = len(anatomy)
+        num_inference_steps = _shared("num_inference_steps", num_inference_steps, n)
+        anatomy_steps = _shared("anatomy_steps", anatomy_steps, n)
+        eta = _shared("eta", eta, n)
         items = self._check_inputs(anatomy, prompts, seeds, pathology_masks, num_inference_steps, anatomy_steps)
+        soft_scales = _per_item("soft_scale", soft_scale, n)
+        if not ((soft_scales >= 0) & (soft_scales <= 1)).all():
+            raise XRealError(f"soft_scale must lie in [0, 1], got {soft_scale!r}")
+        items += [soft_scales, _per_item("guidance_scale", guidance_scale, n)]
         settings = dict(
             num_inference_steps=num_inference_steps,
             anatomy_steps=anatomy_steps,
-            soft_scale=soft_scale,
-            guidance_scale=guidance_scale,
             eta=eta,
             latent_handoff=latent_handoff,
             restore_outside=restore_outside,
@@ -247,11 +278,11 @@ class XRealPipeline(DiffusionPipeline):
         texts,
         seeds,
         pathology,
+        soft_scales,
+        guidance_scales,
         *,
         num_inference_steps,
         anatomy_steps,
-        soft_scale,
-        guidance_scale,
         eta,
         latent_handoff,
         restore_outside,
@@ -267,11 +298,19 @@ class XRealPipeline(DiffusionPipeline):
             # Stage 1: anatomy control, empty prompt, no guidance.
             maps = torch.from_numpy(label_maps).to(device)
             z_anatomy = self.encode(self.vae, self.anatomy_prior(maps)).to(dtype)
-            soft = np.stack([np.where(resize_label_map(m, latent_size) > 0, 1.0, soft_scale) for m in label_maps])
+            soft = np.stack(
+                [
+                    np.where(resize_label_map(m, latent_size) > 0, 1.0, s)
+                    for m, s in zip(label_maps, soft_scales, strict=True)
+                ]
+            )
             soft = torch.from_numpy(soft).to(device=device, dtype=dtype)[:, None]
             empty = self.encode_prompt([""] * len(texts)).to(dtype)
             start = self._noise(generators, z_anatomy) * self.scheduler.init_noise_sigma
-            healthy_latents = self._denoise(start, z_anatomy, soft, anatomy_steps, empty, None, 1.0, eta, generators)
+            no_guidance = torch.ones(len(texts))
+            healthy_latents = self._denoise(
+                start, z_anatomy, soft, anatomy_steps, empty, None, no_guidance, eta, generators
+            )
             healthy = self.decode(healthy_latents)
 
             # Stage 2: pathology control, only where a pathology was asked for.
@@ -292,7 +331,7 @@ class XRealPipeline(DiffusionPipeline):
                     num_inference_steps,
                     context,
                     empty[index],
-                    guidance_scale,
+                    torch.from_numpy(guidance_scales[todo]),
                     eta,
                     sub_generators,
                 )

@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/xreal manifest audit manifests/demo.parquet
 	$(PY) benchmarks/demo_grid.py --out demo-output/demo_grid.png
 
-# Retrain the bundled demo model from phantoms on CPU (about 30 min on 2 cores; a rerun resumes).
+# Retrain the bundled demo model from phantoms on CPU (about 40 min on 2 cores; a rerun resumes).
 demo-model: $(STAMP)
 	$(VENV)/bin/xreal phantom --count 3000 --size 64 --seed 11 --out build/demo-phantom --overwrite
 	$(VENV)/bin/xreal train demo --index build/demo-phantom --work build/demo-train --out xreal/bundles/demo

@@ -79,12 +79,26 @@ def train_phantom_segmenter(size: int = 64, count: int = 2000, steps: int = 600,
     images = torch.from_numpy(cases.images)[:, None]
     targets = torch.from_numpy(cases.anatomy).long()
     torch.manual_seed(seed)
-    model = PhantomSegmenter()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    return _fit(PhantomSegmenter(), images, targets, F.cross_entropy, steps, 2e-3, seed, "segmenter")
+
+
+def _fit(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn,
+    steps: int,
+    lr: float,
+    seed: int,
+    description: str,
+) -> nn.Module:
+    """Plain AdamW on random batches of 32; returns the model in eval mode."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
-    for _ in tqdm(range(steps), desc="segmenter"):
-        idx = torch.from_numpy(rng.integers(0, count, 32))
-        loss = F.cross_entropy(model(images[idx]), targets[idx])
+    model.train()
+    for _ in tqdm(range(steps), desc=description):
+        idx = torch.from_numpy(rng.integers(0, len(inputs), 32))
+        loss = loss_fn(model(inputs[idx]), targets[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -121,17 +135,9 @@ def train_phantom_classifier(size: int = 64, count: int = 3000, steps: int = 800
         [[label in labels for label in phantom.PHANTOM_PATHOLOGIES] for labels in cases.labels], dtype=torch.float32
     )
     torch.manual_seed(seed)
-    model = phantom_classifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rng = np.random.default_rng(seed)
-    model.train()
-    for _ in tqdm(range(steps), desc="classifier"):
-        idx = torch.from_numpy(rng.integers(0, count, 32))
-        loss = F.binary_cross_entropy_with_logits(model(images[idx]), targets[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return _fit(
+        phantom_classifier(), images, targets, F.binary_cross_entropy_with_logits, steps, 1e-3, seed, "classifier"
+    )
 
 
 @torch.no_grad()

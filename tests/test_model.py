@@ -123,3 +123,19 @@ def test_half_precision_bundles_load_as_float32(tmp_path):
     assert json.loads((folder / BUNDLE_FILE).read_text())["weights_dtype"] == "float16"
     weight = "conv_in.weight"
     assert torch.equal(loaded.unet.state_dict()[weight], pipeline.unet.state_dict()[weight].half().float())
+
+
+def test_paper_preset_has_the_reference_architecture():
+    from xreal.model import build_autoencoder, build_unet
+
+    paper = get_preset("paper")
+    with torch.device("meta"):  # shapes only, no memory
+        unet = build_unet(paper)
+        autoencoder = build_autoencoder(paper)
+    assert unet.config.block_out_channels == (224, 448, 896, 896)
+    assert unet.config.down_block_types == ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3
+    assert unet.config.cross_attention_dim == 1280 and unet.config.sample_size == 64
+    assert unet.config.layers_per_block == 2 and unet.config.attention_head_dim == 8
+    assert autoencoder.config.latent_channels == 3 and autoencoder.config.block_out_channels == (128, 256, 512)
+    assert autoencoder.config.scaling_factor == pytest.approx(0.18215)
+    assert not autoencoder.config.mid_block_add_attention

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps per stage (reference: 100)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians are printed")
     args = parser.parse_args()
     torch.manual_seed(0)
     pipe = build_pipeline(args.preset) if args.preset else load_pipeline()
@@ -57,20 +58,30 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
 
     print(
-        f"preset {pipe.config.preset}, {pipe.config.image_size} px, {args.steps} steps/stage, "
+        f"median of {args.repeats} interleaved runs; preset {pipe.config.preset}, {pipe.config.image_size} px, "
+        f"{args.steps} steps/stage, "
         f"batch {n} ({sum(m is not None for m in masks)} with a pathology), {args.device} {args.dtype}"
     )
+    # Interleave the four measurements and repeat them, so machine noise hits all alike; report medians.
+    times: dict[tuple[bool, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for handoff in (False, True):
+            run = dict(settings, latent_handoff=handoff)
+            times.setdefault((handoff, "batched"), []).append(
+                timed(lambda run=run: pipe(anatomy, prompts, seeds, masks, **run), args.device)
+            )
+            times.setdefault((handoff, "loop"), []).append(
+                timed(
+                    lambda run=run: [
+                        pipe(anatomy[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], masks[i : i + 1], **run)
+                        for i in range(n)
+                    ],
+                    args.device,
+                )
+            )
     rates = {}
     for handoff in (False, True):
-        run = dict(settings, latent_handoff=handoff)
-        batched = timed(lambda run=run: pipe(anatomy, prompts, seeds, masks, **run), args.device)
-        loop = timed(
-            lambda run=run: [
-                pipe(anatomy[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], masks[i : i + 1], **run)
-                for i in range(n)
-            ],
-            args.device,
-        )
+        batched, loop = (float(np.median(times[(handoff, kind)])) for kind in ("batched", "loop"))
         rates[handoff] = n / batched
         print(
             f"latent hand-off {'on ' if handoff else 'off'}: batched {n / batched:7.2f} img/s   "

@@ -93,6 +93,7 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     assert result.exit_code == 0, result.output
     pipeline = load_pipeline(tmp_path / "backbone" / "bundle")
     assert pipeline.config.preset == "tiny"
+    assert "| backbone | 2 | 2 |" in (tmp_path / "backbone" / "bundle" / "MODEL_CARD.md").read_text()
     empty = CliRunner().invoke(
         cli, ["train", "autoencoder", "--index", str(tmp_path), "--out", str(tmp_path / "x"), "--steps", "1"]
     )

@@ -236,7 +236,7 @@ def train_backbone_command(autoencoder: Path, anatomy_controller: Path, **option
     """Train UNet and text encoder on the frozen autoencoder; saves the model bundle OUT/bundle."""
     from diffusers import AutoencoderKL
 
-    from xreal.model import save_bundle
+    from xreal.model import save_bundle, write_model_card
     from xreal.training import train_backbone
 
     run, data = _run_and_data(**options)
@@ -246,9 +246,13 @@ def train_backbone_command(autoencoder: Path, anatomy_controller: Path, **option
     training = {
         "data": f"{len(data)} training images from {options['index']}",
         "command": " ".join(sys.argv),
-        "backbone": run.log,
+        "runs": {"backbone": {**run.log, "batch_size": run.batch_size}},
+        "autoencoder": str(autoencoder),
+        "anatomy_controller": str(anatomy_controller),
     }
-    click.echo(f"wrote {save_bundle(pipeline, run.out / 'bundle', training=training)}")
+    bundle = save_bundle(pipeline, run.out / "bundle", training=training)
+    write_model_card(bundle)
+    click.echo(f"wrote {bundle}")
 
 
 @train.command("demo")

@@ -325,12 +325,8 @@ class _RowChecker:
         self.rle_cache: dict[tuple, list[str]] = {}
 
     def check_batch(self, batch: pa.RecordBatch, offset: int) -> tuple[list[Request], list[ManifestIssue]]:
-        columns = {name: batch.column(name).to_pylist() for name in batch.schema.names if name in MANIFEST_SCHEMA.names}
-        empty = [None] * batch.num_rows
-        values = [columns.get(name, empty) for name in MANIFEST_SCHEMA.names]
         requests, issues = [], []
-        for i, row_values in enumerate(zip(*values, strict=True)):
-            row = dict(zip(MANIFEST_SCHEMA.names, row_values, strict=True))
+        for i, row in enumerate(batch.to_pylist()):  # optional columns may be absent: rows are read with .get
             request, problems = self.check_row(offset + i, row)
             if request is not None:
                 requests.append(request)
@@ -338,7 +334,7 @@ class _RowChecker:
         return requests, issues
 
     def check_row(self, index: int, row: dict[str, Any]) -> tuple[Request | None, list[ManifestIssue]]:
-        request_id = row["request_id"]
+        request_id = row.get("request_id")
         shown_id = request_id if isinstance(request_id, str) else None
         issues: list[ManifestIssue] = []
 
@@ -354,8 +350,8 @@ class _RowChecker:
         else:
             self.seen.add(request_id)
 
-        labels = self._labels(row["labels"], problem)
-        num_samples = _whole_number(row["num_samples"], "num_samples", problem, required=True)
+        labels = self._labels(row.get("labels"), problem)
+        num_samples = _whole_number(row.get("num_samples"), "num_samples", problem, required=True)
         if num_samples is not None and not 1 <= num_samples <= MAX_SAMPLES_PER_REQUEST:
             problem("num_samples", f"must be between 1 and {MAX_SAMPLES_PER_REQUEST:,}, got {num_samples:,}")
             num_samples = None
@@ -363,15 +359,15 @@ class _RowChecker:
         anatomy = self._anatomy(row, problem)
         mask_path, boxes, units = self._location(row, labels, anatomy, problem)
 
-        seed = _whole_number(row["seed"], "seed", problem)
+        seed = _whole_number(row.get("seed"), "seed", problem)
         if seed is not None and not 0 <= seed < 1 << 63:
             problem("seed", f"must be between 0 and 2**63 - 1, got {seed}")
         overrides = self._overrides(row, problem)
 
-        split = row["split"]
+        split = row.get("split")
         if split is not None and not str(split).strip():
             problem("split", "is an empty string; leave it null or name the split")
-        tags = row["tags"] or []
+        tags = row.get("tags") or []
         if any(not isinstance(t, str) or not t.strip() for t in tags):
             problem("tags", "tags must be non-empty strings")
 
@@ -424,7 +420,7 @@ class _RowChecker:
         return self.file_cache[key]
 
     def _anatomy(self, row: dict[str, Any], problem) -> AnatomySource | None:
-        given = [name for name in ANATOMY_COLUMNS if row[name] is not None]
+        given = [name for name in ANATOMY_COLUMNS if row.get(name) is not None]
         if len(given) != 1:
             problem(
                 "anatomy_path" if not given else given[1],
@@ -433,7 +429,7 @@ class _RowChecker:
             )
             return None
         column = given[0]
-        value = row[column]
+        value = row.get(column)
         if column == "anatomy_path":
             checked = self._file(column, value, read_label_map)
             if isinstance(checked, str):
@@ -474,8 +470,8 @@ class _RowChecker:
         return None if self.rle_cache[key] else AnatomySource("rle", value, (height, width))
 
     def _location(self, row, labels, anatomy, problem) -> tuple[Path | None, tuple[Box, ...], str]:
-        mask_value, raw_boxes = row["pathology_mask_path"], row["boxes"]
-        units = row["box_units"] or "normalized"
+        mask_value, raw_boxes = row.get("pathology_mask_path"), row.get("boxes")
+        units = row.get("box_units") or "normalized"
         if units not in ("normalized", "pixel"):
             problem("box_units", f"must be 'normalized' or 'pixel', got {units!r}")
             return None, (), "normalized"
@@ -540,13 +536,13 @@ class _RowChecker:
 
     def _overrides(self, row: dict[str, Any], problem) -> dict[str, float | int]:
         overrides: dict[str, float | int] = {}
-        steps = _whole_number(row["steps"], "steps", problem)
+        steps = _whole_number(row.get("steps"), "steps", problem)
         if steps is not None:
             if 1 <= steps <= MAX_STEPS:
                 overrides["steps"] = steps
             else:
                 problem("steps", f"must be between 1 and {MAX_STEPS}, got {steps}")
-        anatomy_steps = _whole_number(row["anatomy_steps"], "anatomy_steps", problem)
+        anatomy_steps = _whole_number(row.get("anatomy_steps"), "anatomy_steps", problem)
         if anatomy_steps is not None:
             limit = overrides.get("steps", DEFAULT_SETTINGS.steps)
             if 0 <= anatomy_steps <= limit:
@@ -554,7 +550,7 @@ class _RowChecker:
             else:
                 problem("anatomy_steps", f"must be between 0 and steps ({limit}), got {anatomy_steps}")
         for column, low, high in (("guidance_scale", 0.0, MAX_GUIDANCE), ("soft_scale", 0.0, 1.0)):
-            value = row[column]
+            value = row.get(column)
             if value is None:
                 continue
             if not isinstance(value, int | float) or math.isnan(value) or math.isinf(value):

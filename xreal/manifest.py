@@ -606,29 +606,38 @@ def iter_requests(
         offset += batch.num_rows
 
 
-def validate_manifest(
-    path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, max_issues: int = 200
-) -> ValidationReport:
-    """Check every row of a manifest; collect problems instead of stopping at the first."""
+def _scan(
+    path: str | os.PathLike[str], root: str | os.PathLike[str] | None, max_issues: int, keep_requests: bool
+) -> tuple[ValidationReport, list[Request]]:
     path = Path(path)
     parquet, version = open_manifest(path)
     report = ValidationReport(
         path=path, root=_default_root(path, root), version=version, rows=parquet.metadata.num_rows
     )
+    kept: list[Request] = []
     for requests, issues in iter_requests(path, root):
         report.valid_rows += len(requests)
         report.samples += sum(r.num_samples for r in requests)
         report.issue_count += len(issues)
         report.issues.extend(issues[: max(0, max_issues - len(report.issues))])
-    return report
+        if keep_requests:
+            kept.extend(requests)
+    return report, kept
+
+
+def validate_manifest(
+    path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, max_issues: int = 200
+) -> ValidationReport:
+    """Check every row of a manifest; collect problems instead of stopping at the first."""
+    return _scan(path, root, max_issues, keep_requests=False)[0]
 
 
 def load_requests(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> list[Request]:
-    """All requests of a manifest, or :class:`ManifestInvalid` listing its problems."""
-    report = validate_manifest(path, root)
+    """All requests of a manifest (one pass), or :class:`ManifestInvalid` listing its problems."""
+    report, requests = _scan(path, root, max_issues=200, keep_requests=True)
     if not report.ok:
         raise ManifestInvalid(report)
-    return [request for requests, _ in iter_requests(path, root) for request in requests]
+    return requests
 
 
 # --- expansion ------------------------------------------------------------------

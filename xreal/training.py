@@ -225,6 +225,14 @@ def _save_preview(path: Path, preview: Callable, modules: dict[str, nn.Module]) 
     Image.fromarray((grid.clip(0, 1) * 255).astype(np.uint8)).save(path)
 
 
+@torch.no_grad()
+def _latents(autoencoder: AutoencoderKL, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Unscaled posterior means of ``images``, encoded in chunks."""
+    return torch.cat(
+        [autoencoder.encode(images[i : i + chunk]).latent_dist.mode() for i in range(0, len(images), chunk)]
+    )
+
+
 def _autoencoder_loss(
     model: AutoencoderKL, inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
@@ -274,11 +282,7 @@ def train_autoencoder(
     )
     model = model.cpu().eval()
     if not anatomy_controller:
-        with torch.no_grad():
-            latents = torch.cat(
-                [model.encode(data.images[i : i + 64]).latent_dist.mode() for i in range(0, min(len(data), 512), 64)]
-            )
-        model.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        model.register_to_config(scaling_factor=float(1.0 / _latents(model, data.images[:512]).std()))
     return model
 
 
@@ -296,11 +300,7 @@ def train_backbone(
     pipeline.vae, pipeline.anatomy_controller = autoencoder, anatomy_controller
     unet, text_encoder, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
     scheduler = pipeline.scheduler
-    with torch.no_grad():
-        latents = (
-            torch.cat([autoencoder.encode(data.images[i : i + 64]).latent_dist.mode() for i in range(0, len(data), 64)])
-            * autoencoder.config.scaling_factor
-        )
+    latents = _latents(autoencoder, data.images) * autoencoder.config.scaling_factor
     tokens = tokenizer(
         data.prompts,
         padding="max_length",

@@ -9,15 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from xreal.anatomy import anatomy_stats, template_label_map
+from xreal.anatomy import anatomy_stats
 from xreal.errors import MaskError
 from xreal.labels import CHEXPERT_LABELS, NO_FINDING, Anatomy
 from xreal.manifest import ManifestIssue, Request, iter_requests, open_manifest
 from xreal.masks import (
     boxes_to_mask,
-    label_map_from_rle,
     read_binary_mask,
-    read_label_map,
     resize_label_map,
     resize_mask,
 )
@@ -116,16 +114,6 @@ def _count(report: AuditReport, requests: list[Request]) -> None:
     report.anatomy_sources = dict(sources)
 
 
-def _label_map(request: Request) -> np.ndarray:
-    source = request.anatomy
-    if source.kind == "path":
-        return read_label_map(source.value)
-    if source.kind == "rle":
-        v = source.value
-        return label_map_from_rle(v["right_lung"], v["left_lung"], v["heart"], v["height"], v["width"])
-    return template_label_map(source.value, TEMPLATE_SIZE)
-
-
 def _measure_anatomies(report: AuditReport, requests: list[Request]) -> dict[str, np.ndarray]:
     """Label maps at the comparison grid, keyed by anatomy; fills the anatomy statistics."""
     first: dict[str, Request] = {}
@@ -136,7 +124,7 @@ def _measure_anatomies(report: AuditReport, requests: list[Request]) -> dict[str
     stats = []
     for key, request in list(first.items())[:MAX_MEASURED_ANATOMIES]:
         try:
-            label_map = _label_map(request)
+            label_map = request.anatomy_map(TEMPLATE_SIZE)
         except MaskError as exc:
             report.unresolved_files.append(f"request {request.request_id!r}: {exc}")
             continue
@@ -160,11 +148,7 @@ def _location_grid(request: Request) -> np.ndarray | None:
         return resize_mask(read_binary_mask(request.pathology_mask_path), GRID, rule="majority")
     if not request.boxes:
         return None
-    coords = [b.coords for b in request.boxes]
-    if request.box_units == "pixel":
-        height, width = request.anatomy.shape
-        coords = [(x0 / width, y0 / height, x1 / width, y1 / height) for x0, y0, x1, y1 in coords]
-    return boxes_to_mask(coords, GRID, GRID, units="normalized")
+    return boxes_to_mask([coords for _, coords in request.normalized_boxes()], GRID, GRID, units="normalized")
 
 
 def _check_locations(report: AuditReport, requests: list[Request], anatomies: dict[str, np.ndarray]) -> None:

@@ -26,11 +26,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xreal.anatomy import template_seed
+from xreal.anatomy import template_label_map, template_seed
 from xreal.errors import LabelError, ManifestError, MaskError, XRealError
 from xreal.files import PathError, atomic_path, resolve_under
 from xreal.labels import NO_FINDING, canonical_label, canonical_labels
-from xreal.masks import check_box, check_rle, read_binary_mask, read_label_map
+from xreal.masks import (
+    boxes_to_mask,
+    check_box,
+    check_rle,
+    label_map_from_rle,
+    read_binary_mask,
+    read_label_map,
+)
 from xreal.settings import DEFAULT_SETTINGS, SamplerSettings
 
 MANIFEST_VERSION = "1"
@@ -155,6 +162,35 @@ class Request:
     def settings(self, defaults: SamplerSettings = DEFAULT_SETTINGS) -> SamplerSettings:
         """The sampler settings for this request: defaults with the row's overrides."""
         return defaults.with_overrides(**self.overrides)
+
+    def anatomy_map(self, size: int) -> np.ndarray:
+        """The requested anatomy label map: a file or RLE at its own size, a template rendered at ``size``."""
+        source = self.anatomy
+        if source.kind == "path":
+            return read_label_map(source.value)
+        if source.kind == "rle":
+            v = source.value
+            return label_map_from_rle(v["right_lung"], v["left_lung"], v["heart"], v["height"], v["width"])
+        return template_label_map(source.value, size)
+
+    def normalized_boxes(self) -> list[tuple[str | None, tuple[float, float, float, float]]]:
+        """``(label, (x_min, y_min, x_max, y_max))`` per box, as fractions of the image."""
+        if self.box_units == "normalized":
+            return [(b.label, b.coords) for b in self.boxes]
+        height, width = self.anatomy.shape
+        return [(b.label, (b.x_min / width, b.y_min / height, b.x_max / width, b.y_max / height)) for b in self.boxes]
+
+    def pathology_mask(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """Where the pathology goes, as a bool mask of ``shape`` (None for a healthy request).
+
+        A mask file is used as it is (validation checked it matches its
+        anatomy); boxes are rasterised at ``shape``.
+        """
+        if not self.has_pathology:
+            return None
+        if self.pathology_mask_path is not None:
+            return read_binary_mask(self.pathology_mask_path)
+        return boxes_to_mask([coords for _, coords in self.normalized_boxes()], *shape, units="normalized")
 
     def sample_seed(self, replica: int) -> int:
         """The seed of one replica: ``seed + replica`` when the row gives a seed, else derived."""

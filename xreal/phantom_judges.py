@@ -9,7 +9,6 @@ models do.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xreal import phantom
+from xreal.judging import (
+    STRUCTURES,
+    RealismReference,
+    anatomy_dice,
+    build_phantom_classifier,
+    classifier_input,
+    dice,
+    save_phantom_judges,
+)
 from xreal.labels import Anatomy
 
-STRUCTURES = {"right lung": Anatomy.RIGHT_LUNG, "left lung": Anatomy.LEFT_LUNG, "heart": Anatomy.HEART}
+__all__ = ["STRUCTURES", "anatomy_dice", "dice"]  # re-exported: the benchmarks measure with them
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -62,17 +70,6 @@ class PhantomSegmenter(ModelMixin, ConfigMixin):
         return self(torch.from_numpy(images).float()[:, None]).argmax(1).numpy().astype(np.uint8)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks (1.0 when both are empty)."""
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
-
-
-def anatomy_dice(requested: np.ndarray, found: np.ndarray) -> dict[str, float]:
-    """Dice of each structure between a requested and a segmented label map."""
-    return {name: dice(requested == label, found == label) for name, label in STRUCTURES.items()}
-
-
 def train_phantom_segmenter(size: int = 64, count: int = 2000, steps: int = 600, seed: int = 123) -> PhantomSegmenter:
     """Train the segmenter on freshly rendered phantoms (their label maps are exact)."""
     cases = phantom.generate(count, size, seed=seed)
@@ -107,24 +104,7 @@ def _fit(
 
 def phantom_classifier(growth_rate: int = 16, block_config: tuple[int, ...] = (4, 4, 4)):
     """torchxrayvision's DenseNet, untrained, with the phantom pathologies as its label list."""
-    with warnings.catch_warnings():  # torchxrayvision silences every warning on import
-        import torchxrayvision as xrv
-    model = xrv.models.DenseNet(
-        growth_rate=growth_rate,
-        block_config=block_config,
-        num_init_features=32,
-        num_classes=len(phantom.PHANTOM_PATHOLOGIES),
-        in_channels=1,
-        weights=None,
-        apply_sigmoid=False,
-    )
-    model.pathologies = list(phantom.PHANTOM_PATHOLOGIES)
-    return model
-
-
-def classifier_input(images: np.ndarray) -> torch.Tensor:
-    """Images in [0, 1] -> torchxrayvision's [-1024, 1024] convention, ``[B, 1, H, W]``."""
-    return torch.from_numpy(images).float()[:, None] * 2048.0 - 1024.0
+    return build_phantom_classifier(phantom.PHANTOM_PATHOLOGIES, growth_rate, block_config)
 
 
 def train_phantom_classifier(size: int = 64, count: int = 3000, steps: int = 800, seed: int = 321):
@@ -142,8 +122,9 @@ def train_phantom_classifier(size: int = 64, count: int = 3000, steps: int = 800
 
 @torch.no_grad()
 def classify(model, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Probability of each phantom pathology for images ``[B, H, W]`` in [0, 1]."""
-    probabilities = torch.sigmoid(model(classifier_input(images))).numpy()
+    """Probability of each label for images ``[B, H, W]`` in [0, 1] (calibrated when the model has op_threshs)."""
+    outputs = model(classifier_input(images))
+    probabilities = (outputs if getattr(model, "op_threshs", None) is not None else torch.sigmoid(outputs)).numpy()
     return {label: probabilities[:, i] for i, label in enumerate(model.pathologies)}
 
 
@@ -154,3 +135,69 @@ def save_weights(model: nn.Module, path: Path) -> None:
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
     model.load_state_dict(load_file(path))
     return model.eval()
+
+
+def operating_point(scores: np.ndarray, truth: np.ndarray, min_specificity: float = 0.95) -> float:
+    """The threshold with the best sensitivity + specificity among those keeping ``min_specificity``.
+
+    A filter must rarely see a pathology that is not there (it would reject
+    healthy images), so specificity is held first.
+    """
+    if truth.all() or not truth.any():
+        return 0.5
+    best, best_j = float(np.quantile(scores[~truth], min_specificity)), -1.0
+    for t in np.unique(scores):
+        specificity = (scores[~truth] < t).mean()
+        j = (scores[truth] >= t).mean() + specificity
+        if specificity >= min_specificity and j > best_j:
+            best, best_j = float(t), j
+    return best
+
+
+@torch.no_grad()
+def train_phantom_judges(
+    out: str | Path,
+    size: int = 64,
+    seed: int = 2024,
+    segmenter_steps: int = 600,
+    classifier_steps: int = 1500,
+    train_count: int = 3000,
+    held_out_count: int = 800,
+) -> Path:
+    """Train, calibrate and save the phantom judge set (classifier, segmenter, realism reference).
+
+    Calibration and the realism threshold use held-out phantoms of another seed:
+    each label's operating point keeps 95% specificity there (:func:`operating_point`).
+    """
+    with torch.enable_grad():
+        segmenter = train_phantom_segmenter(size, count=train_count, steps=segmenter_steps, seed=seed)
+        classifier = train_phantom_classifier(size, count=train_count, steps=classifier_steps, seed=seed + 1)
+    training = phantom.generate(train_count, size, seed=seed + 1)
+    held_out = phantom.generate(held_out_count, size, seed=seed + 2)
+    probabilities = torch.sigmoid(classifier(classifier_input(held_out.images))).numpy()
+    truth = np.array([[label in labels for label in classifier.pathologies] for labels in held_out.labels])
+    thresholds = [operating_point(probabilities[:, i], truth[:, i]) for i in range(truth.shape[1])]
+    classifier.op_threshs = torch.tensor(thresholds, dtype=torch.float32)
+    detected = probabilities >= np.array(thresholds)
+    realism = RealismReference.fit(
+        classifier.features2(classifier_input(training.images)), classifier.features2(classifier_input(held_out.images))
+    )
+    found = segmenter.segment(held_out.images)
+    metrics = {
+        "held_out": f"{held_out_count} phantoms, seed {seed + 2}",
+        "sensitivity": {lab: float(detected[truth[:, i], i].mean()) for i, lab in enumerate(classifier.pathologies)},
+        "specificity": {
+            lab: float((~detected[~truth[:, i], i]).mean()) for i, lab in enumerate(classifier.pathologies)
+        },
+        "segmenter_dice": {
+            name: float(np.mean([dice(a == label, b == label) for a, b in zip(held_out.anatomy, found, strict=True)]))
+            for name, label in STRUCTURES.items()
+        },
+        "realism_threshold": realism.threshold,
+    }
+    architecture = {"growth_rate": 16, "block_config": [4, 4, 4], "num_init_features": 32}
+    trained_on = (
+        f"phantoms at {size} px: segmenter {train_count} (seed {seed}, {segmenter_steps} steps), classifier and "
+        f"realism reference {train_count} (seed {seed + 1}, {classifier_steps} steps)"
+    )
+    return save_phantom_judges(out, classifier, segmenter, realism, size, architecture, trained_on, metrics)

@@ -1,0 +1,100 @@
+"""The judges on real phantom images: they accept what matches the request and reject what does not."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from xreal import phantom
+from xreal.judging import JudgeError, RealismReference, load_judges, sanity_scores
+from xreal.model import DEMO_BUNDLE
+from xreal.policy import QualityPolicy
+
+JUDGES = DEMO_BUNDLE / "judges"
+
+
+@pytest.fixture(scope="module")
+def judges():
+    return load_judges(JUDGES)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return phantom.generate(
+        4, 64, seed=4321, pathologies=[["Cardiomegaly"], [], ["Pleural Effusion"], ["Pneumothorax"]]
+    )
+
+
+def decide(judges, images, anatomy, labels):
+    rows = judges.score(images, anatomy)
+    return [
+        QualityPolicy().decide(r, lab, judges.labels, judges.realism.threshold)
+        for r, lab in zip(rows, labels, strict=True)
+    ]
+
+
+def test_the_demo_judges_carry_their_labels_and_thresholds(judges):
+    assert judges.labels == list(phantom.PHANTOM_PATHOLOGIES)
+    assert judges.classifier.op_threshs.shape == (len(phantom.PHANTOM_PATHOLOGIES),)
+    assert judges.realism.threshold > 0 and judges.files
+
+
+def test_a_judge_accepts_a_correct_image_and_rejects_a_wrong_one(judges):
+    kinds = [["Cardiomegaly"], [], ["Pleural Effusion"], ["Pneumothorax"]]
+    many = phantom.generate(32, 64, seed=99, pathologies=kinds * 8)
+    correct = decide(judges, many.images, many.anatomy, [c.labels for c in many])
+    assert np.mean([d.accepted for d in correct]) >= 0.75, [d.reason for d in correct]
+    swapped = {
+        "Cardiomegaly": ["Pneumothorax"],
+        "No Finding": ["Cardiomegaly"],
+        "Pleural Effusion": ["No Finding"],
+        "Pneumothorax": ["Edema"],
+    }
+    wrong = decide(judges, many.images, many.anatomy, [swapped[c.labels[0]] for c in many])
+    assert np.mean([d.accepted for d in wrong]) <= 0.05, [d.reason for d in wrong]
+    assert "Pneumothorax not detected" in wrong[0].reason
+    assert "unrequested Pleural Effusion detected" in wrong[2].reason
+
+
+def test_anatomy_judge_compares_with_the_requested_anatomy(judges, cases):
+    other = np.roll(cases.anatomy, 16, axis=1)  # everything a quarter of the image to the side
+    rows = judges.score(cases.images, other)
+    assert all(r["dice_heart"] < 0.6 and r["dice_right_lung"] < 0.7 for r in rows)
+    own = judges.score(cases.images, cases.anatomy)
+    assert all(r["dice_right_lung"] > 0.9 and r["dice_heart"] > 0.8 for r in own)
+
+
+def test_sanity_and_realism_catch_broken_images(judges, cases):
+    broken = np.stack([np.zeros((64, 64)), np.full((64, 64), np.nan), cases.images[2], 1.0 - cases.images[3]])
+    decisions = decide(judges, broken.astype(np.float32), cases.anatomy, [["No Finding"]] * 4)
+    assert "blank or constant" in decisions[0].reason
+    assert "NaN" in decisions[1].reason
+    rows = judges.score(broken.astype(np.float32), cases.anatomy)
+    assert rows[3]["realism_distance"] > judges.realism.threshold  # an inverted X-ray is unlike any phantom
+    assert sanity_scores(cases.images[0])["sanity_std"] > 0.05
+
+
+def test_realism_reference_distance():
+    torch.manual_seed(0)
+    features = torch.randn(500, 4)
+    reference = RealismReference.fit(features, torch.randn(200, 4))
+    near, far = reference.distance(torch.zeros(1, 4)), reference.distance(torch.full((1, 4), 8.0))
+    assert near[0] < 1.0 < reference.threshold < far[0]
+
+
+def test_a_damaged_judge_file_is_refused(tmp_path):
+    copy = tmp_path / "judges"
+    shutil.copytree(JUDGES, copy)
+    data = bytearray((copy / "classifier.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "classifier.safetensors").write_bytes(bytes(data))
+    with pytest.raises(JudgeError, match=r"classifier\.safetensors does not match its checksum"):
+        load_judges(copy)
+    shutil.copy(JUDGES / "classifier.safetensors", copy / "classifier.safetensors")
+    load_judges(copy)
+    (copy / "segmenter.safetensors").unlink()
+    with pytest.raises(JudgeError, match=r"segmenter\.safetensors is missing"):
+        load_judges(copy)
+    with pytest.raises(JudgeError, match="not a judge set"):
+        load_judges(tmp_path)

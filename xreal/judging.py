@@ -1,0 +1,324 @@
+"""Quality judges: score every generated image so a policy can accept or reject it.
+
+A *judge set* holds the models that look at an image:
+
+- a multi-label classifier in torchxrayvision's conventions (a ``pathologies``
+  list, inputs in [-1024, 1024], ``op_threshs`` calibrating every label so that
+  0.5 is its operating point);
+- an anatomy segmenter (lungs and heart, compared with the requested anatomy);
+- a realism reference: the mean and precision of the classifier's features on
+  real images, so the Mahalanobis distance of a generated image's features says
+  how far it lies from the images the judges know.
+
+Sanity checks (NaN, blank, constant, saturated) need no model.
+
+Two judge sets exist: ``phantom`` (trained here on phantoms, shipped inside the
+demo bundle, safetensors only) and ``torchxrayvision`` (pretrained
+torchxrayvision models from a local weight cache, hash-checked before loading;
+see :mod:`xreal.weights`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from xreal.errors import XRealError
+from xreal.files import atomic_path, sha256_file
+from xreal.labels import CHEXPERT_LABELS, Anatomy, canonical_label
+from xreal.masks import resize_label_map, resize_mask
+
+JUDGES_FILE = "judges.json"
+JUDGES_VERSION = 1
+XRV_NAMES = {"Effusion": "Pleural Effusion"}
+STRUCTURES = {"right lung": Anatomy.RIGHT_LUNG, "left lung": Anatomy.LEFT_LUNG, "heart": Anatomy.HEART}
+
+
+def score_key(kind: str, name: str) -> str:
+    """The column of a score: ``score_key("p", "Pleural Effusion") == "p_pleural_effusion"``."""
+    return f"{kind}_{name.lower().replace(' ', '_')}"
+
+
+def chexpert_name(label: str) -> str:
+    """A classifier label in the CheXpert vocabulary where one matches (torchxrayvision says 'Effusion')."""
+    label = XRV_NAMES.get(label, label)
+    try:
+        return canonical_label(label)
+    except XRealError:
+        return label
+
+
+class JudgeError(XRealError):
+    """A judge set that is missing, damaged or does not fit the images."""
+
+
+def classifier_input(images: np.ndarray) -> torch.Tensor:
+    """Images ``[B, H, W]`` in [0, 1] -> torchxrayvision's ``[B, 1, H, W]`` in [-1024, 1024]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float()[:, None] * 2048.0 - 1024.0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (1.0 when both are empty)."""
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
+
+
+def anatomy_dice(requested: np.ndarray, found: np.ndarray, ignore: np.ndarray | None = None) -> dict[str, float]:
+    """Dice of each structure between a requested and a segmented label map, outside ``ignore`` when given.
+
+    A structure that ``ignore`` covers for more than half of its area is not
+    measured (NaN): too little of it is left to compare.
+    """
+    keep = ~ignore if ignore is not None else np.ones(requested.shape, dtype=bool)
+    scores = {}
+    for name, label in STRUCTURES.items():
+        wanted = requested == label
+        if ignore is not None and (wanted & keep).sum() < 0.5 * wanted.sum():
+            scores[name] = float("nan")
+        else:
+            scores[name] = dice(wanted & keep, (found == label) & keep)
+    return scores
+
+
+def sanity_scores(image: np.ndarray) -> dict[str, float]:
+    """Model-free checks of one image: finite, spread, clipped pixels."""
+    finite = np.isfinite(image)
+    values = image[finite]
+    return {
+        "sanity_nonfinite": float(1.0 - finite.mean()),
+        "sanity_std": float(values.std()) if values.size else 0.0,
+        "sanity_saturated": float(((values <= 0.0) | (values >= 1.0)).mean()) if values.size else 1.0,
+    }
+
+
+@dataclass
+class RealismReference:
+    """Feature statistics of real images: the distance of new features to them is the realism score."""
+
+    mean: torch.Tensor
+    precision: torch.Tensor
+    threshold: float  # distance that held-out real images stay under (their 99.9th percentile)
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, held_out: torch.Tensor, shrinkage: float = 0.1) -> RealismReference:
+        mean = features.mean(0)
+        centered = features - mean
+        cov = centered.T @ centered / max(1, len(features) - 1)
+        cov = (1 - shrinkage) * cov + shrinkage * torch.eye(len(mean)) * cov.diagonal().mean()
+        reference = cls(mean, torch.linalg.inv(cov), 0.0)
+        reference.threshold = float(np.quantile(reference.distance(held_out), 0.999))
+        return reference
+
+    def distance(self, features: torch.Tensor) -> np.ndarray:
+        centered = features.double() - self.mean.double()
+        squared = ((centered @ self.precision.double()) * centered).sum(1).clamp(min=0)
+        return squared.sqrt().numpy()
+
+
+@dataclass
+class JudgeSet:
+    """The models that score images, on one device. Build with :func:`load_judges`."""
+
+    kind: str
+    image_size: int
+    classifier: torch.nn.Module
+    segmenter: torch.nn.Module | None
+    realism: RealismReference | None
+    files: dict[str, str] = field(default_factory=dict)  # weight file -> sha256
+    folder: Path | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """The CheXpert labels this set judges (classifier outputs outside that vocabulary are scored only)."""
+        return [name for name in map(chexpert_name, self.classifier.pathologies) if name in CHEXPERT_LABELS]
+
+    @torch.no_grad()
+    def score(
+        self,
+        images: np.ndarray,
+        anatomy: np.ndarray | None = None,
+        pathology: Sequence[np.ndarray | None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Scores per image ``[B, H, W]`` in [0, 1]; ``anatomy`` (requested label maps) enables Dice.
+
+        Where a ``pathology`` mask is given, Dice is measured outside it: a
+        pathology may rightly change the anatomy it covers (an enlarged heart,
+        a lung compressed by effusion), the rest must follow the request.
+
+        Keys: ``sanity_*``; ``p_<label>`` for every classifier label (calibrated:
+        0.5 is the label's operating point); ``dice_<structure>``; ``realism_distance``.
+        """
+        images = np.asarray(images, dtype=np.float32)
+        rows = [sanity_scores(image) for image in images]
+        clean = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, 1.0)
+        device = next(self.classifier.parameters()).device
+        inputs = classifier_input(clean).to(device)
+        if inputs.shape[-1] != self.image_size:
+            inputs = F.interpolate(inputs, size=(self.image_size, self.image_size), mode="area")
+        probabilities = self.classifier(inputs).float().cpu().numpy()
+        for row, p in zip(rows, probabilities, strict=True):
+            row.update(
+                {
+                    score_key("p", chexpert_name(label)): float(v)
+                    for label, v in zip(self.classifier.pathologies, p, strict=True)
+                    if label
+                }
+            )
+        if self.realism is not None:
+            distances = self.realism.distance(self.classifier.features2(inputs).float().cpu())
+            for row, d in zip(rows, distances, strict=True):
+                row["realism_distance"] = float(d)
+        if self.segmenter is not None and anatomy is not None:
+            found = self.segmenter((inputs + 1024.0) / 2048.0).argmax(1).cpu().numpy().astype(np.uint8)
+            masks = pathology if pathology is not None else [None] * len(found)
+            for row, requested, segmented, mask in zip(rows, anatomy, found, masks, strict=True):
+                size = segmented.shape[0]
+                requested = resize_label_map(np.asarray(requested), size)
+                ignore = resize_mask(np.asarray(mask, dtype=bool), size, rule="any") if mask is not None else None
+                row.update({score_key("dice", k): v for k, v in anatomy_dice(requested, segmented, ignore).items()})
+        return rows
+
+    def to(self, device: str | torch.device) -> JudgeSet:
+        self.classifier.to(device)
+        if self.segmenter is not None:
+            self.segmenter.to(device)
+        return self
+
+
+def _xrv():
+    with warnings.catch_warnings():  # torchxrayvision silences every warning on import
+        import torchxrayvision as xrv
+    return xrv
+
+
+def build_phantom_classifier(
+    pathologies: Sequence[str], growth_rate: int = 16, block_config: Sequence[int] = (4, 4, 4), num_init_features=32
+):
+    """torchxrayvision's DenseNet, untrained, carrying ``pathologies`` as its label list."""
+    model = _xrv().models.DenseNet(
+        growth_rate=growth_rate,
+        block_config=tuple(block_config),
+        num_init_features=num_init_features,
+        num_classes=len(pathologies),
+        in_channels=1,
+        weights=None,
+        apply_sigmoid=False,
+    )
+    model.pathologies = list(pathologies)
+    return model
+
+
+def save_phantom_judges(
+    folder: str | os.PathLike[str],
+    classifier,
+    segmenter,
+    realism: RealismReference,
+    image_size: int,
+    architecture: dict[str, Any],
+    trained_on: str,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write a phantom judge set: safetensors weights and ``judges.json`` with thresholds and checksums."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
+    save_file(state, folder / "classifier.safetensors")
+    save_file({k: v.contiguous() for k, v in segmenter.state_dict().items()}, folder / "segmenter.safetensors")
+    save_file(
+        {"mean": realism.mean.float().contiguous(), "precision": realism.precision.float().contiguous()},
+        folder / "realism.safetensors",
+    )
+    files = ["classifier.safetensors", "segmenter.safetensors", "realism.safetensors"]
+    record = {
+        "judges_version": JUDGES_VERSION,
+        "kind": "phantom",
+        "image_size": image_size,
+        "classifier": {
+            "file": files[0],
+            "class": "torchxrayvision.models.DenseNet",
+            "architecture": architecture,
+            "pathologies": list(classifier.pathologies),
+            "op_threshs": [float(v) for v in classifier.op_threshs],
+        },
+        "segmenter": {
+            "file": files[1],
+            "class": "xreal.phantom_judges.PhantomSegmenter",
+            "config": dict(segmenter.config),
+        },
+        "realism": {"file": files[2], "threshold": realism.threshold},
+        "trained_on": trained_on,
+        "metrics": metrics or {},
+        "files": {name: sha256_file(folder / name) for name in files},
+    }
+    with atomic_path(folder / JUDGES_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+def read_judges_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / JUDGES_FILE
+    if not path.is_file():
+        raise JudgeError(f"{folder}: not a judge set (no {JUDGES_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> JudgeSet:
+    """Load a phantom judge set, every file checked against its recorded sha256 first."""
+    from xreal.phantom_judges import PhantomSegmenter
+
+    folder = Path(folder)
+    record = read_judges_record(folder)
+    for name, digest in record["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise JudgeError(f"{folder}: judge file {name} is missing")
+        if sha256_file(path) != digest:
+            raise JudgeError(f"{folder}: judge file {name} does not match its checksum; refusing to use it")
+    spec = record["classifier"]
+    classifier = build_phantom_classifier(spec["pathologies"], **spec["architecture"])
+    classifier.op_threshs = torch.tensor(spec["op_threshs"], dtype=torch.float32)  # a buffer: set before loading
+    classifier.load_state_dict(load_file(folder / spec["file"]))
+    segmenter = PhantomSegmenter(**record["segmenter"]["config"])
+    segmenter.load_state_dict(load_file(folder / record["segmenter"]["file"]))
+    stats = load_file(folder / record["realism"]["file"])
+    realism = RealismReference(stats["mean"], stats["precision"], float(record["realism"]["threshold"]))
+    judges = JudgeSet(
+        "phantom", record["image_size"], classifier.eval(), segmenter.eval(), realism, record["files"], folder
+    )
+    return judges.to(device)
+
+
+def load_xrv_judges(
+    classifier: str = "densenet121-res224-all",
+    cache_dir: str | os.PathLike[str] | None = None,
+    lock: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+) -> JudgeSet:
+    """Pretrained torchxrayvision judges from a local weight cache, each file hash-checked before loading.
+
+    The classifier keeps torchxrayvision's calibrated thresholds. No anatomy
+    segmenter or realism reference comes with it (those need real images).
+    """
+    from xreal import weights
+
+    model = weights.load_classifier(classifier, cache_dir=cache_dir, lock=lock)
+    path = weights.verify_weights(classifier, cache_dir=cache_dir, lock=lock)
+    judges = JudgeSet("torchxrayvision", 224, model.eval(), None, None, {path.name: sha256_file(path)})
+    return judges.to(device)
+
+
+def load_judges(source: str | os.PathLike[str], device: str = "cpu", **options: Any) -> JudgeSet:
+    """A judge set by name: ``torchxrayvision`` or a phantom judge set folder."""
+    if str(source) == "torchxrayvision":
+        return load_xrv_judges(device=device, **options)
+    return load_phantom_judges(source, device=device)

@@ -97,11 +97,11 @@ def validate(path: Path, root: Path | None, as_json: bool) -> None:
         sys.exit(EXIT_USER_ERROR)
 
 
-@manifest.command()
+@manifest.command("audit")
 @click.argument("path", type=click.Path(path_type=Path))
 @_root_option
 @click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON.")
-def audit(path: Path, root: Path | None, as_json: bool) -> None:
+def manifest_audit_command(path: Path, root: Path | None, as_json: bool) -> None:
     """Summarise what a manifest asks for: labels, anatomy, duplicates, missing files, cost."""
     from xreal.audit import audit_manifest
 
@@ -272,6 +272,177 @@ def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
     from xreal.training import train_demo_bundle
 
     click.echo(f"wrote {train_demo_bundle(index, work, out, seed=seed, command=' '.join(sys.argv))}")
+
+
+@train.command("judges")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Judge set folder.")
+@click.option("--size", type=click.IntRange(64, 512), default=64, show_default=True, help="Image side in pixels.")
+@click.option("--seed", type=int, default=2024, show_default=True)
+def train_judges_command(out: Path, size: int, seed: int) -> None:
+    """Train and calibrate the phantom judge set (classifier, segmenter, realism reference) on phantoms."""
+    from xreal.phantom_judges import train_phantom_judges
+
+    click.echo(f"wrote {train_phantom_judges(out, size=size, seed=seed)}")
+
+
+@cli.command(context_settings={"show_default": True})
+@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path), default=None, help="Model bundle [demo].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Samples per sampler call.")
+@click.option("--device", "device", default="cpu", help="cpu, cuda (every GPU) or a list: cuda:0,cuda:1.")
+@click.option("--policy", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Quality policy YAML.")
+@click.option("--format", "formats", type=click.Choice(["png", "dicom", "both"]), default="png", help="Image files.")
+@click.option("--keep-rejected", is_flag=True, help="Also write rejected images (under rejected/).")
+@click.option("--healthy-twins/--no-healthy-twins", default=True, help="Keep each pathology image's healthy twin.")
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "float64", "bfloat16"]),
+    default="float32",
+    help="float64: identical images at any batch size (slower); bfloat16: GPU autocast.",
+)
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None, help="Allowed root of paths.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate(
+    manifest_path: Path,
+    out: Path,
+    model: Path | None,
+    batch_size: int,
+    device: str,
+    policy: Path | None,
+    formats: str,
+    keep_rejected: bool,
+    healthy_twins: bool,
+    precision: str,
+    root: Path | None,
+    quiet: bool,
+) -> None:
+    """Generate the dataset MANIFEST asks for into --out: sample, judge, write; rerun to resume.
+
+    Runs as a Prefect flow: on the embedded API by default (state under
+    $PREFECT_HOME, default ~/.local/state/xreal/prefect), or on the server
+    $PREFECT_API_URL names. Exits 0 when every batch ran, 1 when some failed.
+    """
+    from xreal.generation import env_default_prefect_home, parse_devices
+    from xreal.model import DEMO_BUNDLE
+
+    devices = parse_devices(device)
+    env_default_prefect_home()
+    from flows.generate import load_policy, run_generation
+
+    load_policy(policy)  # a bad policy fails here, before Prefect starts
+    state = run_generation(
+        manifest_path,
+        out,
+        devices=devices,
+        model=model or DEMO_BUNDLE,
+        batch_size=batch_size,
+        policy=str(policy) if policy else None,
+        formats=formats,
+        keep_rejected=keep_rejected,
+        healthy_twins=healthy_twins,
+        precision=precision,
+        root=root,
+        progress=not quiet,
+    )
+    if state.is_failed() or state.is_crashed():
+        try:
+            state.result()
+        except XRealError:
+            raise
+        except Exception as exc:  # the flow's own failure message is the report
+            click.echo(state.message or str(exc), err=True)
+        sys.exit(1)
+    click.echo(state.message)
+    click.echo(f"dataset card: {out / 'README.md'}; check it with: xreal audit run {out}")
+
+
+@cli.group("audit", cls=_Group)
+def audit_group() -> None:
+    """Check what a run wrote."""
+
+
+@audit_group.command("run")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The manifest, if it moved since the run.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def audit_run_command(out: Path, manifest: Path | None, as_json: bool) -> None:
+    """Check every file against its hash and every sample against the manifest; exit 1 if inconsistent."""
+    from xreal.run_audit import audit_run
+
+    report = audit_run(out, manifest)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.to_text())
+    if not report.consistent:
+        sys.exit(1)
+
+
+@cli.group(cls=_Group)
+def weights() -> None:
+    """Fetch, record and check pretrained torchxrayvision weights against a sha256 lock file."""
+
+
+_cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Weights folder (default: $XREAL_WEIGHTS_DIR, else ~/.torchxrayvision/models_data).",
+)
+_lock_option = click.option(
+    "--lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Lock file of sha256 hashes; keep it under version control (default: CACHE_DIR/xreal-weights.lock.json).",
+)
+
+
+@weights.command("fetch")
+@click.argument("names", nargs=-1)
+@_cache_dir_option
+@_lock_option
+def weights_fetch_command(names: tuple[str, ...], cache_dir: Path | None, lock: Path | None) -> None:
+    """Download weights (default: all the project uses) and record or check their sha256."""
+    from xreal.weights import PROJECT_WEIGHTS, fetch_weights, weights_info
+
+    for name in names or PROJECT_WEIGHTS:
+        click.echo(f"{name}: {weights_info(name).url}")
+        click.echo(f"  -> {fetch_weights([name], cache_dir, lock)[0]}")
+
+
+@weights.command("record")
+@click.argument("names", nargs=-1, required=True)
+@_cache_dir_option
+@_lock_option
+@click.option("--replace", is_flag=True, help="Overwrite a different hash already in the lock.")
+def weights_record_command(names: tuple[str, ...], cache_dir: Path | None, lock: Path | None, replace: bool) -> None:
+    """Record the sha256 of weight files you copied into the cache by hand and trust."""
+    from xreal.weights import record_weights
+
+    for name, sha256 in record_weights(names, cache_dir, lock, replace=replace).items():
+        click.echo(f"recorded {name}: sha256 {sha256}")
+
+
+@weights.command("status")
+@_cache_dir_option
+@_lock_option
+def weights_status_command(cache_dir: Path | None, lock: Path | None) -> None:
+    """Show which weight files are present, recorded and matching; exit 1 if one does not match."""
+    from xreal.weights import weights_status
+
+    rows = weights_status(cache_dir, lock)
+    width = max(len(row["name"]) for row in rows)
+    click.echo(f"{'weights':<{width}}  present  recorded  matches  file")
+    for row in rows:
+        matches = {True: "yes", False: "NO", None: "-"}[row["matches"]]
+        present, recorded = ("yes" if row[key] else "no" for key in ("present", "recorded"))
+        click.echo(f"{row['name']:<{width}}  {present:<7}  {recorded:<8}  {matches:<7}  {row['file']}")
+    if any(row["matches"] is False for row in rows):
+        click.echo("a weight file does not match its recorded sha256 and will not be loaded", err=True)
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

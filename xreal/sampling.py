@@ -136,8 +136,8 @@ class XRealPipeline(DiffusionPipeline):
 
     def anatomy_prior(self, label_maps: torch.Tensor) -> torch.Tensor:
         """The Anatomy Controller's coarse X-ray for each label map, in the model's value range."""
-        inputs = self.to_model_range(label_map_image(label_maps))
         ac = self.anatomy_controller
+        inputs = self.to_model_range(label_map_image(label_maps)).to(ac.dtype)
         return ac.decode(ac.encode(inputs).latent_dist.mode()).sample
 
     def _noise(self, generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:

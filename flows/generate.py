@@ -1,0 +1,223 @@
+"""The generation run as a Prefect flow: manifest in, labelled and filtered dataset out.
+
+Each batch is one task that samples, judges and writes its shard on a device
+of its own and returns a small summary; images never travel through Prefect.
+A batch that fails after its retries does not stop the others; the run then
+ends Failed with a summary of what to rerun (the same command resumes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm.auto import tqdm
+
+from xreal import generation
+from xreal.dataset import label_table_markdown
+from xreal.generation import Batch, BatchSummary, RunConfig, RunSummary
+from xreal.model import DEMO_BUNDLE
+from xreal.policy import QualityPolicy
+
+
+@task(
+    task_run_name="{batch.name}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    cache_policy=NO_CACHE,  # the committed shards on disk are the cache: a rerun plans only what is missing
+)
+def generate_batch(config: RunConfig, batch: Batch, devices: list[str], run_id: str) -> BatchSummary:
+    """Sample, judge and write one batch on a free device."""
+    pool = generation.device_pool(devices)
+    device = pool.acquire()
+    try:
+        return generation.run_batch(config, batch, device, run_id)
+    finally:
+        pool.release(device)
+
+
+def _run_round(config, batches, devices, run_id, bar, progress_id, done, total, logger) -> tuple[list, list[str]]:
+    futures = {generate_batch.submit(config, b, devices, run_id): b for b in batches}
+    summaries, failed = [], []
+    for future in as_completed(list(futures)):
+        batch = futures[future]
+        try:
+            summary = future.result()
+        except Exception as exc:  # the batch failed after its retries; its siblings go on
+            failed.append(batch.name)
+            logger.error("%s failed after retries: %s", batch.name, exc)
+        else:
+            summaries.append(summary)
+            logger.info(
+                "%s: %d accepted, %d rejected on %s (%.1f s)",
+                batch.name,
+                summary.accepted,
+                summary.rejected,
+                summary.device,
+                sum(summary.seconds.values()),
+            )
+        done[0] += len(batch.samples)
+        bar.update(len(batch.samples))
+        update_progress_artifact(progress_id, progress=min(100.0, 100.0 * done[0] / max(total, 1)))
+    return summaries, failed
+
+
+@flow(name="generate-dataset", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def generate_dataset(
+    manifest: Path,
+    out: Path,
+    model: Path = DEMO_BUNDLE,
+    batch_size: int = 16,
+    devices: list[str] | None = None,
+    policy: str | dict | None = None,
+    formats: str = "png",
+    keep_rejected: bool = False,
+    healthy_twins: bool = True,
+    precision: str = "float32",
+    root: Path | None = None,
+    progress: bool = True,
+):
+    """Generate the labelled, filtered dataset a manifest asks for into ``out`` (resuming what is there).
+
+    Args:
+        manifest: the Parquet manifest of requests.
+        out: the run directory; rerunning into it resumes, a finished run is a no-op.
+        model: the model bundle (the bundled demo model by default).
+        batch_size: samples per sampler call (and per task).
+        devices: where batches run, one batch per device at a time (default ``["cpu"]``).
+        policy: a policy YAML file or its content as a dict (:class:`QualityPolicy`; None: the defaults).
+        formats: ``png``, ``dicom`` or ``both``.
+        keep_rejected: also write rejected images (under ``rejected/``).
+        healthy_twins: keep the stage-1 healthy twin of each pathology image.
+        precision: ``float32``; ``float64`` for images identical bit for bit at any batch size;
+            ``bfloat16`` autocast on GPUs.
+        root: the folder manifest paths may point into (default: the manifest's folder).
+        progress: show a progress bar in the terminal.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    devices = devices or ["cpu"]
+    config = RunConfig(
+        manifest=Path(manifest),
+        out=Path(out),
+        model=Path(model),
+        policy=load_policy(policy),
+        formats=formats,
+        keep_rejected=keep_rejected,
+        healthy_twins=healthy_twins,
+        precision=precision,
+        root=Path(root) if root else None,
+    )
+    state = generation.open_run(config)
+    max_rounds = config.policy.retries.max_rounds
+    todo = generation.plan(state.requests, state.decisions, max_rounds)
+    finished = generation.finished_summary(state)
+    if finished is not None:
+        message = f"{config.out}: this run is already complete; nothing to do\n{describe(finished)}"
+        logger.info(message)
+        return Completed(message=message, data=summary_dict(finished))
+    total = len(todo)
+    progress_id = create_progress_artifact(progress=0.0, key="generation-progress", description="samples drawn")
+    summaries: list[BatchSummary] = []
+    failed: list[str] = []
+    done = [0]
+    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
+        while todo and not failed:
+            batches = generation.make_batches(todo, batch_size)
+            logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), ", ".join(devices))
+            results, failed = _run_round(config, batches, devices, state.run_id, bar, progress_id, done, total, logger)
+            summaries += results
+            state.refresh()
+            todo = generation.plan(state.requests, state.decisions, max_rounds)
+            if todo and not failed:
+                total += len(todo)
+                bar.total = total
+                bar.refresh()
+    update_progress_artifact(progress_id, progress=100.0)
+    summary = generation.finalize(
+        state,
+        devices=devices,
+        flow_run_id=flow_run.get_id(),
+        wall_seconds=time.perf_counter() - started,
+        failed_batches=failed,
+    )
+    _report(summary, summaries)
+    message = describe(summary)
+    logger.info(message)
+    if failed:
+        return Failed(message=message, data=summary_dict(summary))
+    return Completed(message=message, data=summary_dict(summary))
+
+
+def load_policy(policy: str | Path | dict | None) -> QualityPolicy:
+    if policy is None:
+        return QualityPolicy()
+    if isinstance(policy, dict):
+        return QualityPolicy.from_dict(policy)
+    return QualityPolicy.from_yaml(policy)
+
+
+def run_generation(manifest: Path, out: Path, devices: list[str] | None = None, **options):
+    """Run :func:`generate_dataset` with one worker thread per device; returns the flow run's final state."""
+    devices = devices or ["cpu"]
+    runner = ThreadPoolTaskRunner(max_workers=len(devices))
+    flow_with_runner = generate_dataset.with_options(task_runner=runner)
+    return flow_with_runner(manifest=manifest, out=out, devices=devices, return_state=True, **options)
+
+
+def summary_dict(summary: RunSummary) -> dict:
+    return {"out": str(summary.out), "counts": summary.counts.to_dict(), "failed_batches": summary.failed_batches}
+
+
+def describe(summary: RunSummary) -> str:
+    """The run's end in words: counts, shortfalls, failures and how to resume."""
+    c = summary.counts
+    lines = [
+        f"{summary.out}: {c.accepted} of {c.requested} requested images accepted, {c.rejected} rejected"
+        + (f", {c.short} short" if c.short else "")
+    ]
+    if c.short_requests and not summary.failed_batches:
+        worst = sorted(c.short_requests.items(), key=lambda kv: kv[1]["accepted"] - kv[1]["requested"])[:5]
+        lines.append(
+            "short after the policy's redraws: "
+            + ", ".join(f"{rid} ({v['accepted']}/{v['requested']} from {v['drawn']} drawn)" for rid, v in worst)
+            + (" ..." if len(c.short_requests) > 5 else "")
+        )
+    if summary.failed_batches:
+        lines.append(
+            f"{len(summary.failed_batches)} batch(es) failed: {', '.join(summary.failed_batches[:5])}"
+            + (" ..." if len(summary.failed_batches) > 5 else "")
+            + ". Rerun the same command to resume; finished samples are kept."
+        )
+    return "\n".join(lines)
+
+
+def _report(summary: RunSummary, batches: list[BatchSummary]) -> None:
+    counts = summary.counts
+    create_table_artifact(
+        key="generation-labels",
+        table=[{"label": label, **asdict(c)} for label, c in counts.per_label.items()],
+        description="Images per label: requested, accepted, rejected, short",
+    )
+    timing = {
+        k: round(sum(b.seconds.get(k, 0.0) for b in batches), 2) for k in ("sampling_s", "judging_s", "writing_s")
+    }
+    create_markdown_artifact(
+        key="generation-summary",
+        markdown=f"# {summary.out}\n\n{describe(summary)}\n\n{label_table_markdown(counts)}\n\n"
+        f"This run: {len(batches)} batches, seconds {timing}.\n",
+        description="Generation run summary",
+    )

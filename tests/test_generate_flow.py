@@ -1,0 +1,155 @@
+"""The generation flow end to end on the demo bundle, on a real (embedded) Prefect API."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from xreal.dataset import XRealDataset
+from xreal.manifest import write_manifest
+from xreal.run_audit import audit_run
+
+pytestmark = pytest.mark.slow
+
+FAST = {"steps": 8, "anatomy_steps": 4}
+
+
+def manifest(path, samples=2, steps=FAST):
+    rows = [
+        {
+            "request_id": "cardio",
+            "labels": ["Cardiomegaly"],
+            "num_samples": samples,
+            "anatomy_template": "phantom-1",
+            "boxes": [{"label": None, "x_min": 0.35, "y_min": 0.46, "x_max": 0.76, "y_max": 0.78}],
+            "seed": 1,
+            **steps,
+        },
+        {
+            "request_id": "effusion",
+            "labels": ["Pleural Effusion"],
+            "num_samples": samples,
+            "anatomy_template": "phantom-2",
+            "boxes": [{"label": None, "x_min": 0.10, "y_min": 0.64, "x_max": 0.36, "y_max": 0.81}],
+            "seed": 2,
+            **steps,
+        },
+        {
+            "request_id": "healthy",
+            "labels": ["No Finding"],
+            "num_samples": samples,
+            "anatomy_template": "phantom-1",
+            "seed": 1,
+            **steps,
+        },
+    ]
+    return write_manifest(rows, path)
+
+
+def hashes(out):
+    table = pq.read_table(out / "samples.parquet")
+    return dict(zip(table.column("sample_id").to_pylist(), table.column("content_sha256").to_pylist(), strict=True))
+
+
+def test_flow_writes_a_filtered_dataset_that_the_audit_accepts(prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.generate import run_generation
+
+    out = tmp_path / "out"
+    state = run_generation(manifest(tmp_path / "m.parquet"), out, batch_size=4, progress=False)
+    assert state.is_completed(), state.message
+    report = audit_run(out)
+    assert report.consistent, report.to_text()
+    table = pq.read_table(out / "samples.parquet").to_pandas()
+    requested = {"cardio", "effusion", "healthy"}
+    assert set(table.request_id) == requested
+    accepted = table[table.decision == "accepted"].groupby("request_id").size().to_dict()
+    assert all(accepted.get(r, 0) <= 2 for r in requested)
+    rounds = table.groupby("request_id")["round"].max().to_dict()
+    for rid in requested:  # a request short after round 0 was redrawn
+        if (table[(table.request_id == rid) & (table["round"] == 0)].decision == "rejected").any():
+            assert rounds[rid] >= 1 or accepted.get(rid, 0) == 2
+    assert (out / "preview.png").is_file() and (out / "README.md").is_file()
+
+    dataset = XRealDataset(out)
+    assert len(dataset) == int((table.decision == "accepted").sum())
+
+    async def artifacts():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    import asyncio
+
+    assert {"generation-labels", "generation-summary", "generation-progress"} <= asyncio.run(artifacts())
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    again = run_generation(manifest(tmp_path / "m.parquet"), out, batch_size=4, progress=False)
+    assert again.is_completed()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before  # a finished run is a no-op
+
+
+def test_images_do_not_depend_on_batch_size(prefect_api, tmp_path):
+    from flows.generate import run_generation
+
+    path = manifest(tmp_path / "m.parquet")
+    policy = {"retries": {"max_rounds": 1}}
+    for size in (1, 4):
+        state = run_generation(
+            path, tmp_path / f"bs{size}", batch_size=size, precision="float64", policy=policy, progress=False
+        )
+        assert state.is_completed(), state.message
+    one, four = hashes(tmp_path / "bs1"), hashes(tmp_path / "bs4")
+    assert len(one) == 6 and one == four
+
+
+def test_a_killed_run_resumes_to_exactly_the_requested_samples(prefect_api, tmp_path):
+    path = manifest(tmp_path / "m.parquet", samples=4, steps={"steps": 30, "anatomy_steps": 15})
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "xreal.cli",
+        "generate",
+        str(path),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--quiet",
+        "--policy",
+        str(no_redraws(tmp_path)),
+    ]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shards = out / "shards"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if shards.is_dir() and len(list(shards.glob("*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stdout.read().decode()  # still running: kill it mid-run
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = len(list(shards.glob("*.parquet")))
+    assert 2 <= committed < 6 and not (out / "samples.parquet").exists()
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    table = pq.read_table(out / "samples.parquet")
+    ids = table.column("sample_id").to_pylist()
+    assert sorted(ids) == sorted(f"{r}-r{i:04d}" for r in ("cardio", "effusion", "healthy") for i in range(4))
+    assert audit_run(out).consistent
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+
+
+def no_redraws(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("retries: {max_rounds: 1}\n")
+    return path

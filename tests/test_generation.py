@@ -1,0 +1,227 @@
+"""The generation run's library half, without Prefect: planning, batching, one batch, finalize, audit."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from xreal import dataset, generation
+from xreal.generation import RunConfig, RunConflict, Sample, make_batches, plan
+from xreal.manifest import ManifestInvalid, load_requests, write_manifest
+from xreal.policy import QualityPolicy
+from xreal.run_audit import audit_run
+
+FAST = {"steps": 6, "anatomy_steps": 3}
+
+
+def small_manifest(path, rows=None):
+    rows = rows or [
+        {
+            "request_id": "cardio",
+            "labels": ["Cardiomegaly"],
+            "num_samples": 2,
+            "anatomy_template": "phantom-1",
+            "boxes": [{"label": None, "x_min": 0.35, "y_min": 0.46, "x_max": 0.76, "y_max": 0.78}],
+            "seed": 10,
+            **FAST,
+        },
+        {
+            "request_id": "healthy",
+            "labels": ["No Finding"],
+            "num_samples": 2,
+            "anatomy_template": "phantom-1",
+            "seed": 10,
+            **FAST,
+        },
+    ]
+    return write_manifest(rows, path)
+
+
+def test_plan_redraws_only_what_is_missing_and_stops_at_the_round_limit(tmp_path):
+    requests = load_requests(small_manifest(tmp_path / "m.parquet"))
+    first = plan(requests, {}, max_rounds=3)
+    assert [(s.sample_id, s.round) for s in first] == [
+        ("cardio-r0000", 0),
+        ("cardio-r0001", 0),
+        ("healthy-r0000", 0),
+        ("healthy-r0001", 0),
+    ]
+    decisions = {s.sample_id: "accepted" for s in first}
+    decisions["cardio-r0001"] = "rejected"
+    second = plan(requests, decisions, max_rounds=3)
+    assert [(s.sample_id, s.round, s.seed) for s in second] == [("cardio-r0002", 1, 12)]
+    decisions["cardio-r0002"] = "rejected"
+    assert [s.sample_id for s in plan(requests, decisions, max_rounds=3)] == ["cardio-r0003"]
+    decisions["cardio-r0003"] = "rejected"
+    assert plan(requests, decisions, max_rounds=3) == []  # three rounds drawn: report the shortfall
+    assert plan(requests, decisions, max_rounds=1) == []
+    partial = {"cardio-r0000": "accepted"}  # a crash mid-round: finish that round before redrawing
+    assert [s.sample_id for s in plan(requests, partial, max_rounds=3)][:1] == ["cardio-r0001"]
+
+
+def test_batches_share_sampler_settings_and_have_stable_names(tmp_path):
+    rows = [
+        {
+            "request_id": f"r{i}",
+            "labels": ["No Finding"],
+            "num_samples": 3,
+            "anatomy_template": "phantom-1",
+            "steps": 6 if i < 2 else 8,
+            "anatomy_steps": 3,
+        }
+        for i in range(3)
+    ]
+    requests = load_requests(write_manifest(rows, tmp_path / "m.parquet"))
+    samples = plan(requests, {}, 3)
+    batches = make_batches(samples, batch_size=4)
+    assert [len(b.samples) for b in batches] == [4, 2, 3]
+    for b in batches:
+        assert len({s.request.settings().steps for s in b.samples}) == 1
+    assert [b.name for b in batches] == [b.name for b in make_batches(samples, 4)]
+    assert len({b.name for b in batches}) == 3
+    with pytest.raises(Exception, match="batch size must be at least 1"):
+        make_batches(samples, 0)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One batch run through the library on the demo bundle, then finalized."""
+    tmp = tmp_path_factory.mktemp("run")
+    config = RunConfig(manifest=small_manifest(tmp / "m.parquet"), out=tmp / "out", formats="both", keep_rejected=True)
+    state = generation.open_run(config)
+    batches = make_batches(plan(state.requests, state.decisions, 3), batch_size=4)
+    summaries = [generation.run_batch(config, b, "cpu", state.run_id) for b in batches]
+    summary = generation.finalize(state, devices=["cpu"])
+    return config, state, summaries, summary
+
+
+def test_a_batch_writes_its_files_then_its_shard(finished_run):
+    config, state, summaries, _summary = finished_run
+    out = config.out
+    table = pq.read_table(out / "samples.parquet").to_pandas()
+    assert list(table.sample_id) == ["cardio-r0000", "cardio-r0001", "healthy-r0000", "healthy-r0001"]
+    assert set(table.decision) <= {"accepted", "rejected"} and all(table.reason.str.len() > 0)
+    for column in ("p_cardiomegaly", "dice_left_lung", "realism_distance", "sanity_std"):
+        assert table[column].notna().all(), column
+    assert table.dice_heart.isna().tolist() == [True, True, False, False]  # under the Cardiomegaly box: not compared
+    assert "heart not compared" in table.reason[0] or table.decision[0] == "rejected"
+    assert (table["Cardiomegaly"] == [1, 1, 0, 0]).all() and (table["No Finding"] == [0, 0, 1, 1]).all()
+    assert table.boxes[0][0]["x_min"] == pytest.approx(0.35 * 64)
+    assert table.seed.tolist() == [10, 11, 10, 11]
+    for row in table.itertuples():
+        folder = "images" if row.decision == "accepted" else "rejected"
+        assert row.image_path == f"{folder}/{row.sample_id}.png"
+        assert (out / row.dicom_path).is_file() and (out / row.anatomy_mask_path).is_file()
+        assert dataset.content_digest(dataset.read_image(out / row.image_path)) == row.content_sha256
+    assert table.healthy_path[0] == "healthy/cardio-r0000.png" and table.healthy_path.isna()[2]
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["manifest"]["sha256"] == state.record["identity"]["manifest_sha256"]
+    assert record["model"]["files"] and record["judges"]["files"] and record["software"]["torch"]
+    assert record["counts"]["requested"] == 4 and record["complete"] in (True, False)
+    assert "synthetic" in (out / "README.md").read_text().lower()
+    assert summaries[0].seconds["sampling_s"] > 0
+
+
+def test_rerun_is_a_no_op_and_changed_inputs_are_refused(finished_run, tmp_path):
+    config, state, *_ = finished_run
+    again = generation.open_run(config)
+    assert again.run_id == state.run_id
+    assert plan(again.requests, again.decisions, 1) == []
+    other = small_manifest(
+        tmp_path / "other.parquet",
+        [{"request_id": "x", "labels": ["No Finding"], "num_samples": 1, "anatomy_template": "phantom-2"}],
+    )
+    before = sorted(p.name for p in config.out.rglob("*"))
+    with pytest.raises(RunConflict, match="manifest_sha256"):
+        generation.open_run(RunConfig(manifest=other, out=config.out, formats="both", keep_rejected=True))
+    with pytest.raises(RunConflict, match="policy_digest"):
+        strict = QualityPolicy.from_dict({"classifier": {"present": 0.9}})
+        generation.open_run(
+            RunConfig(manifest=config.manifest, out=config.out, formats="both", keep_rejected=True, policy=strict)
+        )
+    assert sorted(p.name for p in config.out.rglob("*")) == before
+
+
+def test_audit_accepts_the_run_and_catches_damage(finished_run, tmp_path):
+    import shutil
+
+    config, *_ = finished_run
+    assert audit_run(config.out).consistent, audit_run(config.out).to_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(config.out, copy)
+    first = pq.read_table(copy / "samples.parquet").to_pylist()[0]
+    (copy / first["image_path"]).write_bytes(b"not a png")
+    (copy / first["dicom_path"]).unlink()
+    (copy / "images" / "stray.png").write_bytes(b"x")
+    report = audit_run(copy, manifest=config.manifest)
+    assert not report.consistent
+    assert report.changed_files == [f"{first['image_path']} (sample {first['sample_id']})"]
+    assert report.missing_files == [f"{first['dicom_path']} (sample {first['sample_id']})"]
+    assert report.unexpected_files == ["images/stray.png"]
+    assert "NOT consistent" in report.to_text()
+
+
+def test_bad_manifest_is_refused_before_anything_is_written(tmp_path):
+    bad = write_manifest(
+        [{"request_id": "a", "labels": ["Broken Heart"], "num_samples": 1, "anatomy_template": "phantom-1"}],
+        tmp_path / "bad.parquet",
+    )
+    with pytest.raises(ManifestInvalid, match="Broken Heart"):
+        generation.open_run(RunConfig(manifest=bad, out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_seed_follows_the_manifest(tmp_path):
+    requests = load_requests(small_manifest(tmp_path / "m.parquet"))
+    assert Sample(requests[0], 5, 2).seed == 15 and Sample(requests[0], 5, 2).sample_id == "cardio-r0005"
+    assert np.isfinite(Sample(requests[0], 0, 0).seed)
+
+
+def test_dicom_files_hold_the_png_pixels_and_say_they_are_synthetic(finished_run):
+    import pydicom
+
+    from xreal.dicom import read_dicom_pixels
+
+    config, *_ = finished_run
+    rows = pq.read_table(config.out / "samples.parquet").to_pylist()
+    for row in rows:
+        ds = pydicom.dcmread(config.out / row["dicom_path"])
+        png = dataset.pixels16(dataset.read_image(config.out / row["image_path"]))
+        assert np.array_equal(read_dicom_pixels(config.out / row["dicom_path"]), png)
+        assert "SYNTHETIC" in ds.ImageComments and row["request_id"] in ds.ImageComments
+        assert ds.PatientID == "" and "DERIVED" in ds.ImageType
+    uids = [pydicom.dcmread(config.out / r["dicom_path"]).SOPInstanceUID for r in rows]
+    assert len(set(uids)) == len(uids)
+
+
+def test_the_dataset_loads_in_torchxrayvision_conventions(finished_run):
+    config, *_ = finished_run
+    table = pq.read_table(config.out / "samples.parquet").to_pandas()
+    accepted = table[table.decision == "accepted"]
+    ds = dataset.XRealDataset(config.out)
+    assert len(ds) == len(accepted)
+    assert "Effusion" in ds.pathologies and "Cardiomegaly" in ds.pathologies and "No Finding" not in ds.pathologies
+    everything = dataset.XRealDataset(config.out, include_rejected=True)
+    assert len(everything) == 4
+    item = everything[0]
+    assert item["img"].shape == (1, 64, 64) and item["img"].dtype == np.float32
+    assert item["img"].min() >= -1024 and item["img"].max() <= 1024
+    assert item["lab"][ds.pathologies.index("Cardiomegaly")] == 1.0 and item["lab"].sum() == 1.0
+    assert item["sample_id"] == "cardio-r0000"
+    flipped = dataset.XRealDataset(config.out, include_rejected=True, transform=lambda img: img[:, :, ::-1])
+    assert np.array_equal(flipped[0]["img"], item["img"][:, :, ::-1])
+
+
+def test_the_dataset_loads_with_hugging_face_imagefolder(finished_run, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    config, *_ = finished_run
+    accepted = [r for r in pq.read_table(config.out / "samples.parquet").to_pylist() if r["decision"] == "accepted"]
+    assert accepted
+    loaded = datasets.load_dataset(
+        "imagefolder", data_dir=str(config.out / "images"), split="train", cache_dir=str(config.out.parent / "hf")
+    )
+    assert sorted(loaded["sample_id"]) == sorted(r["sample_id"] for r in accepted)
+    assert loaded[0]["image"].size == (64, 64)

@@ -1,0 +1,544 @@
+"""The generation run as plain functions: plan, run one batch, finalize. ``flows/generate.py`` orchestrates them.
+
+- :func:`open_run` validates the manifest, pins what the run is in ``run.json``
+  (refusing a changed manifest, model, judges, policy or format under an
+  existing output) and reads which samples are already committed.
+- :func:`plan` says which samples to draw next. A request's first round is
+  its ``num_samples`` replicas; when some are rejected, the next round draws
+  as many new replicas (new seeds, recorded with their round) as are still
+  missing, up to the policy's ``max_rounds``. The plan depends only on what
+  is committed, so a resumed run draws exactly what an uninterrupted one would.
+- :func:`make_batches` groups samples that can share a sampler call.
+- :func:`run_batch` samples, judges and writes one batch on a worker that keeps
+  its model and judges loaded (:func:`worker_models`).
+- :func:`finalize` merges the shards into the dataset and its records.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from xreal import dataset
+from xreal.errors import XRealError
+from xreal.files import atomic_path, sha256_file
+from xreal.judging import JudgeSet, load_judges
+from xreal.manifest import ManifestInvalid, Request, load_requests, sample_id, validate_manifest
+from xreal.model import DEMO_BUNDLE, load_pipeline, read_bundle_record, verify_bundle
+from xreal.policy import QualityPolicy
+from xreal.settings import DEFAULT_SETTINGS
+
+RUN_FILE = "run.json"
+RUN_FORMAT = 1
+PRECISIONS = ("float32", "float64", "bfloat16")
+
+
+class RunConflict(XRealError):
+    """The output directory belongs to a different run (another manifest, model, judges, policy or format)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what a run writes. Devices and batch size only decide how fast."""
+
+    manifest: Path
+    out: Path
+    model: Path = DEMO_BUNDLE
+    policy: QualityPolicy = field(default_factory=QualityPolicy)
+    formats: str = "png"
+    keep_rejected: bool = False
+    healthy_twins: bool = True
+    precision: str = "float32"
+    root: Path | None = None  # where manifest paths may point; default the manifest's folder
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise XRealError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.formats not in dataset.FORMATS:
+            raise XRealError(f"format must be one of {', '.join(dataset.FORMATS)}, got {self.formats!r}")
+
+    @cached_property
+    def judges_source(self) -> str:
+        """The judge set: the policy's choice, else the one that ships with the model bundle."""
+        if self.policy.judges:
+            return self.policy.judges
+        bundled = self.model / "judges"
+        if (bundled / "judges.json").is_file():
+            return str(bundled)
+        raise XRealError(
+            f"{self.model}: the model bundle ships no judges; name a judge set in the policy "
+            "(judges: torchxrayvision, or a judge set folder)"
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run: content hashes, not paths."""
+        record = read_bundle_record(self.model)
+        return {
+            "manifest_sha256": sha256_file(self.manifest),
+            "model_digest": _digest(record["files"]),
+            "judges": _judges_identity(self.judges_source),
+            "policy_digest": self.policy.digest(),
+            "formats": self.formats,
+            "keep_rejected": self.keep_rejected,
+            "healthy_twins": self.healthy_twins,
+            "precision": self.precision,
+        }
+
+
+def _digest(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def judges_files(source: str) -> dict[str, str]:
+    """The weight files of a judge set and their sha256 (torchxrayvision files are checked against the lock)."""
+    path = Path(source)
+    if (path / "judges.json").is_file():
+        return json.loads((path / "judges.json").read_text())["files"]
+    if source == "torchxrayvision":
+        from xreal import weights
+
+        verified = weights.verify_weights("densenet121-res224-all")
+        return {verified.name: sha256_file(verified)}
+    raise XRealError(f"judges {source!r}: not a judge set folder (no judges.json) and not 'torchxrayvision'")
+
+
+def _judges_identity(source: str) -> str:
+    return _digest(judges_files(source))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to draw: a request's replica, in the round that asked for it."""
+
+    request: Request
+    replica: int
+    round: int
+
+    @property
+    def sample_id(self) -> str:
+        return sample_id(self.request.request_id, self.replica)
+
+    @property
+    def seed(self) -> int:
+        return self.request.sample_seed(self.replica)
+
+
+@dataclass
+class RunState:
+    config: RunConfig
+    requests: list[Request]
+    record: dict[str, Any]
+    decisions: dict[str, str] = field(default_factory=dict)  # committed sample id -> accepted | rejected
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+    def refresh(self) -> None:
+        table = dataset.read_shards(self.config.out)
+        if table is None:
+            self.decisions = {}
+        else:
+            ids, decisions = table.column("sample_id").to_pylist(), table.column("decision").to_pylist()
+            self.decisions = dict(zip(ids, decisions, strict=True))
+
+
+def open_run(config: RunConfig) -> RunState:
+    """Validate the manifest, pin the run's identity in ``run.json``, and read what is already committed.
+
+    An existing output made by another manifest, model, judge set, policy or
+    format is refused (:class:`RunConflict`) and left untouched.
+    """
+    report = validate_manifest(config.manifest, config.root)
+    if not report.ok:
+        raise ManifestInvalid(report)
+    verify_bundle(config.model)
+    requests = load_requests(config.manifest, config.root)
+    identity = config.identity()
+    path = config.out / RUN_FILE
+    if path.is_file():
+        record = json.loads(path.read_text())
+        changed = [key for key, value in identity.items() if record.get("identity", {}).get(key) != value]
+        if changed:
+            raise RunConflict(
+                f"{config.out} holds a run of a different {', '.join(changed)}; it was left untouched. "
+                "Use a new --out directory for the new run (or rerun with the original settings to resume)."
+            )
+    else:
+        if config.out.exists() and any(config.out.iterdir()):
+            raise RunConflict(f"{config.out} exists and is not an xreal run directory; choose an empty or new --out")
+        record = {
+            "run_format": RUN_FORMAT,
+            "run_id": str(uuid.uuid4()),
+            "created": _now(),
+            "manifest": str(config.manifest),
+            "model": str(config.model),
+            "judges": config.judges_source,
+            "policy": config.policy.to_dict(),
+            "identity": identity,
+        }
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+    state = RunState(config, requests, record)
+    state.refresh()
+    return state
+
+
+def plan(requests: Sequence[Request], decisions: dict[str, str], max_rounds: int) -> list[Sample]:
+    """The samples to draw next, given the committed decisions (see the module docstring)."""
+    todo = []
+    for request in requests:
+        wanted, first, rounds = request.num_samples, 0, 0
+        batch = range(0, wanted)
+        while True:
+            missing = [r for r in batch if sample_id(request.request_id, r) not in decisions]
+            if missing:
+                todo += [Sample(request, r, rounds) for r in missing]
+                break
+            first = batch.stop
+            accepted = sum(decisions[sample_id(request.request_id, r)] == "accepted" for r in range(first))
+            rounds += 1
+            if accepted >= wanted or rounds >= max_rounds:
+                break
+            batch = range(first, first + wanted - accepted)
+    return todo
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Samples that share one sampler call (same steps, anatomy steps and eta)."""
+
+    name: str
+    samples: tuple[Sample, ...]
+
+
+def make_batches(samples: Sequence[Sample], batch_size: int) -> list[Batch]:
+    """Group samples by the settings a batch must share, then cut groups into batches of ``batch_size``."""
+    if batch_size < 1:
+        raise XRealError(f"batch size must be at least 1, got {batch_size}")
+    groups: dict[tuple, list[Sample]] = {}
+    for s in samples:
+        settings = s.request.settings()
+        groups.setdefault((settings.steps, settings.anatomy_steps, settings.eta), []).append(s)
+    batches = []
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            chunk = tuple(members[start : start + batch_size])
+            digest = hashlib.sha1("\n".join(s.sample_id for s in chunk).encode()).hexdigest()[:12]
+            batches.append(Batch(f"round{chunk[0].round}-{chunk[0].sample_id}-{digest}", chunk))
+    return batches
+
+
+# --- workers ----------------------------------------------------------------------
+
+_MODELS: dict[tuple[str, str, str, str], tuple[Any, JudgeSet]] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def worker_models(model: Path, judges: str, device: str, precision: str = "float32"):
+    """The pipeline and judges of this process on ``device``, loaded once and kept."""
+    key = (str(model), judges, device, precision)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            pipeline = load_pipeline(model, device=device)
+            if precision == "float64":
+                pipeline.to(dtype=torch.float64)
+            pipeline.set_progress_bar_config(disable=True)
+            _MODELS[key] = (pipeline, load_judges(judges, device=device))
+        return _MODELS[key]
+
+
+class DevicePool:
+    """Hands each running batch a device of its own (one batch per device at a time)."""
+
+    def __init__(self, devices: Sequence[str]):
+        import queue
+
+        self.devices = list(devices)
+        self._free: queue.Queue[str] = queue.Queue()
+        for device in self.devices:
+            self._free.put(device)
+
+    def acquire(self) -> str:
+        return self._free.get()
+
+    def release(self, device: str) -> None:
+        self._free.put(device)
+
+
+_POOLS: dict[tuple[str, ...], DevicePool] = {}
+
+
+def device_pool(devices: Sequence[str]) -> DevicePool:
+    with _MODELS_LOCK:
+        return _POOLS.setdefault(tuple(devices), DevicePool(devices))
+
+
+def parse_devices(spec: str) -> list[str]:
+    """``cpu``, ``cuda`` (every visible GPU), or a list like ``cuda:0,cuda:1``."""
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if devices == ["cuda"]:
+        if not torch.cuda.is_available():
+            raise XRealError("--device cuda: no CUDA device is visible")
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for d in devices:
+        try:
+            parsed = torch.device(d)
+        except RuntimeError:
+            raise XRealError(f"--device: {d!r} is not a device (use cpu, cuda or cuda:N)") from None
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise XRealError(f"--device {d}: CUDA is not available on this machine")
+    if not devices:
+        raise XRealError("--device: give at least one device")
+    return devices
+
+
+@dataclass
+class BatchSummary:
+    name: str
+    device: str
+    samples: int
+    accepted: int
+    rejected: int
+    seconds: dict[str, float]
+
+
+def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> BatchSummary:
+    """Sample, judge and write one batch; returns a small summary (images stay on disk)."""
+    pipeline, judges = worker_models(config.model, config.judges_source, device, config.precision)
+    size = pipeline.config.image_size
+    samples = batch.samples
+    started = time.perf_counter()
+    anatomy = [s.request.anatomy_map(size) for s in samples]
+    masks = [s.request.pathology_mask(a.shape) for s, a in zip(samples, anatomy, strict=True)]
+    settings = [s.request.settings() for s in samples]
+    autocast = torch.bfloat16 if config.precision == "bfloat16" else None
+    output = pipeline(
+        anatomy,
+        [list(s.request.labels) for s in samples],
+        seeds=[s.seed for s in samples],
+        pathology_masks=masks,
+        num_inference_steps=settings[0].steps,
+        anatomy_steps=settings[0].anatomy_steps,
+        eta=settings[0].eta,
+        soft_scale=[x.soft_scale for x in settings],
+        guidance_scale=[x.guidance_scale for x in settings],
+        autocast_dtype=autocast,
+    )
+    sampled = time.perf_counter()
+    scores = judges.score(output.images, np.stack([_at(a, size) for a in anatomy]), masks)
+    realism_limit = judges.realism.threshold if judges.realism is not None else None
+    decisions = [
+        config.policy.decide(row, s.request.labels, judges.labels, realism_limit)
+        for row, s in zip(scores, samples, strict=True)
+    ]
+    judged = time.perf_counter()
+    generated = [
+        dataset.GeneratedSample(
+            sample_id=s.sample_id,
+            request_id=s.request.request_id,
+            replica=s.replica,
+            round=s.round,
+            seed=s.seed,
+            labels=s.request.labels,
+            boxes=dataset.boxes_for(s.request.labels, s.request.normalized_boxes(), m, size),
+            anatomy_source=s.request.anatomy.key,
+            split=s.request.split,
+            tags=s.request.tags,
+            settings={
+                "steps": x.steps,
+                "anatomy_steps": x.anatomy_steps,
+                "guidance_scale": x.guidance_scale if s.request.has_pathology else 1.0,
+                "soft_scale": x.soft_scale,
+                "eta": x.eta,
+            },
+            image=image,
+            healthy=healthy if has else None,
+            anatomy=_at(a, size),
+            pathology=_at(m, size) if m is not None else None,
+            scores=row,
+            accepted=d.accepted,
+            reason=d.reason,
+        )
+        for s, x, image, healthy, has, a, m, row, d in zip(
+            samples,
+            settings,
+            output.images,
+            output.healthy_images,
+            output.has_pathology,
+            anatomy,
+            masks,
+            scores,
+            decisions,
+            strict=True,
+        )
+    ]
+    options = dataset.WriteOptions(
+        formats=config.formats,
+        keep_rejected=config.keep_rejected,
+        healthy_twins=config.healthy_twins,
+        dataset_id=run_id,
+        model_note=f"xreal bundle {config.model.name} ({read_bundle_record(config.model)['preset']['name']} preset)",
+    )
+    timings = {"sampling_s": sampled - started, "judging_s": judged - sampled}
+    dataset.write_shard(config.out, batch.name, generated, options, {**timings, "writing_s": 0.0, "device": device})
+    timings["writing_s"] = time.perf_counter() - judged
+    accepted = sum(d.accepted for d in decisions)
+    return BatchSummary(batch.name, device, len(samples), accepted, len(samples) - accepted, timings)
+
+
+def _at(mask: np.ndarray, size: int) -> np.ndarray:
+    """A label map or mask at the model's image size (nearest, so labels stay labels)."""
+    from xreal.masks import resize_label_map
+
+    if mask.shape == (size, size):
+        return mask
+    return resize_label_map(mask.astype(np.uint8), size).astype(mask.dtype)
+
+
+# --- finishing --------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("xreal", "torch", "diffusers", "prefect", "torchxrayvision", "pydicom", "numpy", "pyarrow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the xreal source tree, with ``-dirty`` when it has changes; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    counts: dataset.Tally
+    failed_batches: list[str]
+    record: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed_batches
+
+
+def finished_summary(state: RunState) -> RunSummary | None:
+    """The summary of a run that is already complete and finalized (nothing to draw, records current), else None."""
+    out = state.config.out
+    record_path, samples_path = out / dataset.DATASET_FILE, out / dataset.SAMPLES_FILE
+    if plan(state.requests, state.decisions, state.config.policy.retries.max_rounds):
+        return None
+    if not (record_path.is_file() and samples_path.is_file()):
+        return None
+    record = json.loads(record_path.read_text())
+    if not record.get("complete") or pq.read_metadata(samples_path).num_rows != len(state.decisions):
+        return None
+    table = pq.read_table(samples_path, columns=["request_id", "decision", "reason"])
+    return RunSummary(out, dataset.tally(state.requests, table), [], record)
+
+
+def finalize(
+    state: RunState,
+    devices: Sequence[str] = ("cpu",),
+    flow_run_id: str | None = None,
+    wall_seconds: float | None = None,
+    failed_batches: Sequence[str] = (),
+) -> RunSummary:
+    """Merge the shards into ``samples.parquet``; write ``dataset.json``, the card, the preview and HF metadata."""
+    config, out = state.config, state.config.out
+    table = dataset.read_shards(out)
+    for path in dataset.stray_files(out, table):
+        path.unlink()
+    counts = dataset.tally(state.requests, table)
+    bundle = read_bundle_record(config.model)
+    state.refresh()
+    judges_kind = "torchxrayvision" if config.judges_source == "torchxrayvision" else "phantom"
+    record = {
+        "dataset_format": 1,
+        "run_id": state.run_id,
+        "created": state.record["created"],
+        "finalized": _now(),
+        "complete": not failed_batches and not plan(state.requests, state.decisions, config.policy.retries.max_rounds),
+        "manifest": {
+            "path": str(config.manifest),
+            "sha256": state.record["identity"]["manifest_sha256"],
+            "requests": len(state.requests),
+        },
+        "model": {
+            "path": str(config.model),
+            "digest": state.record["identity"]["model_digest"],
+            "preset": bundle["preset"]["name"],
+            "image_size": bundle["image_size"],
+            "files": bundle["files"],
+        },
+        "judges": {"kind": judges_kind, "source": config.judges_source, "files": judges_files(config.judges_source)},
+        "policy": config.policy.to_dict(),
+        "policy_digest": config.policy.digest(),
+        "sampler_defaults": vars(DEFAULT_SETTINGS),
+        "precision": config.precision,
+        "formats": config.formats,
+        "software": software_versions(),
+        "git_commit": git_commit(),
+        "devices": list(devices),
+        "flow_run_id": flow_run_id,
+        "timings": {**dataset.shard_timings(out), "last_run_wall_s": wall_seconds},
+        "counts": counts.to_dict(),
+        "failed_batches": list(failed_batches),
+    }
+    if table is not None:
+        dataset.write_samples(out, table)
+        dataset.write_hf_metadata(out, table)
+        dataset.write_preview(out, table)
+    with atomic_path(out / dataset.DATASET_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    dataset.write_card(out, record, counts)
+    return RunSummary(out, counts, list(failed_batches), record)
+
+
+def env_default_prefect_home() -> None:
+    """Give embedded Prefect a project-chosen home unless the user chose one (or points at a server)."""
+    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+        state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+        os.environ["PREFECT_HOME"] = str(state / "xreal" / "prefect")
+    Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

@@ -1,0 +1,157 @@
+"""Audit a run directory: every file against its hash, every sample against the manifest, counts per label.
+
+``xreal audit run DIR`` prints :meth:`RunAudit.to_text` (or ``--json``) and
+exits 0 when the directory is consistent, 1 otherwise. A request that fell
+short after the policy's redraws is reported, not an inconsistency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from xreal import dataset
+from xreal.files import sha256_file
+from xreal.generation import RUN_FILE
+from xreal.manifest import load_requests, sample_id
+
+MAX_LISTED = 20
+
+
+@dataclass
+class RunAudit:
+    out: Path
+    problems: list[str] = field(default_factory=list)
+    missing_files: list[str] = field(default_factory=list)
+    changed_files: list[str] = field(default_factory=list)
+    unexpected_files: list[str] = field(default_factory=list)
+    counts: dataset.Tally | None = None
+    samples: int = 0
+    files_checked: int = 0
+
+    @property
+    def consistent(self) -> bool:
+        return not (self.problems or self.missing_files or self.changed_files or self.unexpected_files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "consistent": self.consistent,
+            "samples": self.samples,
+            "files_checked": self.files_checked,
+            "problems": self.problems,
+            "missing_files": self.missing_files,
+            "changed_files": self.changed_files,
+            "unexpected_files": self.unexpected_files,
+            "counts": self.counts.to_dict() if self.counts else None,
+        }
+
+    def to_text(self) -> str:
+        lines = [f"Run {self.out}: {'consistent' if self.consistent else 'NOT consistent'}"]
+        lines.append(f"  {self.samples} samples, {self.files_checked} files checked against their sha256")
+        for title, items in (
+            ("problems", self.problems),
+            ("missing files", self.missing_files),
+            ("files that do not match their sha256", self.changed_files),
+            ("unexpected files", self.unexpected_files),
+        ):
+            if items:
+                lines.append(f"\n{title} ({len(items)}):")
+                lines += [f"  {item}" for item in items[:MAX_LISTED]]
+                if len(items) > MAX_LISTED:
+                    lines.append(f"  ... and {len(items) - MAX_LISTED} more")
+        if self.counts is not None:
+            c = self.counts
+            lines.append(f"\n{c.requested} requested, {c.accepted} accepted, {c.rejected} rejected, {c.short} short\n")
+            lines.append(f"  {'label':<28} {'requested':>9} {'accepted':>9} {'rejected':>9} {'short':>6}")
+            for label, v in c.per_label.items():
+                lines.append(f"  {label:<28} {v.requested:>9} {v.accepted:>9} {v.rejected:>9} {v.short:>6}")
+            if c.short_requests:
+                lines.append(f"\nrequests short after redraws ({len(c.short_requests)}):")
+                for rid, v in list(c.short_requests.items())[:MAX_LISTED]:
+                    lines.append(f"  {rid}: {v['accepted']} of {v['requested']} accepted from {v['drawn']} drawn")
+        return "\n".join(lines)
+
+
+def audit_run(out: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None) -> RunAudit:
+    """Check a finished run directory; ``manifest`` overrides the path recorded in ``dataset.json``."""
+    out = Path(out)
+    report = RunAudit(out)
+    record_path = out / dataset.DATASET_FILE
+    samples_path = out / dataset.SAMPLES_FILE
+    for path in (out / RUN_FILE, record_path, samples_path):
+        if not path.is_file():
+            report.problems.append(f"{path.name} is missing (not a finished xreal run; rerun `xreal generate`)")
+    if report.problems:
+        return report
+    record = json.loads(record_path.read_text())
+    table = pq.read_table(samples_path)
+    rows = table.to_pylist()
+    report.samples = len(rows)
+
+    for row in rows:
+        for column, hash_column in dataset.FILE_COLUMNS:
+            relative = row.get(column)
+            if not relative:
+                continue
+            report.files_checked += 1
+            path = out / relative
+            if not path.is_file():
+                report.missing_files.append(f"{relative} (sample {row['sample_id']})")
+            elif sha256_file(path) != row[hash_column]:
+                report.changed_files.append(f"{relative} (sample {row['sample_id']})")
+    report.unexpected_files = [p.relative_to(out).as_posix() for p in dataset.stray_files(out, table)]
+
+    ids = [r["sample_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        report.problems.append(f"{len(ids) - len(set(ids))} sample id(s) appear more than once")
+
+    manifest_path = Path(manifest) if manifest else Path(record["manifest"]["path"])
+    if not manifest_path.is_file():
+        report.problems.append(f"manifest {manifest_path} not found; pass --manifest to check samples against it")
+        return report
+    if sha256_file(manifest_path) != record["manifest"]["sha256"]:
+        report.problems.append(f"manifest {manifest_path} is not the one this run was made from (sha256 differs)")
+        return report
+    requests = {r.request_id: r for r in load_requests(manifest_path)}
+    for row in rows:
+        where = f"sample {row['sample_id']}"
+        request = requests.get(row["request_id"])
+        if request is None:
+            report.problems.append(f"{where}: request {row['request_id']!r} is not in the manifest")
+            continue
+        if row["sample_id"] != sample_id(request.request_id, row["replica"]):
+            report.problems.append(f"{where}: id does not match request {request.request_id} replica {row['replica']}")
+        if row["seed"] != request.sample_seed(row["replica"]):
+            report.problems.append(f"{where}: seed {row['seed']} is not the manifest's seed for its replica")
+        if tuple(row["labels"]) != request.labels:
+            report.problems.append(f"{where}: labels {row['labels']} differ from the request's {list(request.labels)}")
+        if row["decision"] not in ("accepted", "rejected"):
+            report.problems.append(f"{where}: decision {row['decision']!r} is neither accepted nor rejected")
+        if row["decision"] == "accepted" and not (row["image_path"] or row["dicom_path"]):
+            report.problems.append(f"{where}: accepted but has no image file")
+    accepted: dict[str, int] = {}
+    for row in rows:
+        if row["decision"] == "accepted":
+            accepted[row["request_id"]] = accepted.get(row["request_id"], 0) + 1
+    for rid, n in accepted.items():
+        if rid in requests and n > requests[rid].num_samples:
+            report.problems.append(
+                f"request {rid}: {n} accepted samples, more than the {requests[rid].num_samples} asked"
+            )
+    report.counts = dataset.tally(list(requests.values()), table)
+    recorded = record.get("counts", {})
+    if recorded and (recorded.get("accepted"), recorded.get("rejected")) != (
+        report.counts.accepted,
+        report.counts.rejected,
+    ):
+        report.problems.append(
+            f"dataset.json counts ({recorded.get('accepted')} accepted, {recorded.get('rejected')} rejected) "
+            f"differ from samples.parquet ({report.counts.accepted}, {report.counts.rejected})"
+        )
+    return report

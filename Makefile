@@ -7,7 +7,7 @@ STAMP := $(VENV)/.xreal-installed
 # The local package mirror prints one warning per missing index folder; keep real errors visible.
 QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: install demo demo-model test bench clean
+.PHONY: install demo demo-model demo-judges test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,15 +19,18 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/xreal phantom --count 64 --size 128 --seed 0 --out demo-output/phantom --overwrite
-	$(VENV)/bin/xreal manifest validate manifests/demo.parquet
-	$(VENV)/bin/xreal manifest audit manifests/demo.parquet
-	$(PY) benchmarks/demo_grid.py --out demo-output/demo_grid.png
+	rm -rf demo-output/dataset
+	$(VENV)/bin/xreal generate manifests/demo.parquet --out demo-output/dataset
+	$(VENV)/bin/xreal audit run demo-output/dataset
 
 # Retrain the bundled demo model from phantoms on CPU (about 40 min on 2 cores; a rerun resumes).
 demo-model: $(STAMP)
 	$(VENV)/bin/xreal phantom --count 3000 --size 64 --seed 11 --out build/demo-phantom --overwrite
 	$(VENV)/bin/xreal train demo --index build/demo-phantom --work build/demo-train --out xreal/bundles/demo
+
+# Retrain the demo bundle's judges (classifier, segmenter, realism reference) on phantoms (about 3 min).
+demo-judges: $(STAMP)
+	$(VENV)/bin/xreal train judges --out xreal/bundles/demo/judges
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -36,6 +39,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/manifest_scale.py
 	$(PY) benchmarks/phantom_speed.py
+	$(PY) benchmarks/pipeline_overhead.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

@@ -36,7 +36,7 @@ from xreal.policy import QualityPolicy
 @task(
     task_run_name="{batch.name}",
     retries=2,
-    retry_delay_seconds=[2, 10],
+    retry_delay_seconds=[1, 5],
     cache_policy=NO_CACHE,  # the committed shards on disk are the cache: a rerun plans only what is missing
 )
 def generate_batch(config: RunConfig, batch: Batch, devices: list[str], run_id: str) -> BatchSummary:

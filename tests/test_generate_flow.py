@@ -153,3 +153,31 @@ def no_redraws(tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text("retries: {max_rounds: 1}\n")
     return path
+
+
+def test_a_failing_batch_does_not_stop_the_others_and_a_rerun_completes(prefect_api, tmp_path, monkeypatch):
+    from flows.generate import run_generation
+    from xreal import generation
+
+    real_run_batch = generation.run_batch
+    attempts = []
+
+    def flaky(config, batch, device, run_id):
+        if any(s.request.request_id == "effusion" for s in batch.samples):
+            attempts.append(batch.name)
+            raise OSError("disk went away")
+        return real_run_batch(config, batch, device, run_id)
+
+    monkeypatch.setattr(generation, "run_batch", flaky)
+    path, out = manifest(tmp_path / "m.parquet"), tmp_path / "out"
+    state = run_generation(path, out, batch_size=2, progress=False, policy={"retries": {"max_rounds": 1}})
+    assert state.is_failed()
+    assert len(attempts) == 3  # the task ran once and was retried twice
+    assert "1 batch(es) failed" in state.message and "Rerun the same command to resume" in state.message
+    done = set(pq.read_table(out / "samples.parquet").column("request_id").to_pylist())
+    assert done == {"cardio", "healthy"}  # the other batches finished and were kept
+
+    monkeypatch.setattr(generation, "run_batch", real_run_batch)
+    state = run_generation(path, out, batch_size=2, progress=False, policy={"retries": {"max_rounds": 1}})
+    assert state.is_completed(), state.message
+    assert len(pq.read_table(out / "samples.parquet")) == 6 and audit_run(out).consistent

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from xreal.errors import XRealError
 
@@ -64,3 +66,22 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return Path(path)
+
+
+def checksum_problems(folder: str | os.PathLike[str], files: dict[str, str]) -> list[str]:
+    """What is wrong with the files of ``folder`` against their recorded sha256 (empty when all match)."""
+    problems = []
+    for name, digest in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name} does not match its checksum")
+    return problems

@@ -38,7 +38,7 @@ import torch
 
 from xreal import dataset
 from xreal.errors import XRealError
-from xreal.files import atomic_path, sha256_file
+from xreal.files import sha256_file, write_json
 from xreal.judging import JudgeSet, load_judges
 from xreal.manifest import ManifestInvalid, Request, load_requests, sample_id, validate_manifest
 from xreal.model import DEMO_BUNDLE, load_pipeline, read_bundle_record, verify_bundle
@@ -194,8 +194,7 @@ def open_run(config: RunConfig) -> RunState:
             "policy": config.policy.to_dict(),
             "identity": identity,
         }
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(path, record)
     state = RunState(config, requests, record)
     state.refresh()
     return state
@@ -528,8 +527,7 @@ def finalize(
         dataset.write_samples(out, table)
         dataset.write_hf_metadata(out, table)
         dataset.write_preview(out, table)
-    with atomic_path(out / dataset.DATASET_FILE) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(out / dataset.DATASET_FILE, record)
     dataset.write_card(out, record, counts)
     return RunSummary(out, counts, list(failed_batches), record)
 

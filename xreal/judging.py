@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from xreal.errors import XRealError
-from xreal.files import atomic_path, sha256_file
+from xreal.files import checksum_problems, sha256_file, write_json
 from xreal.labels import CHEXPERT_LABELS, Anatomy, canonical_label
 from xreal.masks import resize_label_map, resize_mask
 
@@ -260,8 +260,7 @@ def save_phantom_judges(
         "metrics": metrics or {},
         "files": {name: sha256_file(folder / name) for name in files},
     }
-    with atomic_path(folder / JUDGES_FILE) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(folder / JUDGES_FILE, record)
     return folder
 
 
@@ -278,12 +277,9 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
 
     folder = Path(folder)
     record = read_judges_record(folder)
-    for name, digest in record["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise JudgeError(f"{folder}: judge file {name} is missing")
-        if sha256_file(path) != digest:
-            raise JudgeError(f"{folder}: judge file {name} does not match its checksum; refusing to use it")
+    problems = checksum_problems(folder, record["files"])
+    if problems:
+        raise JudgeError(f"{folder}: judge set is damaged: {'; '.join(problems)}; refusing to use it")
     spec = record["classifier"]
     classifier = build_phantom_classifier(spec["pathologies"], **spec["architecture"])
     classifier.op_threshs = torch.tensor(spec["op_threshs"], dtype=torch.float32)  # a buffer: set before loading

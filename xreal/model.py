@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
 from xreal.errors import XRealError
-from xreal.files import atomic_path, sha256_file
+from xreal.files import atomic_path, checksum_problems, sha256_file, write_json
 from xreal.text import XRealTextEncoder, build_tokenizer
 
 BUNDLE_FILE = "xreal_bundle.json"
@@ -226,8 +226,7 @@ def save_bundle(
         "training": training or {},
         "files": {str(p.relative_to(folder)): sha256_file(p) for p in _bundle_files(folder)},
     }
-    with atomic_path(folder / BUNDLE_FILE) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(folder / BUNDLE_FILE, record)
     return folder
 
 
@@ -242,13 +241,7 @@ def verify_bundle(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Check every file of a bundle against its recorded sha256; return the record."""
     folder = Path(folder)
     record = read_bundle_record(folder)
-    problems = []
-    for name, digest in record["files"].items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{name} does not match its checksum")
+    problems = checksum_problems(folder, record["files"])
     if problems:
         raise XRealError(f"{folder}: model bundle is damaged: {'; '.join(problems)}")
     return record

@@ -8,6 +8,7 @@ ends Failed with a summary of what to rerun (the same command resumes).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
@@ -171,11 +173,32 @@ def load_policy(policy: str | Path | dict | None) -> QualityPolicy:
 
 
 def run_generation(manifest: Path, out: Path, devices: list[str] | None = None, **options):
-    """Run :func:`generate_dataset` with one worker thread per device; returns the flow run's final state."""
+    """Run :func:`generate_dataset` with one worker thread per device; returns the flow run's final state.
+
+    Prefect's embedded API takes seconds to start: it starts in the background
+    while the model and judges load onto each device, which the batches then reuse.
+    """
     devices = devices or ["cpu"]
+    api = threading.Thread(target=_start_embedded_api, daemon=True)
+    api.start()
+    try:
+        model = Path(options.get("model") or DEMO_BUNDLE)
+        judges = RunConfig(Path(manifest), Path(out), model=model, policy=load_policy(options.get("policy")))
+        for device in devices:
+            generation.worker_models(model, judges.judges_source, device, options.get("precision", "float32"))
+    finally:
+        api.join()
     runner = ThreadPoolTaskRunner(max_workers=len(devices))
     flow_with_runner = generate_dataset.with_options(task_runner=runner)
     return flow_with_runner(manifest=manifest, out=out, devices=devices, return_state=True, **options)
+
+
+def _start_embedded_api() -> None:
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer().start()
 
 
 def summary_dict(summary: RunSummary) -> dict:

@@ -181,3 +181,21 @@ def test_a_failing_batch_does_not_stop_the_others_and_a_rerun_completes(prefect_
     state = run_generation(path, out, batch_size=2, progress=False, policy={"retries": {"max_rounds": 1}})
     assert state.is_completed(), state.message
     assert len(pq.read_table(out / "samples.parquet")) == 6 and audit_run(out).consistent
+
+
+def test_generate_names_a_missing_judge_weight_file_and_writes_nothing(prefect_api, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from xreal.cli import cli
+
+    monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(tmp_path / "empty-cache"))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("judges: torchxrayvision\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["generate", str(manifest(tmp_path / "m.parquet")), "--out", str(out), "--policy", str(policy), "--quiet"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121" in result.output
+    assert str(tmp_path / "empty-cache") in result.output and "xreal weights fetch" in result.output
+    assert not out.exists()

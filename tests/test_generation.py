@@ -225,3 +225,32 @@ def test_the_dataset_loads_with_hugging_face_imagefolder(finished_run, monkeypat
     )
     assert sorted(loaded["sample_id"]) == sorted(r["sample_id"] for r in accepted)
     assert loaded[0]["image"].size == (64, 64)
+
+
+def test_devices_are_parsed_and_handed_out_one_batch_at_a_time(monkeypatch):
+    import threading
+
+    from xreal.errors import XRealError
+
+    assert generation.parse_devices("cpu") == ["cpu"]
+    monkeypatch.setattr(generation.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(generation.torch.cuda, "device_count", lambda: 2)
+    assert generation.parse_devices("cuda") == ["cuda:0", "cuda:1"]
+    assert generation.parse_devices("cuda:1, cuda:0") == ["cuda:1", "cuda:0"]
+    with pytest.raises(XRealError, match="'gpu7' is not a device"):
+        generation.parse_devices("gpu7")
+    monkeypatch.setattr(generation.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(XRealError, match="CUDA is not available"):
+        generation.parse_devices("cuda:0")
+
+    pool = generation.DevicePool(["cuda:0", "cuda:1"])
+    first, second = pool.acquire(), pool.acquire()
+    assert {first, second} == {"cuda:0", "cuda:1"}
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+    waiter.start()
+    waiter.join(0.2)
+    assert got == []  # both devices busy: the third batch waits
+    pool.release(first)
+    waiter.join(2)
+    assert got == [first]

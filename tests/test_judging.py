@@ -98,3 +98,45 @@ def test_a_damaged_judge_file_is_refused(tmp_path):
         load_judges(copy)
     with pytest.raises(JudgeError, match="not a judge set"):
         load_judges(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def xrv_cache(tmp_path_factory):
+    """A weight cache holding densenet121-res224-all in torchxrayvision's own format (random weights), locked."""
+    from xreal.judging import _xrv
+    from xreal.weights import record_weights, weights_info
+
+    folder = tmp_path_factory.mktemp("xrv-weights")
+    torch.manual_seed(0)
+    torch.save(_xrv().models.DenseNet(weights=None), folder / weights_info("densenet121-res224-all").file)
+    record_weights(["densenet121-res224-all"], folder)
+    return folder
+
+
+def test_torchxrayvision_judges_load_through_the_lock_and_score_any_size(xrv_cache, cases, monkeypatch):
+    monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(xrv_cache))
+    judges = load_judges("torchxrayvision")
+    assert judges.kind == "torchxrayvision" and judges.image_size == 224
+    assert {"Cardiomegaly", "Pleural Effusion", "Lung Opacity"} <= set(judges.labels)  # xrv's "Effusion" mapped
+    assert "Infiltration" not in judges.labels  # outside the CheXpert vocabulary: scored, not judged
+    rows = judges.score(cases.images, cases.anatomy)
+    assert len(rows) == 4 and all(0 <= r["p_pleural_effusion"] <= 1 and "p_infiltration" in r for r in rows)
+    assert "dice_heart" not in rows[0] and "realism_distance" not in rows[0]  # no segmenter, no reference
+    decision = QualityPolicy().decide(rows[0], ["Cardiomegaly"], judges.labels, None)
+    assert decision.reason  # decided on the classifier and sanity alone
+
+
+def test_a_tampered_torchxrayvision_file_is_never_unpickled(xrv_cache, tmp_path, monkeypatch):
+    from xreal.weights import WeightsError, weights_info
+
+    copy = tmp_path / "weights"
+    shutil.copytree(xrv_cache, copy)
+    with open(copy / weights_info("densenet121-res224-all").file, "ab") as fh:
+        fh.write(b"\0")
+    monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(copy))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on a file that failed its hash"))
+    with pytest.raises(WeightsError, match="sha256"):
+        load_judges("torchxrayvision")
+    (copy / weights_info("densenet121-res224-all").file).unlink()
+    with pytest.raises(WeightsError, match="xreal weights fetch"):
+        load_judges("torchxrayvision")

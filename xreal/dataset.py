@@ -303,22 +303,26 @@ def write_hf_metadata(out: Path, table: pa.Table) -> Path | None:
     return path
 
 
-def write_preview(out: Path, table: pa.Table, per_label: int = 6, tile: int = 96) -> Path | None:
-    """A grid of accepted images: one row per label combination, up to ``per_label`` images each."""
+def write_preview(out: Path, table: pa.Table, per_label: int = 6, tile: int = 96, caption: int = 200) -> Path | None:
+    """A grid of accepted images: one row per label combination (named on the left), up to ``per_label`` each."""
+    from PIL import ImageDraw
+
     rows: dict[str, list[str]] = {}
     for r in table.to_pylist():
         if r["decision"] == "accepted" and r["image_path"]:
             rows.setdefault(" + ".join(r["labels"]), []).append(r["image_path"])
     if not rows:
         return None
-    grid = np.zeros((tile * len(rows), tile * per_label), dtype=np.uint8)
-    for i, (_, paths) in enumerate(sorted(rows.items())):
+    grid = Image.new("L", (caption + tile * per_label, tile * len(rows)), color=0)
+    draw = ImageDraw.Draw(grid)
+    for i, (labels, paths) in enumerate(sorted(rows.items())):
+        draw.text((6, i * tile + tile // 2 - 6), labels[:32], fill=255)
         for j, path in enumerate(sorted(paths)[:per_label]):
             image = Image.fromarray((read_image(out / path) * 255).astype(np.uint8)).resize((tile, tile))
-            grid[i * tile : (i + 1) * tile, j * tile : (j + 1) * tile] = np.asarray(image)
+            grid.paste(image, (caption + j * tile, i * tile))
     path = out / PREVIEW_FILE
     with atomic_path(path) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+        grid.save(tmp, format="PNG")
     return path
 
 

@@ -164,7 +164,8 @@ class JudgeSet:
         device = next(self.classifier.parameters()).device
         inputs = classifier_input(clean).to(device)
         if inputs.shape[-1] != self.image_size:
-            inputs = F.interpolate(inputs, size=(self.image_size, self.image_size), mode="area")
+            mode = "area" if inputs.shape[-1] > self.image_size else "bilinear"
+            inputs = F.interpolate(inputs, size=(self.image_size, self.image_size), mode=mode)
         probabilities = self.classifier(inputs).float().cpu().numpy()
         for row, p in zip(rows, probabilities, strict=True):
             row.update(
@@ -262,6 +263,35 @@ def save_phantom_judges(
     }
     write_json(folder / JUDGES_FILE, record)
     return folder
+
+
+def judges_card(folder: str | os.PathLike[str]) -> str:
+    """A Markdown section describing a judge set and what it measured (for model cards)."""
+    record = read_judges_record(folder)
+    metrics = record.get("metrics", {})
+    lines = [
+        f"The quality gate of `xreal generate` ({record['kind']} judges: `{Path(folder).name}/`), "
+        f"trained on {record.get('trained_on', 'unknown data')}.",
+    ]
+    if "sensitivity" in metrics:
+        lines += [
+            "",
+            f"Measured on {metrics.get('held_out', 'held-out data')}, at the calibrated operating points "
+            "(each keeps 95% specificity, so a healthy image is rarely rejected for a finding it does not show):",
+            "",
+            "| label | sensitivity | specificity |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {label} | {value:.3f} | {metrics['specificity'][label]:.3f} |"
+            for label, value in metrics["sensitivity"].items()
+        ]
+    if "segmenter_dice" in metrics:
+        dice_text = ", ".join(f"{k} {v:.3f}" for k, v in metrics["segmenter_dice"].items())
+        lines += ["", f"Segmenter Dice: {dice_text}."]
+    if "realism_threshold" in metrics:
+        lines += [f"Realism threshold (99.9% of held-out real images under it): {metrics['realism_threshold']:.2f}."]
+    return "\n".join(lines)
 
 
 def read_judges_record(folder: str | os.PathLike[str]) -> dict[str, Any]:

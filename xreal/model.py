@@ -185,6 +185,10 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
         )
     if metrics:
         lines += ["", "## Measured", "", metrics.strip()]
+    if (folder / "judges" / "judges.json").is_file():
+        from xreal.judging import judges_card
+
+        lines += ["", "## Judges", "", judges_card(folder / "judges")]
     path = folder / MODEL_CARD
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

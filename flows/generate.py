@@ -8,8 +8,8 @@ ends Failed with a summary of what to rerun (the same command resumes).
 
 from __future__ import annotations
 
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -179,15 +179,15 @@ def run_generation(manifest: Path, out: Path, devices: list[str] | None = None, 
     while the model and judges load onto each device, which the batches then reuse.
     """
     devices = devices or ["cpu"]
-    api = threading.Thread(target=_start_embedded_api, daemon=True)
-    api.start()
-    try:
-        model = Path(options.get("model") or DEMO_BUNDLE)
-        judges = RunConfig(Path(manifest), Path(out), model=model, policy=load_policy(options.get("policy")))
-        for device in devices:
-            generation.worker_models(model, judges.judges_source, device, options.get("precision", "float32"))
-    finally:
-        api.join()
+    model = Path(options.get("model") or DEMO_BUNDLE)
+    judges = RunConfig(Path(manifest), Path(out), model=model, policy=load_policy(options.get("policy"))).judges_source
+    precision = options.get("precision", "float32")
+    # Not on the main thread: torch runs models loaded there markedly slower from the runner's threads.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        api = pool.submit(_start_embedded_api)
+        loaded = [pool.submit(generation.worker_models, model, judges, device, precision) for device in devices]
+        for future in [api, *loaded]:
+            future.result()
     runner = ThreadPoolTaskRunner(max_workers=len(devices))
     flow_with_runner = generate_dataset.with_options(task_runner=runner)
     return flow_with_runner(manifest=manifest, out=out, devices=devices, return_state=True, **options)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,7 @@ def write_shard(
     timings: dict[str, float] | None = None,
 ) -> pa.Table:
     """Write a batch's files (each atomically), then its shard table: the batch's commit."""
+    started = time.perf_counter()
     out = Path(out)
     rows = []
     for s in samples:
@@ -226,7 +228,8 @@ def write_shard(
             )
         rows.append(row)
     names = sorted({k for s in samples for k in s.scores})
-    schema = shard_schema(names).with_metadata({SHARD_META_KEY: json.dumps(timings or {}).encode()})
+    timings = {**(timings or {}), "writing_s": time.perf_counter() - started}
+    schema = shard_schema(names).with_metadata({SHARD_META_KEY: json.dumps(timings).encode()})
     table = pa.Table.from_pylist(rows, schema=schema)
     with atomic_path(out / SHARDS / f"{shard}.parquet") as tmp:
         pq.write_table(table, tmp)

@@ -397,7 +397,7 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
         model_note=f"xreal bundle {config.model.name} ({read_bundle_record(config.model)['preset']['name']} preset)",
     )
     timings = {"sampling_s": sampled - started, "judging_s": judged - sampled}
-    dataset.write_shard(config.out, batch.name, generated, options, {**timings, "writing_s": 0.0, "device": device})
+    dataset.write_shard(config.out, batch.name, generated, options, {**timings, "device": device})
     timings["writing_s"] = time.perf_counter() - judged
     accepted = sum(d.accepted for d in decisions)
     return BatchSummary(batch.name, device, len(samples), accepted, len(samples) - accepted, timings)

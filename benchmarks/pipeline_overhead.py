@@ -69,7 +69,7 @@ def direct_run(manifest: Path, batch_size: int) -> float:
         judged = time.perf_counter()
         rows = judges.score(out.images, anatomy, masks)
         for row, s in zip(rows, samples, strict=True):
-            policy.decide(row, s.request.labels, judges.labels, judges.realism.threshold)
+            policy.decide(row, s.request.labels, judges.labels, judges.realism_threshold)
         judging += time.perf_counter() - judged
     return judging
 

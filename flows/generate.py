@@ -180,12 +180,12 @@ def run_generation(manifest: Path, out: Path, devices: list[str] | None = None, 
     """
     devices = devices or ["cpu"]
     model = Path(options.get("model") or DEMO_BUNDLE)
-    judges = RunConfig(Path(manifest), Path(out), model=model, policy=load_policy(options.get("policy"))).judges_source
+    policy = load_policy(options.get("policy"))
+    judges = RunConfig(Path(manifest), Path(out), model=model, policy=policy).judges_source
     precision = options.get("precision", "float32")
-    # Not on the main thread: torch runs models loaded there markedly slower from the runner's threads.
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:  # not the main thread: see generation.worker_models
         api = pool.submit(_start_embedded_api)
-        loaded = [pool.submit(generation.worker_models, model, judges, device, precision) for device in devices]
+        loaded = [pool.submit(generation.worker_models, model, judges, device, precision, policy) for device in devices]
         for future in [api, *loaded]:
             future.result()
     runner = ThreadPoolTaskRunner(max_workers=len(devices))

@@ -29,7 +29,7 @@ def cases():
 def decide(judges, images, anatomy, labels):
     rows = judges.score(images, anatomy)
     return [
-        QualityPolicy().decide(r, lab, judges.labels, judges.realism.threshold)
+        QualityPolicy().decide(r, lab, judges.labels, judges.realism_threshold)
         for r, lab in zip(rows, labels, strict=True)
     ]
 
@@ -115,7 +115,7 @@ def xrv_cache(tmp_path_factory):
 
 def test_torchxrayvision_judges_load_through_the_lock_and_score_any_size(xrv_cache, cases, monkeypatch):
     monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(xrv_cache))
-    judges = load_judges("torchxrayvision")
+    judges = load_judges("torchxrayvision", anatomy=False, realism=False)
     assert judges.kind == "torchxrayvision" and judges.image_size == 224
     assert {"Cardiomegaly", "Pleural Effusion", "Lung Opacity"} <= set(judges.labels)  # xrv's "Effusion" mapped
     assert "Infiltration" not in judges.labels  # outside the CheXpert vocabulary: scored, not judged
@@ -136,7 +136,60 @@ def test_a_tampered_torchxrayvision_file_is_never_unpickled(xrv_cache, tmp_path,
     monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(copy))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on a file that failed its hash"))
     with pytest.raises(WeightsError, match="sha256"):
-        load_judges("torchxrayvision")
+        load_judges("torchxrayvision", anatomy=False, realism=False)
     (copy / weights_info("densenet121-res224-all").file).unlink()
     with pytest.raises(WeightsError, match="xreal weights fetch"):
-        load_judges("torchxrayvision")
+        load_judges("torchxrayvision", anatomy=False, realism=False)
+
+
+def test_torchxrayvision_realism_is_the_autoencoders_reconstruction_error(xrv_cache, cases, monkeypatch):
+    from xreal.judging import ReconstructionError, _xrv
+    from xreal.weights import WeightsError, record_weights, weights_info
+
+    monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(xrv_cache))
+    with pytest.raises(WeightsError, match="101-elastic"):  # realism on: its weights are needed too
+        load_judges("torchxrayvision", anatomy=False, realism=True)
+    torch.manual_seed(1)
+    autoencoder = _xrv().autoencoders.ResNetAE101()
+    torch.save(autoencoder.state_dict(), xrv_cache / weights_info("101-elastic").file)
+    record_weights(["101-elastic"], xrv_cache)
+    judges = load_judges("torchxrayvision", anatomy=False, realism=True)
+    assert isinstance(judges.realism, ReconstructionError) and judges.realism_threshold is None
+    assert len(judges.files) == 2
+    rows = judges.score(cases.images[:2])
+    inputs = torch.nn.functional.interpolate(
+        torch.from_numpy(cases.images[:2])[:, None] * 2048 - 1024, size=(224, 224), mode="bilinear"
+    )
+    with torch.no_grad():
+        expected = (autoencoder.eval()(inputs)["out"] - inputs).abs().mean((1, 2, 3)) / 2048
+    assert [r["realism_distance"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-4)
+    policy = QualityPolicy.from_dict({"realism": {"max_distance": 1e-9}})
+    assert "unlike real images" in policy.decide(rows[0], ["Cardiomegaly"], judges.labels, None).reason
+
+
+def test_chestx_det_probabilities_become_an_anatomy_label_map():
+    from xreal.judging import pspnet_label_scores
+
+    targets = [
+        "Left Clavicle",
+        "Right Clavicle",
+        "Left Scapula",
+        "Right Scapula",
+        "Left Lung",
+        "Right Lung",
+        "Left Hilus Pulmonis",
+        "Right Hilus Pulmonis",
+        "Heart",
+        "Aorta",
+        "Facies Diaphragmatica",
+        "Mediastinum",
+        "Weasand",
+        "Spine",
+    ]
+    p = torch.zeros(1, 14, 4, 4)
+    p[0, targets.index("Right Lung"), :, 0] = 0.9  # image left: the patient's right lung
+    p[0, targets.index("Left Lung"), :, 3] = 0.8
+    p[0, targets.index("Heart"), 2:, 2:] = 0.6  # overlaps the left lung at the bottom right
+    p[0, targets.index("Spine"), :, 1] = 0.99  # not an anatomy class: background
+    labels = pspnet_label_scores(p, targets).argmax(1)[0].numpy()
+    assert labels.tolist() == [[1, 0, 0, 2], [1, 0, 0, 2], [1, 0, 3, 3], [1, 0, 3, 3]]

@@ -93,7 +93,7 @@ class RunConfig:
         return {
             "manifest_sha256": sha256_file(self.manifest),
             "model_digest": _digest(record["files"]),
-            "judges": _judges_identity(self.judges_source),
+            "judges": _digest(judges_files(self.judges_source, self.policy)),
             "policy_digest": self.policy.digest(),
             "formats": self.formats,
             "keep_rejected": self.keep_rejected,
@@ -106,21 +106,18 @@ def _digest(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def judges_files(source: str) -> dict[str, str]:
-    """The weight files of a judge set and their sha256 (torchxrayvision files are checked against the lock)."""
+def judges_files(source: str, policy: QualityPolicy) -> dict[str, str]:
+    """The weight files of the judges a run uses and their sha256 (torchxrayvision's checked against the lock)."""
     path = Path(source)
     if (path / "judges.json").is_file():
         return json.loads((path / "judges.json").read_text())["files"]
     if source == "torchxrayvision":
         from xreal import weights
+        from xreal.judging import xrv_weight_names
 
-        verified = weights.verify_weights("densenet121-res224-all")
-        return {verified.name: sha256_file(verified)}
+        names = xrv_weight_names("densenet121-res224-all", policy.anatomy.enabled, policy.realism.enabled)
+        return {p.name: sha256_file(p) for p in (weights.verify_weights(name) for name in names)}
     raise XRealError(f"judges {source!r}: not a judge set folder (no judges.json) and not 'torchxrayvision'")
-
-
-def _judges_identity(source: str) -> str:
-    return _digest(judges_files(source))
 
 
 @dataclass(frozen=True)
@@ -251,16 +248,24 @@ _MODELS: dict[tuple[str, str, str, str], tuple[Any, JudgeSet]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def worker_models(model: Path, judges: str, device: str, precision: str = "float32"):
-    """The pipeline and judges of this process on ``device``, loaded once and kept."""
-    key = (str(model), judges, device, precision)
+def worker_models(
+    model: Path, judges: str, device: str, precision: str = "float32", policy: QualityPolicy | None = None
+):
+    """The pipeline and judges of this process on ``device``, loaded once and kept.
+
+    Load them off the main thread: torch runs models loaded on the main thread
+    markedly slower (about 1.6x here) from the task runner's threads.
+    """
+    policy = policy or QualityPolicy()
+    parts = (policy.anatomy.enabled, policy.realism.enabled)
+    key = (str(model), judges, device, precision, parts)
     with _MODELS_LOCK:
         if key not in _MODELS:
             pipeline = load_pipeline(model, device=device)
             if precision == "float64":
                 pipeline.to(dtype=torch.float64)
             pipeline.set_progress_bar_config(disable=True)
-            _MODELS[key] = (pipeline, load_judges(judges, device=device))
+            _MODELS[key] = (pipeline, load_judges(judges, device=device, anatomy=parts[0], realism=parts[1]))
         return _MODELS[key]
 
 
@@ -321,7 +326,7 @@ class BatchSummary:
 
 def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> BatchSummary:
     """Sample, judge and write one batch; returns a small summary (images stay on disk)."""
-    pipeline, judges = worker_models(config.model, config.judges_source, device, config.precision)
+    pipeline, judges = worker_models(config.model, config.judges_source, device, config.precision, config.policy)
     size = pipeline.config.image_size
     samples = batch.samples
     started = time.perf_counter()
@@ -343,9 +348,8 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
     )
     sampled = time.perf_counter()
     scores = judges.score(output.images, np.stack([_at(a, size) for a in anatomy]), masks)
-    realism_limit = judges.realism.threshold if judges.realism is not None else None
     decisions = [
-        config.policy.decide(row, s.request.labels, judges.labels, realism_limit)
+        config.policy.decide(row, s.request.labels, judges.labels, judges.realism_threshold)
         for row, s in zip(scores, samples, strict=True)
     ]
     judged = time.perf_counter()
@@ -509,7 +513,11 @@ def finalize(
             "image_size": bundle["image_size"],
             "files": bundle["files"],
         },
-        "judges": {"kind": judges_kind, "source": config.judges_source, "files": judges_files(config.judges_source)},
+        "judges": {
+            "kind": judges_kind,
+            "source": config.judges_source,
+            "files": judges_files(config.judges_source, config.policy),
+        },
         "policy": config.policy.to_dict(),
         "policy_digest": config.policy.digest(),
         "sampler_defaults": vars(DEFAULT_SETTINGS),

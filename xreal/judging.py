@@ -125,6 +125,50 @@ class RealismReference:
         return squared.sqrt().numpy()
 
 
+def pspnet_label_scores(probabilities: torch.Tensor, targets: Sequence[str]) -> torch.Tensor:
+    """ChestX-Det probabilities ``[B, 14, H, W]`` -> ``[B, 4, H, W]`` whose argmax is an Anatomy label map.
+
+    A pixel is background unless a lung or the heart passes 0.5; the heart wins
+    where it overlaps a lung, as in the project's label maps. ChestX-Det names
+    sides as the patient's, like :class:`~xreal.labels.Anatomy`.
+    """
+    names = list(targets)
+    right, left, heart = (probabilities[:, names.index(n)] for n in ("Right Lung", "Left Lung", "Heart"))
+    heart = torch.where(heart > 0.5, heart + 1.0, heart)
+    return torch.stack([torch.full_like(heart, 0.5), right, left, heart], 1)
+
+
+class XRVAnatomySegmenter(torch.nn.Module):
+    """torchxrayvision's ChestX-Det PSPNet as an anatomy segmenter: ``[B, 1, H, W]`` in [0, 1] -> ``[B, 4, H, W]``."""
+
+    def __init__(self, pspnet: torch.nn.Module):
+        super().__init__()
+        self.pspnet = pspnet
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.sigmoid(self.pspnet(images * 2048.0 - 1024.0))
+        probabilities = F.interpolate(probabilities, size=images.shape[-2:], mode="bilinear")
+        return pspnet_label_scores(probabilities, self.pspnet.targets)
+
+
+class ReconstructionError(torch.nn.Module):
+    """Realism as torchxrayvision's ResNetAE reconstruction error: mean absolute error in [0, 1] units.
+
+    It has no calibrated threshold (that needs real images): set
+    ``realism.max_distance`` in the policy to judge with it.
+    """
+
+    threshold = None
+
+    def __init__(self, autoencoder: torch.nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` ``[B, 1, 224, 224]`` in [-1024, 1024] -> ``[B]``."""
+        return (self.autoencoder(inputs)["out"] - inputs).abs().mean((1, 2, 3)) / 2048.0
+
+
 @dataclass
 class JudgeSet:
     """The models that score images, on one device. Build with :func:`load_judges`."""
@@ -133,7 +177,7 @@ class JudgeSet:
     image_size: int
     classifier: torch.nn.Module
     segmenter: torch.nn.Module | None
-    realism: RealismReference | None
+    realism: RealismReference | ReconstructionError | None
     files: dict[str, str] = field(default_factory=dict)  # weight file -> sha256
     folder: Path | None = None
 
@@ -175,8 +219,11 @@ class JudgeSet:
                     if label
                 }
             )
-        if self.realism is not None:
+        if isinstance(self.realism, RealismReference):
             distances = self.realism.distance(self.classifier.features2(inputs).float().cpu())
+        elif self.realism is not None:
+            distances = self.realism(inputs).float().cpu().numpy()
+        if self.realism is not None:
             for row, d in zip(rows, distances, strict=True):
                 row["realism_distance"] = float(d)
         if self.segmenter is not None and anatomy is not None:
@@ -189,10 +236,14 @@ class JudgeSet:
                 row.update({score_key("dice", k): v for k, v in anatomy_dice(requested, segmented, ignore).items()})
         return rows
 
+    @property
+    def realism_threshold(self) -> float | None:
+        return self.realism.threshold if self.realism is not None else None
+
     def to(self, device: str | torch.device) -> JudgeSet:
-        self.classifier.to(device)
-        if self.segmenter is not None:
-            self.segmenter.to(device)
+        for model in (self.classifier, self.segmenter, self.realism):
+            if isinstance(model, torch.nn.Module):
+                model.to(device)
         return self
 
 
@@ -324,27 +375,50 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
     return judges.to(device)
 
 
+XRV_SEGMENTER = "chestx_det"
+XRV_AUTOENCODER = "101-elastic"
+
+
+def xrv_weight_names(classifier: str, anatomy: bool, realism: bool) -> list[str]:
+    """The torchxrayvision weights a judge set needs: the classifier, plus what anatomy and realism use."""
+    return [classifier] + [XRV_SEGMENTER] * anatomy + [XRV_AUTOENCODER] * realism
+
+
 def load_xrv_judges(
     classifier: str = "densenet121-res224-all",
     cache_dir: str | os.PathLike[str] | None = None,
     lock: str | os.PathLike[str] | None = None,
     device: str = "cpu",
+    anatomy: bool = True,
+    realism: bool = True,
 ) -> JudgeSet:
-    """Pretrained torchxrayvision judges from a local weight cache, each file hash-checked before loading.
+    """Pretrained torchxrayvision judges from a local weight cache, every file hash-checked before loading.
 
-    The classifier keeps torchxrayvision's calibrated thresholds. No anatomy
-    segmenter or realism reference comes with it (those need real images).
+    The classifier keeps torchxrayvision's calibrated thresholds. ``anatomy``
+    adds the ChestX-Det PSPNet (lungs and heart), ``realism`` the ResNetAE
+    reconstruction error; their weight files must then be in the cache too.
     """
     from xreal import weights
 
     model = weights.load_classifier(classifier, cache_dir=cache_dir, lock=lock)
-    path = weights.verify_weights(classifier, cache_dir=cache_dir, lock=lock)
-    judges = JudgeSet("torchxrayvision", 224, model.eval(), None, None, {path.name: sha256_file(path)})
+    segmenter = XRVAnatomySegmenter(weights.load_segmenter(cache_dir=cache_dir, lock=lock)) if anatomy else None
+    reconstruction = ReconstructionError(weights.load_autoencoder(cache_dir=cache_dir, lock=lock)) if realism else None
+    files = {}
+    for name in xrv_weight_names(classifier, anatomy, realism):
+        path = weights.verify_weights(name, cache_dir=cache_dir, lock=lock)
+        files[path.name] = sha256_file(path)
+    judges = JudgeSet("torchxrayvision", 224, model.eval(), segmenter, reconstruction, files)
     return judges.to(device)
 
 
-def load_judges(source: str | os.PathLike[str], device: str = "cpu", **options: Any) -> JudgeSet:
-    """A judge set by name: ``torchxrayvision`` or a phantom judge set folder."""
+def load_judges(
+    source: str | os.PathLike[str], device: str = "cpu", anatomy: bool = True, realism: bool = True
+) -> JudgeSet:
+    """A judge set by name: ``torchxrayvision`` or a phantom judge set folder.
+
+    ``anatomy`` and ``realism`` say whether those judges will run (a policy
+    may switch them off); torchxrayvision then does not need their weights.
+    """
     if str(source) == "torchxrayvision":
-        return load_xrv_judges(device=device, **options)
+        return load_xrv_judges(device=device, anatomy=anatomy, realism=realism)
     return load_phantom_judges(source, device=device)

@@ -167,7 +167,7 @@ class QualityPolicy:
         if self.realism.enabled and "realism_distance" in scores:
             limit = self.realism.max_distance if self.realism.max_distance is not None else realism_threshold
             if limit is not None and not scores["realism_distance"] <= limit:
-                failures.append(f"unlike real images (feature distance {scores['realism_distance']:.1f} > {limit:.1f})")
+                failures.append(f"unlike real images (realism distance {scores['realism_distance']:.3g} > {limit:.3g})")
         if failures:
             return Decision(False, "; ".join(failures))
         return Decision(True, "; ".join(["passed", *notes]))

@@ -20,7 +20,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf demo-output/dataset
-	$(VENV)/bin/xreal generate manifests/demo.parquet --out demo-output/dataset
+	$(VENV)/bin/xreal generate manifests/demo.parquet --out demo-output/dataset --format both --keep-rejected
 	$(VENV)/bin/xreal audit run demo-output/dataset
 
 # Retrain the bundled demo model from phantoms on CPU (about 40 min on 2 cores; a rerun resumes).

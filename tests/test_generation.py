@@ -254,3 +254,22 @@ def test_devices_are_parsed_and_handed_out_one_batch_at_a_time(monkeypatch):
     pool.release(first)
     waiter.join(2)
     assert got == [first]
+
+
+def test_audit_run_command_exit_codes_and_json(finished_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from xreal.cli import cli
+
+    config, *_ = finished_run
+    result = CliRunner().invoke(cli, ["audit", "run", str(config.out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["consistent"] and report["samples"] == 4 and report["counts"]["requested"] == 4
+    copy = tmp_path / "copy"
+    shutil.copytree(config.out, copy)
+    (copy / "samples.parquet").unlink()
+    result = CliRunner().invoke(cli, ["audit", "run", str(copy)])
+    assert result.exit_code == 1 and "samples.parquet is missing" in result.output

@@ -10,8 +10,12 @@ from xreal import phantom
 from xreal.judging import JudgeError, RealismReference, load_judges, sanity_scores
 from xreal.model import DEMO_BUNDLE
 from xreal.policy import QualityPolicy
+from xreal.weights import import_xrv
 
 JUDGES = DEMO_BUNDLE / "judges"
+
+
+CHESTX_DET_TARGETS = tuple(import_xrv().baseline_models.chestx_det.PSPNet.targets)
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +107,11 @@ def test_a_damaged_judge_file_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def xrv_cache(tmp_path_factory):
     """A weight cache holding densenet121-res224-all in torchxrayvision's own format (random weights), locked."""
-    from xreal.judging import _xrv
-    from xreal.weights import record_weights, weights_info
+    from xreal.weights import import_xrv, record_weights, weights_info
 
     folder = tmp_path_factory.mktemp("xrv-weights")
     torch.manual_seed(0)
-    torch.save(_xrv().models.DenseNet(weights=None), folder / weights_info("densenet121-res224-all").file)
+    torch.save(import_xrv().models.DenseNet(weights=None), folder / weights_info("densenet121-res224-all").file)
     record_weights(["densenet121-res224-all"], folder)
     return folder
 
@@ -143,14 +146,14 @@ def test_a_tampered_torchxrayvision_file_is_never_unpickled(xrv_cache, tmp_path,
 
 
 def test_torchxrayvision_realism_is_the_autoencoders_reconstruction_error(xrv_cache, cases, monkeypatch):
-    from xreal.judging import ReconstructionError, _xrv
-    from xreal.weights import WeightsError, record_weights, weights_info
+    from xreal.judging import ReconstructionError
+    from xreal.weights import WeightsError, import_xrv, record_weights, weights_info
 
     monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(xrv_cache))
     with pytest.raises(WeightsError, match="101-elastic"):  # realism on: its weights are needed too
         load_judges("torchxrayvision", anatomy=False, realism=True)
     torch.manual_seed(1)
-    autoencoder = _xrv().autoencoders.ResNetAE101()
+    autoencoder = import_xrv().autoencoders.ResNetAE101()
     torch.save(autoencoder.state_dict(), xrv_cache / weights_info("101-elastic").file)
     record_weights(["101-elastic"], xrv_cache)
     judges = load_judges("torchxrayvision", anatomy=False, realism=True)
@@ -170,22 +173,7 @@ def test_torchxrayvision_realism_is_the_autoencoders_reconstruction_error(xrv_ca
 def test_chestx_det_probabilities_become_an_anatomy_label_map():
     from xreal.judging import pspnet_label_scores
 
-    targets = [
-        "Left Clavicle",
-        "Right Clavicle",
-        "Left Scapula",
-        "Right Scapula",
-        "Left Lung",
-        "Right Lung",
-        "Left Hilus Pulmonis",
-        "Right Hilus Pulmonis",
-        "Heart",
-        "Aorta",
-        "Facies Diaphragmatica",
-        "Mediastinum",
-        "Weasand",
-        "Spine",
-    ]
+    targets = CHESTX_DET_TARGETS
     p = torch.zeros(1, 14, 4, 4)
     p[0, targets.index("Right Lung"), :, 0] = 0.9  # image left: the patient's right lung
     p[0, targets.index("Left Lung"), :, 3] = 0.8
@@ -193,3 +181,43 @@ def test_chestx_det_probabilities_become_an_anatomy_label_map():
     p[0, targets.index("Spine"), :, 1] = 0.99  # not an anatomy class: background
     labels = pspnet_label_scores(p, targets).argmax(1)[0].numpy()
     assert labels.tolist() == [[1, 0, 0, 2], [1, 0, 0, 2], [1, 0, 3, 3], [1, 0, 3, 3]]
+
+
+def test_chestx_det_pspnet_loads_through_the_lock_as_the_anatomy_judge(xrv_cache, tmp_path, monkeypatch):
+    from torchxrayvision.baseline_models.chestx_det.ptsemseg.pspnet import pspnet
+
+    from xreal.judging import XRVAnatomySegmenter
+    from xreal.weights import record_weights, weights_info
+
+    cache = tmp_path / "weights"
+    shutil.copytree(xrv_cache, cache)
+    torch.manual_seed(2)
+    network = pspnet(14)
+    saved = {f"module.{k}": v for k, v in network.state_dict().items()}  # the checkpoint's DataParallel names
+    torch.save(saved, cache / weights_info("chestx_det").file)
+    record_weights(["chestx_det"], cache)
+    monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(cache))
+    judges = load_judges("torchxrayvision", anatomy=True, realism=False)
+    assert isinstance(judges.segmenter, XRVAnatomySegmenter) and len(judges.files) == 2
+    loaded = judges.segmenter.pspnet.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in network.state_dict().items())
+
+
+def test_the_pspnet_adapter_turns_network_outputs_into_label_scores():
+    from xreal.judging import XRVAnatomySegmenter
+
+    class Network(torch.nn.Module):  # stands in for PSPNet's output layout: 14 logits per pixel at 512 px
+        targets = CHESTX_DET_TARGETS
+
+        def forward(self, x):
+            self.seen = x
+            logits = torch.full((x.shape[0], 14, 512, 512), -10.0)
+            logits[:, 5, :, :256] = 10.0  # Right Lung on the image's left half
+            logits[:, 8, 256:, 256:] = 10.0  # Heart, bottom right
+            return logits
+
+    network = Network()
+    labels = XRVAnatomySegmenter(network)(torch.full((1, 1, 64, 64), 0.25)).argmax(1)[0]
+    assert network.seen.min() == network.seen.max() == 0.25 * 2048 - 1024  # torchxrayvision's value range
+    assert labels.shape == (64, 64)
+    assert (labels[:, :30] == 1).all() and (labels[40:, 40:] == 3).all() and (labels[:20, 40:] == 0).all()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from xreal.errors import XRealError
 from xreal.files import checksum_problems, sha256_file, write_json
 from xreal.labels import CHEXPERT_LABELS, Anatomy, canonical_label
 from xreal.masks import resize_label_map, resize_mask
+from xreal.weights import import_xrv
 
 JUDGES_FILE = "judges.json"
 JUDGES_VERSION = 1
@@ -247,17 +247,11 @@ class JudgeSet:
         return self
 
 
-def _xrv():
-    with warnings.catch_warnings():  # torchxrayvision silences every warning on import
-        import torchxrayvision as xrv
-    return xrv
-
-
 def build_phantom_classifier(
     pathologies: Sequence[str], growth_rate: int = 16, block_config: Sequence[int] = (4, 4, 4), num_init_features=32
 ):
     """torchxrayvision's DenseNet, untrained, carrying ``pathologies`` as its label list."""
-    model = _xrv().models.DenseNet(
+    model = import_xrv().models.DenseNet(
         growth_rate=growth_rate,
         block_config=tuple(block_config),
         num_init_features=num_init_features,

@@ -55,8 +55,9 @@ class Weights:
         return self.url.rsplit("/", 1)[-1]
 
 
-def _xrv():
-    with warnings.catch_warnings():  # torchxrayvision silences every warning on import
+def import_xrv():
+    """torchxrayvision, imported without letting it silence every warning in the process."""
+    with warnings.catch_warnings():
         import torchxrayvision as xrv
         import torchxrayvision.baseline_models.chestx_det
     return xrv
@@ -64,7 +65,7 @@ def _xrv():
 
 def known_weights() -> dict[str, Weights]:
     """Every weight set this module can verify, keyed by torchxrayvision's weights name."""
-    xrv = _xrv()
+    xrv = import_xrv()
     table = {}
     for name, entry in xrv.models.model_urls.items():
         if name.startswith("densenet"):  # the short aliases ("all", "nih", ...) name the same files
@@ -89,7 +90,7 @@ def default_cache_dir() -> Path:
     """``$XREAL_WEIGHTS_DIR`` if set, else torchxrayvision's own folder (``~/.torchxrayvision/models_data``)."""
     if os.environ.get("XREAL_WEIGHTS_DIR"):
         return Path(os.environ["XREAL_WEIGHTS_DIR"]).expanduser()
-    return Path(_xrv().utils.get_cache_dir()).expanduser()
+    return Path(import_xrv().utils.get_cache_dir()).expanduser()
 
 
 def _paths(cache_dir: str | os.PathLike[str] | None, lock: str | os.PathLike[str] | None) -> tuple[Path, Path]:
@@ -164,7 +165,7 @@ def load_classifier(
 ):
     """A pretrained torchxrayvision classifier (DenseNet or ResNet) in eval mode, from a verified file."""
     name, folder = _checked(name, "classifier", cache_dir, lock)
-    return _xrv().models.get_model(name, cache_dir=folder).eval()
+    return import_xrv().models.get_model(name, cache_dir=folder).eval()
 
 
 def load_autoencoder(
@@ -174,7 +175,7 @@ def load_autoencoder(
 ):
     """torchxrayvision's pretrained ResNet autoencoder in eval mode, from a verified file."""
     name, folder = _checked(name, "autoencoder", cache_dir, lock)
-    return _xrv().autoencoders.ResNetAE(weights=name, cache_dir=folder).eval()
+    return import_xrv().autoencoders.ResNetAE(weights=name, cache_dir=folder).eval()
 
 
 def load_segmenter(
@@ -184,7 +185,7 @@ def load_segmenter(
 ):
     """torchxrayvision's ChestX-Det PSPNet (14 anatomical structures) in eval mode, from a verified file."""
     name, folder = _checked(name, "segmenter", cache_dir, lock)
-    return _xrv().baseline_models.chestx_det.PSPNet(cache_dir=folder).eval()
+    return import_xrv().baseline_models.chestx_det.PSPNet(cache_dir=folder).eval()
 
 
 def _urlopen(url: str) -> IO[bytes]:

@@ -123,45 +123,48 @@ def generate_dataset(
         precision=precision,
         root=Path(root) if root else None,
     )
-    state = generation.open_run(config)
-    max_rounds = config.policy.retries.max_rounds
-    todo = generation.plan(state.requests, state.decisions, max_rounds)
-    finished = generation.finished_summary(state)
-    if finished is not None:
-        message = f"{config.out}: this run is already complete; nothing to do\n{describe(finished)}"
+    with generation.run_lock(config.out):  # one writer per run directory
+        state = generation.open_run(config)
+        max_rounds = config.policy.retries.max_rounds
+        todo = generation.plan(state.requests, state.decisions, max_rounds)
+        finished = generation.finished_summary(state)
+        if finished is not None:
+            message = f"{config.out}: this run is already complete; nothing to do\n{describe(finished)}"
+            logger.info(message)
+            return Completed(message=message, data=summary_dict(finished))
+        total = len(todo)
+        progress_id = create_progress_artifact(progress=0.0, key="generation-progress", description="samples drawn")
+        summaries: list[BatchSummary] = []
+        failed: list[str] = []
+        done = [0]
+        with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
+            while todo and not failed:
+                batches = generation.make_batches(todo, batch_size)
+                logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), ", ".join(devices))
+                results, failed = _run_round(
+                    config, batches, devices, state.run_id, bar, progress_id, done, total, logger
+                )
+                summaries += results
+                state.refresh()
+                todo = generation.plan(state.requests, state.decisions, max_rounds)
+                if todo and not failed:
+                    total += len(todo)
+                    bar.total = total
+                    bar.refresh()
+        update_progress_artifact(progress_id, progress=100.0)
+        summary = generation.finalize(
+            state,
+            devices=devices,
+            flow_run_id=flow_run.get_id(),
+            wall_seconds=time.perf_counter() - started,
+            failed_batches=failed,
+        )
+        _report(summary, summaries)
+        message = describe(summary)
         logger.info(message)
-        return Completed(message=message, data=summary_dict(finished))
-    total = len(todo)
-    progress_id = create_progress_artifact(progress=0.0, key="generation-progress", description="samples drawn")
-    summaries: list[BatchSummary] = []
-    failed: list[str] = []
-    done = [0]
-    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
-        while todo and not failed:
-            batches = generation.make_batches(todo, batch_size)
-            logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), ", ".join(devices))
-            results, failed = _run_round(config, batches, devices, state.run_id, bar, progress_id, done, total, logger)
-            summaries += results
-            state.refresh()
-            todo = generation.plan(state.requests, state.decisions, max_rounds)
-            if todo and not failed:
-                total += len(todo)
-                bar.total = total
-                bar.refresh()
-    update_progress_artifact(progress_id, progress=100.0)
-    summary = generation.finalize(
-        state,
-        devices=devices,
-        flow_run_id=flow_run.get_id(),
-        wall_seconds=time.perf_counter() - started,
-        failed_batches=failed,
-    )
-    _report(summary, summaries)
-    message = describe(summary)
-    logger.info(message)
-    if failed:
-        return Failed(message=message, data=summary_dict(summary))
-    return Completed(message=message, data=summary_dict(summary))
+        if failed:
+            return Failed(message=message, data=summary_dict(summary))
+        return Completed(message=message, data=summary_dict(summary))
 
 
 def load_policy(policy: str | Path | dict | None) -> QualityPolicy:

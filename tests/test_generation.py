@@ -273,3 +273,28 @@ def test_audit_run_command_exit_codes_and_json(finished_run, tmp_path):
     (copy / "samples.parquet").unlink()
     result = CliRunner().invoke(cli, ["audit", "run", str(copy)])
     assert result.exit_code == 1 and "samples.parquet is missing" in result.output
+
+
+def test_a_second_writer_is_refused_while_a_run_holds_the_directory(tmp_path):
+    out = tmp_path / "out"
+    with generation.run_lock(out):
+        assert "pid" in (out / ".lock").read_text()
+        with pytest.raises(RunConflict, match=r"being written by another run \(pid"), generation.run_lock(out):
+            pass
+    with generation.run_lock(out):  # released when the first run ended
+        pass
+    assert not out.exists()  # the lock made the folder and nothing else wrote to it
+
+
+def test_the_dataset_relabels_like_a_torchxrayvision_dataset(finished_run):
+    from xreal.weights import import_xrv
+
+    xrv = import_xrv()
+    config, *_ = finished_run
+    ds = dataset.XRealDataset(config.out, include_rejected=True)
+    cardiomegaly = ds.labels[:, ds.pathologies.index("Cardiomegaly")].copy()
+    xrv.datasets.relabel_dataset(xrv.datasets.default_pathologies, ds, silent=True)
+    assert list(ds.pathologies) == list(xrv.datasets.default_pathologies)
+    assert np.array_equal(ds.labels[:, ds.pathologies.index("Cardiomegaly")], cardiomegaly)
+    assert np.isnan(ds.labels[:, ds.pathologies.index("Mass")]).all()  # a label this dataset never asked for
+    assert ds[0]["lab"].shape == (len(xrv.datasets.default_pathologies),)

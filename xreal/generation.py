@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +27,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import metadata
@@ -157,6 +159,43 @@ class RunState:
             self.decisions = dict(zip(ids, decisions, strict=True))
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold a run directory for one writer: a second run into it meanwhile is refused, not interleaved.
+
+    The lock is an ``flock`` on ``out/.lock``, so it dies with its process
+    (a killed run leaves nothing to clean up). A directory this call created
+    and nothing else wrote to is removed again.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunConflict(
+            f"{out} is being written by another run ({holder}); wait for it or use another --out"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {platform.node()} since {_now()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()
+            out.rmdir()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 def open_run(config: RunConfig) -> RunState:
     """Validate the manifest, pin the run's identity in ``run.json``, and read what is already committed.
 
@@ -179,7 +218,7 @@ def open_run(config: RunConfig) -> RunState:
                 "Use a new --out directory for the new run (or rerun with the original settings to resume)."
             )
     else:
-        if config.out.exists() and any(config.out.iterdir()):
+        if config.out.exists() and any(p.name != LOCK_FILE for p in config.out.iterdir()):
             raise RunConflict(f"{config.out} exists and is not an xreal run directory; choose an empty or new --out")
         record = {
             "run_format": RUN_FORMAT,

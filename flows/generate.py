@@ -51,6 +51,34 @@ def generate_batch(config: RunConfig, batch: Batch, devices: list[str], run_id: 
         pool.release(device)
 
 
+def _draw_rounds(config, state, batch_size, devices, progress, logger) -> tuple[list[BatchSummary], list[str]]:
+    """Draw what the plan asks for, round after round, until the requests are full or out of rounds.
+
+    Stops after a round in which a batch failed: redraws depend on that round's results.
+    """
+    max_rounds = config.policy.retries.max_rounds
+    todo = generation.plan(state.requests, state.decisions, max_rounds)
+    total = len(todo)
+    progress_id = create_progress_artifact(progress=0.0, key="generation-progress", description="samples drawn")
+    summaries: list[BatchSummary] = []
+    failed: list[str] = []
+    done = [0]
+    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
+        while todo and not failed:
+            batches = generation.make_batches(todo, batch_size)
+            logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), ", ".join(devices))
+            results, failed = _run_round(config, batches, devices, state.run_id, bar, progress_id, done, total, logger)
+            summaries += results
+            state.refresh()
+            todo = generation.plan(state.requests, state.decisions, max_rounds)
+            if todo and not failed:
+                total += len(todo)
+                bar.total = total
+                bar.refresh()
+    update_progress_artifact(progress_id, progress=100.0)
+    return summaries, failed
+
+
 def _run_round(config, batches, devices, run_id, bar, progress_id, done, total, logger) -> tuple[list, list[str]]:
     futures = {generate_batch.submit(config, b, devices, run_id): b for b in batches}
     summaries, failed = [], []
@@ -125,33 +153,12 @@ def generate_dataset(
     )
     with generation.run_lock(config.out):  # one writer per run directory
         state = generation.open_run(config)
-        max_rounds = config.policy.retries.max_rounds
-        todo = generation.plan(state.requests, state.decisions, max_rounds)
         finished = generation.finished_summary(state)
         if finished is not None:
             message = f"{config.out}: this run is already complete; nothing to do\n{describe(finished)}"
             logger.info(message)
             return Completed(message=message, data=summary_dict(finished))
-        total = len(todo)
-        progress_id = create_progress_artifact(progress=0.0, key="generation-progress", description="samples drawn")
-        summaries: list[BatchSummary] = []
-        failed: list[str] = []
-        done = [0]
-        with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
-            while todo and not failed:
-                batches = generation.make_batches(todo, batch_size)
-                logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), ", ".join(devices))
-                results, failed = _run_round(
-                    config, batches, devices, state.run_id, bar, progress_id, done, total, logger
-                )
-                summaries += results
-                state.refresh()
-                todo = generation.plan(state.requests, state.decisions, max_rounds)
-                if todo and not failed:
-                    total += len(todo)
-                    bar.total = total
-                    bar.refresh()
-        update_progress_artifact(progress_id, progress=100.0)
+        summaries, failed = _draw_rounds(config, state, batch_size, devices, progress, logger)
         summary = generation.finalize(
             state,
             devices=devices,

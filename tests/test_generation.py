@@ -298,3 +298,11 @@ def test_the_dataset_relabels_like_a_torchxrayvision_dataset(finished_run):
     assert np.array_equal(ds.labels[:, ds.pathologies.index("Cardiomegaly")], cardiomegaly)
     assert np.isnan(ds.labels[:, ds.pathologies.index("Mass")]).all()  # a label this dataset never asked for
     assert ds[0]["lab"].shape == (len(xrv.datasets.default_pathologies),)
+
+
+def test_the_lock_is_empty_once_released(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with generation.run_lock(out):
+        assert (out / ".lock").read_text().startswith("pid ")
+    assert (out / ".lock").read_text() == ""

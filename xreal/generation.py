@@ -192,6 +192,7 @@ def run_lock(out: Path) -> Iterator[None]:
         if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
             (out / LOCK_FILE).unlink()
             out.rmdir()
+        handle.truncate(0)  # no stale holder on display
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 

@@ -2,5 +2,21 @@
 
 Flows decide order, fan-out, retries, caching and reporting; each task is a
 thin wrapper over one function of the ``xreal`` library. The generation flow
-lands here with the generation-run work.
+is ``flows.generate``.
 """
+
+import os
+from pathlib import Path
+
+
+def use_project_prefect_home() -> None:
+    """Give embedded Prefect a project-chosen home unless the user chose one (or points at a server).
+
+    Call before Prefect is imported: it reads these settings once.
+    """
+    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+        state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+        os.environ["PREFECT_HOME"] = str(state / "xreal" / "prefect")
+    Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

@@ -8,6 +8,7 @@ import pytest
 
 from xreal import dataset, generation
 from xreal.generation import RunConfig, RunConflict, Sample, make_batches, plan
+from xreal.images import to_uint16
 from xreal.manifest import ManifestInvalid, load_requests, write_manifest
 from xreal.policy import QualityPolicy
 from xreal.run_audit import audit_run
@@ -187,7 +188,7 @@ def test_dicom_files_hold_the_png_pixels_and_say_they_are_synthetic(finished_run
     rows = pq.read_table(config.out / "samples.parquet").to_pylist()
     for row in rows:
         ds = pydicom.dcmread(config.out / row["dicom_path"])
-        png = dataset.pixels16(dataset.read_image(config.out / row["image_path"]))
+        png = to_uint16(dataset.read_image(config.out / row["image_path"]))
         assert np.array_equal(read_dicom_pixels(config.out / row["dicom_path"]), png)
         assert "SYNTHETIC" in ds.ImageComments and row["request_id"] in ds.ImageComments
         assert ds.PatientID == "" and "DERIVED" in ds.ImageType

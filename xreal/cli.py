@@ -323,11 +323,12 @@ def generate(
     $PREFECT_HOME, default ~/.local/state/xreal/prefect), or on the server
     $PREFECT_API_URL names. Exits 0 when every batch ran, 1 when some failed.
     """
-    from xreal.generation import env_default_prefect_home, parse_devices
+    from flows import use_project_prefect_home
+    from xreal.generation import parse_devices
     from xreal.model import DEMO_BUNDLE
 
     devices = parse_devices(device)
-    env_default_prefect_home()
+    use_project_prefect_home()
     from flows.generate import load_policy, run_generation
 
     load_policy(policy)  # a bad policy fails here, before Prefect starts

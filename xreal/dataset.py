@@ -37,7 +37,7 @@ from PIL import Image
 from xreal.dicom import write_dicom
 from xreal.errors import XRealError
 from xreal.files import atomic_path, sha256_file
-from xreal.images import read_image, write_png16
+from xreal.images import read_image, to_uint16, write_png16
 from xreal.labels import CHEXPERT_LABELS, NO_FINDING
 from xreal.manifest import BOX_TYPE
 from xreal.masks import mask_box, write_mask_file
@@ -90,14 +90,9 @@ class DatasetError(XRealError):
     """A run directory that cannot be written or read as an xreal dataset."""
 
 
-def pixels16(image: np.ndarray) -> np.ndarray:
-    """The stored 16-bit pixels of a float image in [0, 1] (what the PNG holds)."""
-    return np.round(np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0) * 65535.0).astype(np.uint16)
-
-
 def content_digest(image: np.ndarray) -> str:
     """sha256 of an image's 16-bit pixels and shape: the same for equal images in any file format."""
-    pixels = pixels16(image)
+    pixels = to_uint16(np.nan_to_num(image, nan=0.0))
     return hashlib.sha256(f"{pixels.shape[0]}x{pixels.shape[1]}:".encode() + pixels.astype("<u2").tobytes()).hexdigest()
 
 
@@ -180,6 +175,13 @@ def write_shard(
     started = time.perf_counter()
     out = Path(out)
     rows = []
+    written: dict[str, tuple[str, str]] = {}  # a request's masks are written once per batch
+
+    def write_once(relative: str, write) -> tuple[str, str]:
+        if relative not in written:
+            written[relative] = _write_file(out, relative, write)
+        return written[relative]
+
     for s in samples:
         row: dict[str, Any] = {
             "sample_id": s.sample_id,
@@ -219,12 +221,12 @@ def write_shard(
             row["healthy_path"], row["healthy_sha256"] = _write_file(
                 out, f"healthy/{s.sample_id}.png", lambda p, s=s: write_png16(p, s.healthy)
             )
-        row["anatomy_mask_path"], row["anatomy_mask_sha256"] = _write_file(
-            out, f"masks/{s.request_id}.anatomy.png", lambda p, s=s: write_mask_file(p, s.anatomy)
+        row["anatomy_mask_path"], row["anatomy_mask_sha256"] = write_once(
+            f"masks/{s.request_id}.anatomy.png", lambda p, s=s: write_mask_file(p, s.anatomy)
         )
         if s.pathology is not None:
-            row["pathology_mask_path"], row["pathology_mask_sha256"] = _write_file(
-                out, f"masks/{s.request_id}.pathology.png", lambda p, s=s: write_mask_file(p, s.pathology)
+            row["pathology_mask_path"], row["pathology_mask_sha256"] = write_once(
+                f"masks/{s.request_id}.pathology.png", lambda p, s=s: write_mask_file(p, s.pathology)
             )
         rows.append(row)
     names = sorted({k for s in samples for k in s.scores})

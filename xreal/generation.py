@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import subprocess
 import threading
 import time
@@ -35,14 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from xreal import dataset
 from xreal.errors import XRealError
 from xreal.files import sha256_file, write_json
-from xreal.judging import JudgeSet, load_judges
+from xreal.judging import JudgeSet, judge_files, load_judges
 from xreal.manifest import ManifestInvalid, Request, load_requests, sample_id, validate_manifest
+from xreal.masks import resize_label_map
 from xreal.model import DEMO_BUNDLE, load_pipeline, read_bundle_record, verify_bundle
 from xreal.policy import QualityPolicy
 from xreal.settings import DEFAULT_SETTINGS
@@ -89,13 +92,18 @@ class RunConfig:
             "(judges: torchxrayvision, or a judge set folder)"
         )
 
+    @cached_property
+    def judge_files(self) -> dict[str, str]:
+        """The judges' weight files and sha256 (torchxrayvision's checked against the lock)."""
+        return judge_files(self.judges_source, self.policy.anatomy.enabled, self.policy.realism.enabled)
+
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run: content hashes, not paths."""
         record = read_bundle_record(self.model)
         return {
             "manifest_sha256": sha256_file(self.manifest),
             "model_digest": _digest(record["files"]),
-            "judges": _digest(judges_files(self.judges_source, self.policy)),
+            "judges": _digest(self.judge_files),
             "policy_digest": self.policy.digest(),
             "formats": self.formats,
             "keep_rejected": self.keep_rejected,
@@ -106,20 +114,6 @@ class RunConfig:
 
 def _digest(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def judges_files(source: str, policy: QualityPolicy) -> dict[str, str]:
-    """The weight files of the judges a run uses and their sha256 (torchxrayvision's checked against the lock)."""
-    path = Path(source)
-    if (path / "judges.json").is_file():
-        return json.loads((path / "judges.json").read_text())["files"]
-    if source == "torchxrayvision":
-        from xreal import weights
-        from xreal.judging import xrv_weight_names
-
-        names = xrv_weight_names("densenet121-res224-all", policy.anatomy.enabled, policy.realism.enabled)
-        return {p.name: sha256_file(p) for p in (weights.verify_weights(name) for name in names)}
-    raise XRealError(f"judges {source!r}: not a judge set folder (no judges.json) and not 'torchxrayvision'")
 
 
 @dataclass(frozen=True)
@@ -150,8 +144,9 @@ class RunState:
     def run_id(self) -> str:
         return self.record["run_id"]
 
-    def refresh(self) -> None:
-        table = dataset.read_shards(self.config.out)
+    def refresh(self, table: pa.Table | None = None) -> None:
+        """Re-read the committed decisions (from ``table`` when the caller has just read the shards)."""
+        table = table if table is not None else dataset.read_shards(self.config.out)
         if table is None:
             self.decisions = {}
         else:
@@ -313,8 +308,6 @@ class DevicePool:
     """Hands each running batch a device of its own (one batch per device at a time)."""
 
     def __init__(self, devices: Sequence[str]):
-        import queue
-
         self.devices = list(devices)
         self._free: queue.Queue[str] = queue.Queue()
         for device in self.devices:
@@ -387,7 +380,7 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
         autocast_dtype=autocast,
     )
     sampled = time.perf_counter()
-    scores = judges.score(output.images, np.stack([_at(a, size) for a in anatomy]), masks)
+    scores = judges.score(output.images, np.stack([resize_label_map(a, size) for a in anatomy]), masks)
     decisions = [
         config.policy.decide(row, s.request.labels, judges.labels, judges.realism_threshold)
         for row, s in zip(scores, samples, strict=True)
@@ -414,8 +407,8 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
             },
             image=image,
             healthy=healthy if has else None,
-            anatomy=_at(a, size),
-            pathology=_at(m, size) if m is not None else None,
+            anatomy=resize_label_map(a, size),
+            pathology=resize_label_map(m, size) if m is not None else None,
             scores=row,
             accepted=d.accepted,
             reason=d.reason,
@@ -438,22 +431,13 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
         keep_rejected=config.keep_rejected,
         healthy_twins=config.healthy_twins,
         dataset_id=run_id,
-        model_note=f"xreal bundle {config.model.name} ({read_bundle_record(config.model)['preset']['name']} preset)",
+        model_note=f"xreal bundle {config.model.name} ({pipeline.config.preset} preset)",
     )
     timings = {"sampling_s": sampled - started, "judging_s": judged - sampled}
     dataset.write_shard(config.out, batch.name, generated, options, {**timings, "device": device})
     timings["writing_s"] = time.perf_counter() - judged
     accepted = sum(d.accepted for d in decisions)
     return BatchSummary(batch.name, device, len(samples), accepted, len(samples) - accepted, timings)
-
-
-def _at(mask: np.ndarray, size: int) -> np.ndarray:
-    """A label map or mask at the model's image size (nearest, so labels stay labels)."""
-    from xreal.masks import resize_label_map
-
-    if mask.shape == (size, size):
-        return mask
-    return resize_label_map(mask.astype(np.uint8), size).astype(mask.dtype)
 
 
 # --- finishing --------------------------------------------------------------------
@@ -499,10 +483,6 @@ class RunSummary:
     failed_batches: list[str]
     record: dict[str, Any]
 
-    @property
-    def complete(self) -> bool:
-        return not self.failed_batches
-
 
 def finished_summary(state: RunState) -> RunSummary | None:
     """The summary of a run that is already complete and finalized (nothing to draw, records current), else None."""
@@ -533,7 +513,7 @@ def finalize(
         path.unlink()
     counts = dataset.tally(state.requests, table)
     bundle = read_bundle_record(config.model)
-    state.refresh()
+    state.refresh(table)
     judges_kind = "torchxrayvision" if config.judges_source == "torchxrayvision" else "phantom"
     record = {
         "dataset_format": 1,
@@ -556,7 +536,7 @@ def finalize(
         "judges": {
             "kind": judges_kind,
             "source": config.judges_source,
-            "files": judges_files(config.judges_source, config.policy),
+            "files": config.judge_files,
         },
         "policy": config.policy.to_dict(),
         "policy_digest": config.policy.digest(),
@@ -578,13 +558,3 @@ def finalize(
     write_json(out / dataset.DATASET_FILE, record)
     dataset.write_card(out, record, counts)
     return RunSummary(out, counts, list(failed_batches), record)
-
-
-def env_default_prefect_home() -> None:
-    """Give embedded Prefect a project-chosen home unless the user chose one (or points at a server)."""
-    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
-        state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
-        os.environ["PREFECT_HOME"] = str(state / "xreal" / "prefect")
-    Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

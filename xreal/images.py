@@ -12,6 +12,11 @@ from xreal.errors import XRealError
 from xreal.files import atomic_path
 
 
+def to_uint16(image: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] (clipped) as the 16-bit values xreal stores."""
+    return np.round(np.clip(image, 0.0, 1.0) * 65535.0).astype(np.uint16)
+
+
 def write_png16(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     """Write a 2-D float image in [0, 1] as a 16-bit grayscale PNG, atomically."""
     image = np.asarray(image, dtype=np.float32)
@@ -19,7 +24,7 @@ def write_png16(path: str | os.PathLike[str], image: np.ndarray) -> Path:
         raise XRealError(f"{path}: expected a 2-D grayscale image, got shape {image.shape}")
     if not np.all(np.isfinite(image)):
         raise XRealError(f"{path}: image holds NaN or infinite values")
-    pixels = np.round(np.clip(image, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    pixels = to_uint16(image)
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG")
     return Path(path)

@@ -369,6 +369,7 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
     return judges.to(device)
 
 
+XRV_CLASSIFIER = "densenet121-res224-all"
 XRV_SEGMENTER = "chestx_det"
 XRV_AUTOENCODER = "101-elastic"
 
@@ -378,8 +379,29 @@ def xrv_weight_names(classifier: str, anatomy: bool, realism: bool) -> list[str]
     return [classifier] + [XRV_SEGMENTER] * anatomy + [XRV_AUTOENCODER] * realism
 
 
+def xrv_judge_files(
+    classifier: str = XRV_CLASSIFIER,
+    anatomy: bool = True,
+    realism: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    lock: str | os.PathLike[str] | None = None,
+) -> dict[str, str]:
+    """The weight files torchxrayvision judges need and their sha256, each checked against the lock."""
+    from xreal import weights
+
+    names = xrv_weight_names(classifier, anatomy, realism)
+    return {p.name: sha256_file(p) for p in (weights.verify_weights(n, cache_dir=cache_dir, lock=lock) for n in names)}
+
+
+def judge_files(source: str | os.PathLike[str], anatomy: bool = True, realism: bool = True) -> dict[str, str]:
+    """The weight files of the judge set :func:`load_judges` would load, with their sha256."""
+    if str(source) == "torchxrayvision":
+        return xrv_judge_files(anatomy=anatomy, realism=realism)
+    return read_judges_record(source)["files"]
+
+
 def load_xrv_judges(
-    classifier: str = "densenet121-res224-all",
+    classifier: str = XRV_CLASSIFIER,
     cache_dir: str | os.PathLike[str] | None = None,
     lock: str | os.PathLike[str] | None = None,
     device: str = "cpu",
@@ -397,10 +419,7 @@ def load_xrv_judges(
     model = weights.load_classifier(classifier, cache_dir=cache_dir, lock=lock)
     segmenter = XRVAnatomySegmenter(weights.load_segmenter(cache_dir=cache_dir, lock=lock)) if anatomy else None
     reconstruction = ReconstructionError(weights.load_autoencoder(cache_dir=cache_dir, lock=lock)) if realism else None
-    files = {}
-    for name in xrv_weight_names(classifier, anatomy, realism):
-        path = weights.verify_weights(name, cache_dir=cache_dir, lock=lock)
-        files[path.name] = sha256_file(path)
+    files = xrv_judge_files(classifier, anatomy, realism, cache_dir, lock)
     judges = JudgeSet("torchxrayvision", 224, model.eval(), segmenter, reconstruction, files)
     return judges.to(device)
 

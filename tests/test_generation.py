@@ -307,3 +307,30 @@ def test_the_lock_is_empty_once_released(tmp_path):
     with generation.run_lock(out):
         assert (out / ".lock").read_text().startswith("pid ")
     assert (out / ".lock").read_text() == ""
+
+
+def test_damaged_records_get_errors_that_name_the_file(finished_run, tmp_path):
+    import shutil
+
+    from xreal.errors import XRealError
+    from xreal.judging import load_judges
+    from xreal.model import DEMO_BUNDLE, verify_bundle
+
+    config, *_ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(config.out, copy)
+    (copy / "dataset.json").write_text('{"counts": ')
+    report = audit_run(copy)
+    assert not report.consistent and f"{copy / 'dataset.json'}: damaged dataset record" in report.problems[0]
+    (copy / "run.json").write_text("not json")
+    moved = RunConfig(manifest=config.manifest, out=copy, formats="both", keep_rejected=True)
+    with pytest.raises(XRealError, match=r"run\.json: damaged run record"):
+        generation.open_run(moved)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEMO_BUNDLE, bundle)
+    (bundle / "xreal_bundle.json").write_text("{")
+    with pytest.raises(XRealError, match=r"xreal_bundle\.json: damaged model bundle record"):
+        verify_bundle(bundle)
+    (bundle / "judges" / "judges.json").write_text("[")
+    with pytest.raises(XRealError, match=r"judges\.json: damaged judge set record"):
+        load_judges(bundle / "judges")

@@ -75,6 +75,14 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     return Path(path)
 
 
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Read a JSON record; a damaged one raises an error naming the file and what it should be."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise XRealError(f"{path}: damaged {what}, not valid JSON ({exc})") from None
+
+
 def checksum_problems(folder: str | os.PathLike[str], files: dict[str, str]) -> list[str]:
     """What is wrong with the files of ``folder`` against their recorded sha256 (empty when all match)."""
     problems = []

@@ -42,7 +42,7 @@ import torch
 
 from xreal import dataset
 from xreal.errors import XRealError
-from xreal.files import sha256_file, write_json
+from xreal.files import read_json, sha256_file, write_json
 from xreal.judging import JudgeSet, judge_files, load_judges
 from xreal.manifest import ManifestInvalid, Request, load_requests, sample_id, validate_manifest
 from xreal.masks import resize_label_map
@@ -206,7 +206,7 @@ def open_run(config: RunConfig) -> RunState:
     identity = config.identity()
     path = config.out / RUN_FILE
     if path.is_file():
-        record = json.loads(path.read_text())
+        record = read_json(path, "run record (delete the run directory or use another --out)")
         changed = [key for key, value in identity.items() if record.get("identity", {}).get(key) != value]
         if changed:
             raise RunConflict(
@@ -492,7 +492,10 @@ def finished_summary(state: RunState) -> RunSummary | None:
         return None
     if not (record_path.is_file() and samples_path.is_file()):
         return None
-    record = json.loads(record_path.read_text())
+    try:
+        record = read_json(record_path, "dataset record")
+    except XRealError:
+        return None  # finalize writes it again
     if not record.get("complete") or pq.read_metadata(samples_path).num_rows != len(state.decisions):
         return None
     table = pq.read_table(samples_path, columns=["request_id", "decision", "reason"])

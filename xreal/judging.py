@@ -20,7 +20,6 @@ see :mod:`xreal.weights`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from xreal.errors import XRealError
-from xreal.files import checksum_problems, sha256_file, write_json
+from xreal.files import checksum_problems, read_json, sha256_file, write_json
 from xreal.labels import CHEXPERT_LABELS, Anatomy, canonical_label
 from xreal.masks import resize_label_map, resize_mask
 from xreal.weights import import_xrv
@@ -343,7 +342,7 @@ def read_judges_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(folder) / JUDGES_FILE
     if not path.is_file():
         raise JudgeError(f"{folder}: not a judge set (no {JUDGES_FILE})")
-    return json.loads(path.read_text())
+    return read_json(path, "judge set record")
 
 
 def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> JudgeSet:

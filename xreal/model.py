@@ -8,7 +8,6 @@ bundle is loaded.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
 from xreal.errors import XRealError
-from xreal.files import atomic_path, checksum_problems, sha256_file, write_json
+from xreal.files import atomic_path, checksum_problems, read_json, sha256_file, write_json
 from xreal.text import XRealTextEncoder, build_tokenizer
 
 BUNDLE_FILE = "xreal_bundle.json"
@@ -238,7 +237,7 @@ def read_bundle_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(folder) / BUNDLE_FILE
     if not path.is_file():
         raise XRealError(f"{folder}: not an xreal model bundle (no {BUNDLE_FILE})")
-    return json.loads(path.read_text())
+    return read_json(path, "model bundle record")
 
 
 def verify_bundle(folder: str | os.PathLike[str]) -> dict[str, Any]:

@@ -7,16 +7,17 @@ short after the policy's redraws is reported, not an inconsistency.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xreal import dataset
-from xreal.files import sha256_file
+from xreal.errors import XRealError
+from xreal.files import read_json, sha256_file
 from xreal.generation import RUN_FILE
 from xreal.manifest import load_requests, sample_id
 
@@ -89,8 +90,12 @@ def audit_run(out: str | os.PathLike[str], manifest: str | os.PathLike[str] | No
             report.problems.append(f"{path.name} is missing (not a finished xreal run; rerun `xreal generate`)")
     if report.problems:
         return report
-    record = json.loads(record_path.read_text())
-    table = pq.read_table(samples_path)
+    try:
+        record = read_json(record_path, "dataset record")
+        table = pq.read_table(samples_path)
+    except (XRealError, OSError, pa.ArrowInvalid) as exc:
+        report.problems.append(f"{exc}; rerun `xreal generate` to write the records again")
+        return report
     rows = table.to_pylist()
     report.samples = len(rows)
 

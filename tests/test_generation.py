@@ -334,3 +334,38 @@ def test_damaged_records_get_errors_that_name_the_file(finished_run, tmp_path):
     (bundle / "judges" / "judges.json").write_text("[")
     with pytest.raises(XRealError, match=r"judges\.json: damaged judge set record"):
         load_judges(bundle / "judges")
+
+
+def test_an_image_with_nan_pixels_is_rejected_and_recorded_without_a_file(tmp_path):
+    from xreal.policy import Decision
+
+    nan_image = np.full((64, 64), np.nan, dtype=np.float32)
+    assert generation.storable(Decision(True, "passed"), nan_image) == Decision(
+        False, "NaN or infinite pixels: not stored"
+    )
+    assert generation.storable(Decision(True, "passed"), np.zeros((64, 64))) == Decision(True, "passed")
+    sample = dataset.GeneratedSample(
+        sample_id="x-r0000",
+        request_id="x",
+        replica=0,
+        round=0,
+        seed=1,
+        labels=("Cardiomegaly",),
+        boxes=[],
+        anatomy_source="template:phantom-1",
+        split=None,
+        tags=(),
+        settings={"steps": 6},
+        image=nan_image,
+        healthy=nan_image,
+        anatomy=np.zeros((64, 64), np.uint8),
+        pathology=np.ones((64, 64), bool),
+        scores={},
+        accepted=False,
+        reason="NaN or infinite pixels: not stored",
+    )
+    options = dataset.WriteOptions(formats="both", keep_rejected=True, dataset_id="d")
+    table = dataset.write_shard(tmp_path, "s", [sample], options).to_pylist()
+    assert table[0]["image_path"] is None and table[0]["dicom_path"] is None and table[0]["healthy_path"] is None
+    assert table[0]["content_sha256"] and (tmp_path / "shards" / "s.parquet").is_file()
+    assert not (tmp_path / "rejected").exists()

@@ -202,7 +202,8 @@ def write_shard(
             "shard": shard,
             **s.scores,
         }
-        folder = "images" if s.accepted else "rejected" if options.keep_rejected else None
+        finite = bool(np.isfinite(s.image).all())  # non-finite pixels have no file form; the row says why
+        folder = ("images" if s.accepted else "rejected" if options.keep_rejected else None) if finite else None
         if folder and options.formats in ("png", "both"):
             row["image_path"], row["image_sha256"] = _write_file(
                 out, f"{folder}/{s.sample_id}.png", lambda p, s=s: write_png16(p, s.image)
@@ -217,7 +218,8 @@ def write_shard(
                     p, s.image, dataset_id=options.dataset_id, sample_id=s.sample_id, description=d
                 ),
             )
-        if options.healthy_twins and s.healthy is not None and (s.accepted or options.keep_rejected):
+        keep_twin = s.accepted or options.keep_rejected
+        if options.healthy_twins and s.healthy is not None and keep_twin and np.isfinite(s.healthy).all():
             row["healthy_path"], row["healthy_sha256"] = _write_file(
                 out, f"healthy/{s.sample_id}.png", lambda p, s=s: write_png16(p, s.healthy)
             )

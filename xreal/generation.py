@@ -47,7 +47,7 @@ from xreal.judging import JudgeSet, judge_files, load_judges
 from xreal.manifest import ManifestInvalid, Request, load_requests, sample_id, validate_manifest
 from xreal.masks import resize_label_map
 from xreal.model import DEMO_BUNDLE, load_pipeline, read_bundle_record, verify_bundle
-from xreal.policy import QualityPolicy
+from xreal.policy import Decision, QualityPolicy
 from xreal.settings import DEFAULT_SETTINGS
 
 RUN_FILE = "run.json"
@@ -382,8 +382,8 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
     sampled = time.perf_counter()
     scores = judges.score(output.images, np.stack([resize_label_map(a, size) for a in anatomy]), masks)
     decisions = [
-        config.policy.decide(row, s.request.labels, judges.labels, judges.realism_threshold)
-        for row, s in zip(scores, samples, strict=True)
+        storable(config.policy.decide(row, s.request.labels, judges.labels, judges.realism_threshold), image)
+        for row, s, image in zip(scores, samples, output.images, strict=True)
     ]
     judged = time.perf_counter()
     generated = [
@@ -441,6 +441,14 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
 
 
 # --- finishing --------------------------------------------------------------------
+
+
+def storable(decision: Decision, image: np.ndarray) -> Decision:
+    """An image with NaN or infinite pixels cannot be stored, whatever the policy says: it is rejected."""
+    if np.isfinite(image).all():
+        return decision
+    reasons = ["NaN or infinite pixels: not stored"] + ([] if decision.accepted else [decision.reason])
+    return Decision(False, "; ".join(reasons))
 
 
 def _now() -> str:

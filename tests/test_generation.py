@@ -369,3 +369,34 @@ def test_an_image_with_nan_pixels_is_rejected_and_recorded_without_a_file(tmp_pa
     assert table[0]["image_path"] is None and table[0]["dicom_path"] is None and table[0]["healthy_path"] is None
     assert table[0]["content_sha256"] and (tmp_path / "shards" / "s.parquet").is_file()
     assert not (tmp_path / "rejected").exists()
+
+
+def test_the_written_pathology_mask_is_the_one_that_conditioned_the_image(tmp_path):
+    from conftest import box_label_map
+
+    from xreal.masks import read_binary_mask, resize_mask, write_mask_file
+
+    write_mask_file(tmp_path / "anatomy.png", box_label_map(128, 128))
+    lesion = np.zeros((128, 128), bool)
+    lesion[60, 40] = True  # one pixel that nearest-neighbour downsampling to 64 px would drop
+    write_mask_file(tmp_path / "lesion.png", lesion)
+    path = write_manifest(
+        [
+            {
+                "request_id": "tiny",
+                "labels": ["Lung Lesion"],
+                "num_samples": 1,
+                "anatomy_path": "anatomy.png",
+                "pathology_mask_path": "lesion.png",
+                "steps": 2,
+                "anatomy_steps": 1,
+            }
+        ],
+        tmp_path / "m.parquet",
+    )
+    config = RunConfig(manifest=path, out=tmp_path / "out", keep_rejected=True)
+    state = generation.open_run(config)
+    generation.run_batch(config, make_batches(plan(state.requests, {}, 1), 1)[0], "cpu", state.run_id)
+    written = read_binary_mask(tmp_path / "out" / "masks" / "tiny.pathology.png")
+    assert written.shape == (64, 64) and written.sum() == 1
+    assert np.array_equal(written, resize_mask(lesion, 64, rule="any"))

@@ -45,7 +45,6 @@ from xreal.errors import XRealError
 from xreal.files import read_json, sha256_file, write_json
 from xreal.judging import JudgeSet, judge_files, load_judges
 from xreal.manifest import ManifestInvalid, Request, load_requests, sample_id, validate_manifest
-from xreal.masks import resize_label_map
 from xreal.model import DEMO_BUNDLE, load_pipeline, read_bundle_record, verify_bundle
 from xreal.policy import Decision, QualityPolicy
 from xreal.settings import DEFAULT_SETTINGS
@@ -380,7 +379,7 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
         autocast_dtype=autocast,
     )
     sampled = time.perf_counter()
-    scores = judges.score(output.images, np.stack([resize_label_map(a, size) for a in anatomy]), masks)
+    scores = judges.score(output.images, np.stack([pipeline.conditioning_anatomy(a) for a in anatomy]), masks)
     decisions = [
         storable(config.policy.decide(row, s.request.labels, judges.labels, judges.realism_threshold), image)
         for row, s, image in zip(scores, samples, output.images, strict=True)
@@ -407,8 +406,8 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
             },
             image=image,
             healthy=healthy if has else None,
-            anatomy=resize_label_map(a, size),
-            pathology=resize_label_map(m, size) if m is not None else None,
+            anatomy=pipeline.conditioning_anatomy(a),
+            pathology=pipeline.conditioning_mask(m) if m is not None else None,
             scores=row,
             accepted=d.accepted,
             reason=d.reason,

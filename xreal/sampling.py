@@ -117,6 +117,15 @@ class XRealPipeline(DiffusionPipeline):
         low, high = self.config.value_range
         return ((images - low) / (high - low)).clamp(0.0, 1.0)
 
+    def conditioning_anatomy(self, label_map: np.ndarray) -> np.ndarray:
+        """An anatomy label map at the model's image size, as the pipeline conditions on it (nearest)."""
+        return resize_label_map(label_map, self.config.image_size)
+
+    def conditioning_mask(self, mask: np.ndarray) -> np.ndarray:
+        """A pathology mask at the model's image size, as the pipeline conditions on it: any overlap counts,
+        so a lesion smaller than a pixel keeps a place to be generated in."""
+        return resize_mask(mask, self.config.image_size, rule="any")
+
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(
             list(prompts),
@@ -249,12 +258,11 @@ class XRealPipeline(DiffusionPipeline):
             raise XRealError(f"num_inference_steps must be between 1 and 1000, got {steps}")
         if not 0 <= anatomy_steps <= steps:
             raise XRealError(f"anatomy_steps must be between 0 and num_inference_steps ({steps}), got {anatomy_steps}")
-        size = self.config.image_size
         texts, label_maps, pathology = [], [], []
         for i, (prompt, label_map, mask) in enumerate(zip(prompts, anatomy, masks, strict=True)):
             text = prompt if isinstance(prompt, str) else prompt_for(prompt)
             label_map = check_label_map(label_map, where=f"item {i} anatomy")
-            label_maps.append(resize_label_map(label_map, size))
+            label_maps.append(self.conditioning_anatomy(label_map))
             if (mask is None) != (text == ""):
                 raise XRealError(
                     f"item {i}: a pathology prompt needs a pathology mask and a healthy ({NO_FINDING}) item takes "
@@ -267,7 +275,7 @@ class XRealPipeline(DiffusionPipeline):
                         f"item {i}: pathology mask is {mask.shape[0]}x{mask.shape[1]} but its anatomy is "
                         f"{label_map.shape[0]}x{label_map.shape[1]}"
                     )
-                mask = resize_mask(mask, size, rule="any")
+                mask = self.conditioning_mask(mask)
             texts.append(text)
             pathology.append(mask)
         return [np.stack(label_maps), texts, [int(s) for s in seeds], pathology]

@@ -400,3 +400,23 @@ def test_the_written_pathology_mask_is_the_one_that_conditioned_the_image(tmp_pa
     written = read_binary_mask(tmp_path / "out" / "masks" / "tiny.pathology.png")
     assert written.shape == (64, 64) and written.sum() == 1
     assert np.array_equal(written, resize_mask(lesion, 64, rule="any"))
+
+
+def test_another_model_under_an_existing_run_is_refused(finished_run, tmp_path):
+    import shutil
+
+    from xreal.model import DEMO_BUNDLE, load_pipeline, save_bundle
+
+    config, *_ = finished_run
+    other = tmp_path / "other-bundle"
+    save_bundle(load_pipeline(), other)  # the same model in float32: other files, other digest
+    shutil.copytree(DEMO_BUNDLE / "judges", other / "judges")
+    with pytest.raises(RunConflict, match="model_digest"):
+        generation.open_run(
+            RunConfig(manifest=config.manifest, out=config.out, model=other, formats="both", keep_rejected=True)
+        )
+    same = tmp_path / "same-bundle"
+    shutil.copytree(DEMO_BUNDLE, same)  # identical content elsewhere is the same model: resumes
+    assert generation.open_run(
+        RunConfig(manifest=config.manifest, out=config.out, model=same, formats="both", keep_rejected=True)
+    ).run_id

@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 
 
-def use_project_prefect_home() -> None:
-    """Give embedded Prefect a project-chosen home unless the user chose one (or points at a server).
+def use_project_defaults() -> None:
+    """Give embedded Prefect a project-chosen home unless the user chose one (or points at a server),
+    and keep Dask's routine INFO logs out of the terminal.
 
-    Call before Prefect is imported: it reads these settings once.
+    Call before Prefect and Dask are imported: they read these settings once.
     """
     if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
         state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
@@ -20,3 +21,4 @@ def use_project_prefect_home() -> None:
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")

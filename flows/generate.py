@@ -25,9 +25,9 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 from prefect.states import Completed, Failed
-from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
+from flows.execution import Execution
 from xreal import generation
 from xreal.dataset import label_table_markdown
 from xreal.generation import Batch, BatchSummary, RunConfig, RunSummary
@@ -41,8 +41,10 @@ from xreal.policy import QualityPolicy
     retry_delay_seconds=[1, 5],
     cache_policy=NO_CACHE,  # the committed shards on disk are the cache: a rerun plans only what is missing
 )
-def generate_batch(config: RunConfig, batch: Batch, devices: list[str], run_id: str) -> BatchSummary:
-    """Sample, judge and write one batch on a free device."""
+def generate_batch(config: RunConfig, batch: Batch, devices: list[str] | None, run_id: str) -> BatchSummary:
+    """Sample, judge and write one batch: on a free one of ``devices``, or (None) on this Dask worker's device."""
+    if devices is None:
+        return generation.run_batch(config, batch, generation.worker_device(), run_id)
     pool = generation.device_pool(devices)
     device = pool.acquire()
     try:
@@ -51,7 +53,7 @@ def generate_batch(config: RunConfig, batch: Batch, devices: list[str], run_id: 
         pool.release(device)
 
 
-def _draw_rounds(config, state, batch_size, devices, progress, logger) -> tuple[list[BatchSummary], list[str]]:
+def _draw_rounds(config, state, batch_size, execution, runner, progress, logger) -> tuple[list, list[str]]:
     """Draw what the plan asks for, round after round, until the requests are full or out of rounds.
 
     Stops after a round in which a batch failed: redraws depend on that round's results.
@@ -66,8 +68,10 @@ def _draw_rounds(config, state, batch_size, devices, progress, logger) -> tuple[
     with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
         while todo and not failed:
             batches = generation.make_batches(todo, batch_size)
-            logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), ", ".join(devices))
-            results, failed = _run_round(config, batches, devices, state.run_id, bar, progress_id, done, total, logger)
+            logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), execution.describe())
+            results, failed = _run_round(
+                config, batches, execution, runner, state.run_id, bar, progress_id, done, total, logger
+            )
             summaries += results
             state.refresh()
             todo = generation.plan(state.requests, state.decisions, max_rounds)
@@ -79,8 +83,12 @@ def _draw_rounds(config, state, batch_size, devices, progress, logger) -> tuple[
     return summaries, failed
 
 
-def _run_round(config, batches, devices, run_id, bar, progress_id, done, total, logger) -> tuple[list, list[str]]:
-    futures = {generate_batch.submit(config, b, devices, run_id): b for b in batches}
+def _run_round(config, batches, execution, runner, run_id, bar, progress_id, done, total, logger) -> tuple[list, list]:
+    devices = execution.task_devices
+    futures = {
+        runner.submit(generate_batch, {"config": config, "batch": b, "devices": devices, "run_id": run_id}): b
+        for b in batches
+    }
     summaries, failed = [], []
     for future in as_completed(list(futures)):
         batch = futures[future]
@@ -92,11 +100,12 @@ def _run_round(config, batches, devices, run_id, bar, progress_id, done, total, 
         else:
             summaries.append(summary)
             logger.info(
-                "%s: %d accepted, %d rejected on %s (%.1f s)",
+                "%s: %d accepted, %d rejected on %s of %s (%.1f s)",
                 batch.name,
                 summary.accepted,
                 summary.rejected,
                 summary.device,
+                summary.worker,
                 sum(summary.seconds.values()),
             )
         done[0] += len(batch.samples)
@@ -105,7 +114,7 @@ def _run_round(config, batches, devices, run_id, bar, progress_id, done, total, 
     return summaries, failed
 
 
-@flow(name="generate-dataset", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="generate-dataset", log_prints=True)
 def generate_dataset(
     manifest: Path,
     out: Path,
@@ -119,6 +128,8 @@ def generate_dataset(
     precision: str = "float32",
     root: Path | None = None,
     progress: bool = True,
+    dask_workers: int = 0,
+    dask_address: str | None = None,
 ):
     """Generate the labelled, filtered dataset a manifest asks for into ``out`` (resuming what is there).
 
@@ -127,7 +138,8 @@ def generate_dataset(
         out: the run directory; rerunning into it resumes, a finished run is a no-op.
         model: the model bundle (the bundled demo model by default).
         batch_size: samples per sampler call (and per task).
-        devices: where batches run, one batch per device at a time (default ``["cpu"]``).
+        devices: where batches run, one batch per device at a time (default ``["cpu"]``); with
+            ``dask_workers``, the devices the local cluster's workers share out.
         policy: a policy YAML file or its content as a dict (:class:`QualityPolicy`; None: the defaults).
         formats: ``png``, ``dicom`` or ``both``.
         keep_rejected: also write rejected images (under ``rejected/``).
@@ -136,10 +148,12 @@ def generate_dataset(
             ``bfloat16`` autocast on GPUs.
         root: the folder manifest paths may point into (default: the manifest's folder).
         progress: show a progress bar in the terminal.
+        dask_workers: run the batches on a local Dask cluster of this many worker processes.
+        dask_address: run the batches on the Dask cluster whose scheduler is at this address.
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    devices = devices or ["cpu"]
+    execution = Execution(tuple(devices or ["cpu"]), dask_workers, dask_address)
     config = RunConfig(
         manifest=Path(manifest),
         out=Path(out),
@@ -158,10 +172,11 @@ def generate_dataset(
             message = f"{config.out}: this run is already complete; nothing to do\n{describe(finished)}"
             logger.info(message)
             return Completed(message=message, data=summary_dict(finished))
-        summaries, failed = _draw_rounds(config, state, batch_size, devices, progress, logger)
+        with execution.task_runner() as runner:
+            summaries, failed = _draw_rounds(config, state, batch_size, execution, runner, progress, logger)
         summary = generation.finalize(
             state,
-            devices=devices,
+            execution=execution.describe(),
             flow_run_id=flow_run.get_id(),
             wall_seconds=time.perf_counter() - started,
             failed_batches=failed,
@@ -183,24 +198,27 @@ def load_policy(policy: str | Path | dict | None) -> QualityPolicy:
 
 
 def run_generation(manifest: Path, out: Path, devices: list[str] | None = None, **options):
-    """Run :func:`generate_dataset` with one worker thread per device; returns the flow run's final state.
+    """Run :func:`generate_dataset` in this process; returns the flow run's final state.
 
     Prefect's embedded API takes seconds to start: it starts in the background
-    while the model and judges load onto each device, which the batches then reuse.
+    while the model and judges load onto each local device, which the batches
+    then reuse (Dask workers load their own copy on their first batch).
     """
     devices = devices or ["cpu"]
     model = Path(options.get("model") or DEMO_BUNDLE)
     policy = load_policy(options.get("policy"))
     judges = RunConfig(Path(manifest), Path(out), model=model, policy=policy).judges_source
     precision = options.get("precision", "float32")
+    on_dask = options.get("dask_workers") or options.get("dask_address")
     with ThreadPoolExecutor(max_workers=2) as pool:  # not the main thread: see generation.worker_models
         api = pool.submit(_start_embedded_api)
-        loaded = [pool.submit(generation.worker_models, model, judges, device, precision, policy) for device in devices]
+        loaded = [
+            pool.submit(generation.worker_models, model, judges, device, precision, policy)
+            for device in ([] if on_dask else devices)
+        ]
         for future in [api, *loaded]:
             future.result()
-    runner = ThreadPoolTaskRunner(max_workers=len(devices))
-    flow_with_runner = generate_dataset.with_options(task_runner=runner)
-    return flow_with_runner(manifest=manifest, out=out, devices=devices, return_state=True, **options)
+    return generate_dataset(manifest=manifest, out=out, devices=devices, return_state=True, **options)
 
 
 def _start_embedded_api() -> None:

@@ -93,7 +93,7 @@ def finished_run(tmp_path_factory):
     state = generation.open_run(config)
     batches = make_batches(plan(state.requests, state.decisions, 3), batch_size=4)
     summaries = [generation.run_batch(config, b, "cpu", state.run_id) for b in batches]
-    summary = generation.finalize(state, devices=["cpu"])
+    summary = generation.finalize(state)
     return config, state, summaries, summary
 
 

@@ -290,7 +290,19 @@ def train_judges_command(out: Path, size: int, seed: int) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 @click.option("--model", type=click.Path(file_okay=False, path_type=Path), default=None, help="Model bundle [demo].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Samples per sampler call.")
-@click.option("--device", "device", default="cpu", help="cpu, cuda (every GPU) or a list: cuda:0,cuda:1.")
+@click.option("--device", "device", default=None, help="cpu, cuda (every GPU) or a list: cuda:0,cuda:1. [cpu]")
+@click.option(
+    "--dask-workers",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Run the batches on a local Dask cluster of this many worker processes (sharing --device).",
+)
+@click.option(
+    "--dask-address",
+    default=None,
+    metavar="tcp://HOST:PORT",
+    help="Run the batches on this Dask cluster; each worker uses its own device.",
+)
 @click.option("--policy", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Quality policy YAML.")
 @click.option("--format", "formats", type=click.Choice(["png", "dicom", "both"]), default="png", help="Image files.")
 @click.option("--keep-rejected", is_flag=True, help="Also write rejected images (under rejected/).")
@@ -308,7 +320,9 @@ def generate(
     out: Path,
     model: Path | None,
     batch_size: int,
-    device: str,
+    device: str | None,
+    dask_workers: int,
+    dask_address: str | None,
     policy: Path | None,
     formats: str,
     keep_rejected: bool,
@@ -321,14 +335,20 @@ def generate(
 
     Runs as a Prefect flow: on the embedded API by default (state under
     $PREFECT_HOME, default ~/.local/state/xreal/prefect), or on the server
-    $PREFECT_API_URL names. Exits 0 when every batch ran, 1 when some failed.
+    $PREFECT_API_URL names. Batches run on this process's devices, or on a
+    Dask cluster with --dask-workers or --dask-address.
+    Exits 0 when every batch ran, 1 when some failed.
     """
-    from flows import use_project_prefect_home
+    from flows import use_project_defaults
+    from flows.execution import Execution
     from xreal.generation import parse_devices
     from xreal.model import DEMO_BUNDLE
 
-    devices = parse_devices(device)
-    use_project_prefect_home()
+    if dask_address and device:
+        raise XRealError("--device and --dask-address: the cluster's workers choose their own devices")
+    devices = parse_devices(device or "cpu")
+    Execution(tuple(devices), dask_workers, dask_address)  # conflicting options fail here, before Prefect starts
+    use_project_defaults()
     from flows.generate import load_policy, run_generation
 
     load_policy(policy)  # a bad policy fails here, before Prefect starts
@@ -345,6 +365,8 @@ def generate(
         precision=precision,
         root=root,
         progress=not quiet,
+        dask_workers=dask_workers,
+        dask_address=dask_address,
     )
     if state.is_failed() or state.is_crashed():
         try:

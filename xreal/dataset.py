@@ -257,12 +257,20 @@ def read_shards(out: str | os.PathLike[str]) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="default")
 
 
+def shard_records(out: str | os.PathLike[str]) -> dict[str, dict]:
+    """What each committed batch recorded about itself: seconds per step, device and worker."""
+    records = {}
+    for path in shard_paths(out):
+        meta = pq.read_schema(path).metadata or {}
+        records[path.stem] = json.loads(meta.get(SHARD_META_KEY, b"{}"))
+    return records
+
+
 def shard_timings(out: str | os.PathLike[str]) -> dict[str, float]:
     """Seconds spent sampling, judging and writing, summed over the shards."""
     totals: dict[str, float] = {}
-    for path in shard_paths(out):
-        meta = pq.read_schema(path).metadata or {}
-        for key, value in json.loads(meta.get(SHARD_META_KEY, b"{}")).items():
+    for record in shard_records(out).values():
+        for key, value in record.items():
             if isinstance(value, int | float):
                 totals[key] = totals.get(key, 0.0) + float(value)
     return totals

@@ -28,6 +28,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -295,12 +296,36 @@ def worker_models(
     key = (str(model), judges, device, precision, parts)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            pipeline = load_pipeline(model, device=device)
-            if precision == "float64":
-                pipeline.to(dtype=torch.float64)
+            pipeline = load_pipeline(model, device=device, dtype=torch.float64 if precision == "float64" else None)
             pipeline.set_progress_bar_config(disable=True)
             _MODELS[key] = (pipeline, load_judges(judges, device=device, anatomy=parts[0], realism=parts[1]))
         return _MODELS[key]
+
+
+def worker_device() -> str:
+    """The device of the Dask worker this runs on.
+
+    ``XREAL_DEVICE`` when set; else the entry of ``XREAL_DEVICES`` that the
+    worker's name picks (local clusters name workers 0, 1, ...); else the
+    worker's GPU (``cuda:0``: clusters give each worker one) or the CPU.
+    """
+    if os.environ.get("XREAL_DEVICE"):
+        return os.environ["XREAL_DEVICE"]
+    devices = [d for d in os.environ.get("XREAL_DEVICES", "").split(",") if d]
+    if devices:
+        from distributed import get_worker
+
+        try:
+            name = get_worker().name
+        except ValueError:  # not on a Dask worker
+            name = 0
+        return devices[name % len(devices)] if isinstance(name, int) else devices[0]
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def worker_name() -> str:
+    """Which process ran a batch (host and pid), for the shard's record."""
+    return f"{platform.node()}:{os.getpid()}"
 
 
 class DevicePool:
@@ -350,6 +375,7 @@ def parse_devices(spec: str) -> list[str]:
 class BatchSummary:
     name: str
     device: str
+    worker: str
     samples: int
     accepted: int
     rejected: int
@@ -433,10 +459,11 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
         model_note=f"xreal bundle {config.model.name} ({pipeline.config.preset} preset)",
     )
     timings = {"sampling_s": sampled - started, "judging_s": judged - sampled}
-    dataset.write_shard(config.out, batch.name, generated, options, {**timings, "device": device})
+    worker = worker_name()
+    dataset.write_shard(config.out, batch.name, generated, options, {**timings, "device": device, "worker": worker})
     timings["writing_s"] = time.perf_counter() - judged
     accepted = sum(d.accepted for d in decisions)
-    return BatchSummary(batch.name, device, len(samples), accepted, len(samples) - accepted, timings)
+    return BatchSummary(batch.name, device, worker, len(samples), accepted, len(samples) - accepted, timings)
 
 
 # --- finishing --------------------------------------------------------------------
@@ -511,7 +538,7 @@ def finished_summary(state: RunState) -> RunSummary | None:
 
 def finalize(
     state: RunState,
-    devices: Sequence[str] = ("cpu",),
+    execution: str = "threads on cpu",
     flow_run_id: str | None = None,
     wall_seconds: float | None = None,
     failed_batches: Sequence[str] = (),
@@ -522,6 +549,7 @@ def finalize(
     for path in dataset.stray_files(out, table):
         path.unlink()
     counts = dataset.tally(state.requests, table)
+    shards = dataset.shard_records(out).values()
     bundle = read_bundle_record(config.model)
     state.refresh(table)
     judges_kind = "torchxrayvision" if config.judges_source == "torchxrayvision" else "phantom"
@@ -555,7 +583,9 @@ def finalize(
         "formats": config.formats,
         "software": software_versions(),
         "git_commit": git_commit(),
-        "devices": list(devices),
+        "execution": execution,
+        "devices": sorted({r["device"] for r in shards if "device" in r}),
+        "workers": dict(Counter(r["worker"] for r in shards if "worker" in r)),
         "flow_run_id": flow_run_id,
         "timings": {**dataset.shard_timings(out), "last_run_wall_s": wall_seconds},
         "counts": counts.to_dict(),

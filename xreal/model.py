@@ -250,12 +250,18 @@ def verify_bundle(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return record
 
 
-def load_pipeline(folder: str | os.PathLike[str] | None = None, device: str = "cpu", verify: bool = True):
+def load_pipeline(
+    folder: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    verify: bool = True,
+    dtype: torch.dtype | None = None,
+):
     """Load a model bundle (the bundled demo model by default), checksums verified first."""
     from xreal.sampling import XRealPipeline
 
     folder = Path(folder) if folder is not None else DEMO_BUNDLE
     if verify:
         verify_bundle(folder)
-    pipeline = XRealPipeline.from_pretrained(folder, use_safetensors=True)
+    options = {"dtype": dtype} if dtype is not None else {}
+    pipeline = XRealPipeline.from_pretrained(folder, use_safetensors=True, **options)
     return pipeline.to(device)

@@ -1,0 +1,103 @@
+"""Where a run's batches execute: threads on this machine's devices, or a Dask cluster.
+
+- Threads (the default): one batch per device at a time in this process; the
+  models stay loaded in it.
+- A local Dask cluster (``dask_workers=N``): N worker processes on this
+  machine, one batch each at a time. With GPUs, one worker per GPU
+  (dask-cuda's ``LocalCUDACluster`` when it is installed, else each worker
+  takes the device its name picks from ``XREAL_DEVICES``). On CPUs the cores
+  are shared out among the workers.
+- An existing Dask cluster (``dask_address="tcp://..."``): its workers pick
+  their own device (:func:`xreal.generation.worker_device`) and keep their
+  models loaded across runs. Start them with ``--nthreads 1`` so a worker
+  runs one batch at a time.
+
+A worker that dies loses only the batch it was running: Dask runs that batch
+again on another worker, and the shard it never committed is written there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from xreal.errors import XRealError
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run executes its batches (see the module docstring)."""
+
+    devices: tuple[str, ...] = ("cpu",)
+    dask_workers: int = 0
+    dask_address: str | None = None
+
+    def __post_init__(self):
+        if self.dask_workers < 0:
+            raise XRealError(f"dask workers: {self.dask_workers} is not a number of workers")
+        if self.dask_workers and self.dask_address:
+            raise XRealError("give either a number of local Dask workers or the address of a Dask scheduler, not both")
+        if not self.devices:
+            raise XRealError("devices: give at least one device")
+
+    @property
+    def on_dask(self) -> bool:
+        return bool(self.dask_workers or self.dask_address)
+
+    @property
+    def task_devices(self) -> list[str] | None:
+        """What each batch task is told to run on: the device list for threads; None on Dask (the worker decides)."""
+        return None if self.on_dask else list(self.devices)
+
+    def describe(self) -> str:
+        if self.dask_address:
+            return f"Dask cluster at {self.dask_address}"
+        if self.dask_workers:
+            return f"local Dask cluster of {self.dask_workers} worker(s) on {', '.join(self.devices)}"
+        return f"threads on {', '.join(self.devices)}"
+
+    def task_runner(self) -> TaskRunner:
+        """A fresh, unstarted Prefect task runner for this execution."""
+        if not self.on_dask:
+            return ThreadPoolTaskRunner(max_workers=len(self.devices))
+        from prefect_dask import DaskTaskRunner
+
+        if self.dask_address:
+            return DaskTaskRunner(address=self.dask_address)
+        return DaskTaskRunner(**local_cluster(self.dask_workers, list(self.devices), _api_url()))
+
+
+def local_cluster(workers: int, devices: list[str], api_url: str) -> dict:
+    """``DaskTaskRunner`` arguments for a cluster of ``workers`` processes on this machine's ``devices``.
+
+    The workers report to the Prefect API at ``api_url`` (the embedded one
+    included), instead of each starting an embedded API of its own.
+    """
+    cuda = [d for d in devices if d.startswith("cuda")]
+    env = {"PREFECT_API_URL": api_url, "DASK_LOGGING__DISTRIBUTED": "warning"}
+    if cuda and importlib.util.find_spec("dask_cuda") is not None:
+        visible = ",".join(d.partition(":")[2] or "0" for d in cuda)
+        kwargs = {"n_workers": workers, "CUDA_VISIBLE_DEVICES": visible, "threads_per_worker": 1, "env": env}
+        return {"cluster_class": "dask_cuda.LocalCUDACluster", "cluster_kwargs": kwargs}
+    env["XREAL_DEVICES"] = ",".join(devices)
+    if not cuda:  # share the cores out; Dask would otherwise give every worker a single thread
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return {
+        "cluster_class": "distributed.LocalCluster",
+        "cluster_kwargs": {
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "env": env,
+        },
+    }
+
+
+def _api_url() -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)

@@ -135,7 +135,8 @@ def generate_dataset(
 
     Args:
         manifest: the Parquet manifest of requests.
-        out: the run directory; rerunning into it resumes, a finished run is a no-op.
+        out: the run directory; rerunning into it resumes, a finished run is a no-op. ``{date}`` in
+            it becomes the run's scheduled date (for schedules).
         model: the model bundle (the bundled demo model by default).
         batch_size: samples per sampler call (and per task).
         devices: where batches run, one batch per device at a time (default ``["cpu"]``); with
@@ -153,10 +154,10 @@ def generate_dataset(
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    execution = Execution(tuple(devices or ["cpu"]), dask_workers, dask_address)
+    execution = Execution(tuple(generation.parse_devices(",".join(devices or ["cpu"]))), dask_workers, dask_address)
     config = RunConfig(
         manifest=Path(manifest),
-        out=Path(out),
+        out=run_directory(out),
         model=Path(model),
         policy=load_policy(policy),
         formats=formats,
@@ -187,6 +188,13 @@ def generate_dataset(
         if failed:
             return Failed(message=message, data=summary_dict(summary))
         return Completed(message=message, data=summary_dict(summary))
+
+
+def run_directory(out: str | Path) -> Path:
+    """``out``, with ``{date}`` replaced by the run's scheduled date: a schedule writes a new dataset each time."""
+    if "{date}" not in str(out):
+        return Path(out)
+    return Path(str(out).replace("{date}", flow_run.get_scheduled_start_time().strftime("%Y-%m-%d")))
 
 
 def load_policy(policy: str | Path | dict | None) -> QualityPolicy:

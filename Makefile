@@ -2,6 +2,8 @@
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV ?= .venv
+# Extras installed with the project: dev (tests, the default); gpu (dask-cuda) in the container image.
+EXTRAS ?= dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xreal-installed
 # The local package mirror prints one warning per missing index folder; keep real errors visible.
@@ -13,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip $(QUIET)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 $(QUIET)
-	$(PY) -m pip install --quiet -e '.[dev]' $(QUIET)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]' $(QUIET)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -521,6 +521,33 @@ def weights_status_command(cache_dir: Path | None, lock: Path | None) -> None:
         sys.exit(1)
 
 
+@cli.command("verify")
+@click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="A bundle.")
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Check every bundle in this folder (where a container mounts them).",
+)
+@_cache_dir_option
+@click.option("--require-weights", multiple=True, metavar="NAME", help="Weights that must be in the cache.")
+def verify_command(
+    models: tuple[Path, ...], models_dir: Path | None, cache_dir: Path | None, require_weights: tuple[str, ...]
+) -> None:
+    """Check model bundles, their judges and the weight cache against their sha256 (default: the demo bundle).
+
+    Exits 2 naming every damaged, unrecorded or missing file.
+    """
+    from xreal.model import DEMO_BUNDLE
+    from xreal.verify import bundles_in, verify_files
+
+    bundles = [*models, *(bundles_in(models_dir) if models_dir else [])]
+    if models_dir and not bundles_in(models_dir):
+        raise XRealError(f"{models_dir}: no model bundle in it (a folder with model_index.json)")
+    for line in verify_files(bundles or [DEMO_BUNDLE], cache_dir, require_weights):
+        click.echo(line)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="xreal")

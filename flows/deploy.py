@@ -51,10 +51,10 @@ def serve_generation(
 
     from flows.generate import generate_dataset
 
-    require_server("xreal serve")
     parameters = {"progress": False, **(parameters or {})}
     if cron and not {"manifest", "out"} <= parameters.keys():
         raise XRealError("a schedule needs --manifest and --out: its runs have nobody to ask")
+    require_server("xreal serve")
     deployment = generate_dataset.to_deployment(
         name=name,
         cron=cron,
@@ -75,6 +75,7 @@ def submit_generation(
     that mounts the same storage.
     """
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_UI_URL
 
     require_server("xreal submit")
@@ -85,12 +86,10 @@ def submit_generation(
         deployment = f"{FLOW_NAME}/{deployment}"
     try:
         run = run_deployment(deployment, parameters=parameters, timeout=None if wait else 0, as_subflow=False)
-    except Exception as exc:
-        if type(exc).__name__ == "ObjectNotFound":
-            raise XRealError(
-                f"no deployment {deployment!r} on {require_server('xreal submit')}: "
-                "start `xreal serve`, or deploy infra/prefect.yaml (see infra/README.md)"
-            ) from None
-        raise
+    except ObjectNotFound:
+        raise XRealError(
+            f"no deployment {deployment!r} on {require_server('xreal submit')}: "
+            "start `xreal serve`, or deploy infra/prefect.yaml (see infra/README.md)"
+        ) from None
     ui = PREFECT_UI_URL.value() or require_server("xreal submit").removesuffix("/api")
     return run, f"{ui.rstrip('/')}/runs/flow-run/{run.id}"

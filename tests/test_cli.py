@@ -123,3 +123,40 @@ def test_phantom_command_writes_a_training_set_and_keeps_existing_ones(tmp_path)
     assert pq.read_table(out / "index.parquet").num_rows == 5
     assert run("phantom", "--count", 2, "--out", out, "--overwrite").exit_code == 0
     assert len(list((out / "images").glob("*.png"))) == 2  # files of the replaced set are removed
+
+
+def test_run_options_that_contradict_each_other_or_need_a_server_exit_2_before_anything_starts(manifest, tmp_path):
+    out = tmp_path / "out"
+    both = run("generate", manifest, "--out", out, "--dask-workers", "2", "--dask-address", "tcp://127.0.0.1:1")
+    assert both.exit_code == 2 and "not both" in both.output
+    device = run("generate", manifest, "--out", out, "--device", "cpu", "--dask-address", "tcp://127.0.0.1:1")
+    assert device.exit_code == 2 and "workers choose their own devices" in device.output
+    bad_device = run("generate", manifest, "--out", out, "--device", "gpu7")
+    assert bad_device.exit_code == 2 and "gpu7" in bad_device.output
+    assert not out.exists()
+
+    for command in (["serve"], ["submit", manifest, "--out", out]):
+        result = run(*command)
+        assert result.exit_code == 2, result.output
+        assert "needs a Prefect server" in result.output and "PREFECT_API_URL" in result.output
+    scheduled = run("serve", "--cron", "0 2 * * *")
+    assert scheduled.exit_code == 2 and "a schedule needs --manifest and --out" in scheduled.output
+
+
+def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_path, monkeypatch):
+    import flows.deploy
+
+    sent = {}
+
+    def fake_submit(deployment, path, out, parameters, wait=False):
+        sent.update(deployment=deployment, parameters=parameters)
+        raise click.exceptions.Exit(0)
+
+    monkeypatch.setattr(flows.deploy, "submit_generation", fake_submit)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("retries: {max_rounds: 2}\n")
+    result = run("submit", manifest, "--out", "o", "--device", "cuda:1", "--policy", policy, "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    # cuda:1 is the serving machine's business, not this one's; the rest keep the deployment's defaults
+    assert sent["parameters"] == {"devices": ["cuda:1"], "policy": str(policy.resolve()), "batch_size": 4}
+    assert sent["deployment"] == "generate-dataset"

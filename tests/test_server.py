@@ -66,6 +66,8 @@ def test_xreal_serve_runs_submitted_runs_on_its_schedule_and_one_writer_per_dire
             assert run["state_type"] == "COMPLETED" and run["parameters"]["out"] == str(out)
             assert_complete_dataset(out)
             assert json.loads((out / "dataset.json").read_text())["flow_run_id"] == run["id"]
+            missing = submit(env, path, tmp_path / "elsewhere", "no-such-deployment")
+            assert missing.returncode == 2 and "no deployment 'generate-dataset/no-such-deployment'" in missing.stderr
 
             # Two runs at once into one directory: one writes it, the other is refused (or finds it done).
             twin = tmp_path / "twin"

@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/manifest_scale.py
 	$(PY) benchmarks/phantom_speed.py
 	$(PY) benchmarks/pipeline_overhead.py
+	$(PY) benchmarks/scaling.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

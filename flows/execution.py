@@ -74,26 +74,42 @@ def local_cluster(workers: int, devices: list[str], api_url: str) -> dict:
     """``DaskTaskRunner`` arguments for a cluster of ``workers`` processes on this machine's ``devices``.
 
     The workers report to the Prefect API at ``api_url`` (the embedded one
-    included), instead of each starting an embedded API of its own.
+    included), instead of each starting an embedded API of its own, and share
+    the CPU cores out among themselves.
     """
     cuda = [d for d in devices if d.startswith("cuda")]
+    share = str(max(1, (os.cpu_count() or 1) // workers))
     env = {"PREFECT_API_URL": api_url, "DASK_LOGGING__DISTRIBUTED": "warning"}
+    env |= {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "OPENBLAS_NUM_THREADS": share}
+    kwargs = {"n_workers": workers, "threads_per_worker": 1, "env": env}
     if cuda and importlib.util.find_spec("dask_cuda") is not None:
         visible = ",".join(d.partition(":")[2] or "0" for d in cuda)
-        kwargs = {"n_workers": workers, "CUDA_VISIBLE_DEVICES": visible, "threads_per_worker": 1, "env": env}
-        return {"cluster_class": "dask_cuda.LocalCUDACluster", "cluster_kwargs": kwargs}
-    env["XREAL_DEVICES"] = ",".join(devices)
-    if not cuda:  # share the cores out; Dask would otherwise give every worker a single thread
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-    return {
-        "cluster_class": "distributed.LocalCluster",
-        "cluster_kwargs": {
-            "n_workers": workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "env": env,
-        },
-    }
+        kwargs |= {"kind": "dask_cuda.LocalCUDACluster", "CUDA_VISIBLE_DEVICES": visible}
+    else:
+        env["XREAL_DEVICES"] = ",".join(devices)
+        kwargs |= {"kind": "distributed.LocalCluster", "processes": True}
+    return {"cluster_class": start_local_cluster, "cluster_kwargs": kwargs}
+
+
+# Dask gives its worker processes MALLOC_TRIM_THRESHOLD_=65536. Setting it turns off glibc's adaptive mmap
+# threshold, so torch's large CPU buffers go back to the kernel after every use: the demo sampler ran 3-4x
+# slower in such a worker. Workers started here keep glibc's defaults; infra/dask/config does the same for
+# clusters started elsewhere.
+WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+DASK_MALLOC_TRIM = "65536"
+
+
+def start_local_cluster(kind: str = "distributed.LocalCluster", **kwargs):
+    """Start a local Dask cluster of class ``kind`` (a qualified name) whose workers suit torch."""
+    import dask
+    from prefect.utilities.importtools import from_qualified_name
+
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == DASK_MALLOC_TRIM:
+        # left by a Dask nanny started earlier in this process (nannies copy their settings into
+        # os.environ), where it would win over the setting above
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
+    with dask.config.set(WORKER_DASK_CONFIG):
+        return from_qualified_name(kind)(**kwargs)
 
 
 def _api_url() -> str:

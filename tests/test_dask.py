@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_generate_flow import hashes, manifest
 
-from flows.execution import Execution, local_cluster
+from flows.execution import Execution, local_cluster, start_local_cluster
 from xreal.errors import XRealError
 from xreal.run_audit import audit_run
 
@@ -98,14 +98,30 @@ def test_execution_choices_are_checked_and_local_clusters_get_a_device_each():
     assert Execution(("cuda:0", "cuda:1")).task_devices == ["cuda:0", "cuda:1"]
     assert Execution(("cpu",), dask_address="tcp://h:8786").task_devices is None  # the worker decides
 
-    gpus = local_cluster(2, ["cuda:0", "cuda:1"], "http://127.0.0.1:4200/api")
-    env = gpus["cluster_kwargs"]["env"]
-    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
-    if gpus["cluster_class"] == "distributed.LocalCluster":  # dask-cuda is not installed
-        assert env["XREAL_DEVICES"] == "cuda:0,cuda:1" and "OMP_NUM_THREADS" not in env
-    cpus = local_cluster(2, ["cpu"], "http://127.0.0.1:4200/api")["cluster_kwargs"]
-    assert cpus["n_workers"] == 2 and cpus["threads_per_worker"] == 1
-    assert int(cpus["env"]["OMP_NUM_THREADS"]) == max(1, (os.cpu_count() or 1) // 2)
+    gpus = local_cluster(2, ["cuda:0", "cuda:1"], "http://127.0.0.1:4200/api")["cluster_kwargs"]
+    assert gpus["env"]["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    if gpus["kind"] == "distributed.LocalCluster":  # dask-cuda is not installed
+        assert gpus["env"]["XREAL_DEVICES"] == "cuda:0,cuda:1"
+    else:
+        assert gpus["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_local_workers_share_the_cores_and_keep_glibcs_malloc_defaults():
+    from distributed import Client
+
+    options = local_cluster(2, ["cpu"], "http://127.0.0.1:4200/api")
+    assert options["cluster_class"] is start_local_cluster
+    share = max(1, (os.cpu_count() or 1) // 2)
+    with start_local_cluster(**options["cluster_kwargs"]) as cluster, Client(cluster) as client:
+
+        def setup():
+            import torch
+
+            return os.environ.get("MALLOC_TRIM_THRESHOLD_"), torch.get_num_threads(), os.environ["XREAL_DEVICES"]
+
+        found = client.run(setup)
+    assert len(found) == 2
+    assert set(found.values()) == {(None, share, "cpu")}  # Dask would set 65536 and one thread
 
 
 def test_a_worker_finds_its_device(monkeypatch):

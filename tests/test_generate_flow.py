@@ -199,3 +199,22 @@ def test_generate_names_a_missing_judge_weight_file_and_writes_nothing(prefect_a
     assert "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121" in result.output
     assert str(tmp_path / "empty-cache") in result.output and "xreal weights fetch" in result.output
     assert not out.exists()
+
+
+def test_date_in_the_run_directory_becomes_the_runs_scheduled_date(prefect_api):
+    import datetime
+    from pathlib import Path
+
+    from prefect import flow
+
+    from flows.generate import run_directory
+
+    @flow
+    def scheduled_run():
+        return run_directory("/data/nightly/{date}"), run_directory("/data/fixed")
+
+    before = datetime.datetime.now(datetime.UTC).date()
+    dated, fixed = scheduled_run()
+    after = datetime.datetime.now(datetime.UTC).date()
+    assert dated in {Path(f"/data/nightly/{day:%Y-%m-%d}") for day in (before, after)}
+    assert fixed == Path("/data/fixed")

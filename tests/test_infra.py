@@ -169,3 +169,20 @@ def test_the_dask_recipes_give_each_worker_one_gpu_and_one_thread():
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --cpus-per-task=6" in script and "#SBATCH -p gpu" in script
     assert "export XREAL_DEVICE=cuda:0" in script
     assert re.search(r"/shared/venv/bin/python -m distributed.cli.dask_worker .* --nthreads 1 ", script)
+
+
+def test_workers_started_from_the_recipes_keep_glibcs_malloc_defaults():
+    import dask
+    from distributed.nanny import _get_env_variables
+
+    recipe = dask.config.collect(paths=[str(INFRA / "dask" / "config")], env={})
+    with dask.config.set(dask.config.merge(dask.config.config, recipe)):  # as DASK_CONFIG adds it
+        environ = _get_env_variables("distributed.nanny.pre-spawn-environ")
+    assert "MALLOC_TRIM_THRESHOLD_" not in environ and environ["OMP_NUM_THREADS"] == "1"
+    with dask.config.set({}):  # Dask's default, for contrast
+        assert "MALLOC_TRIM_THRESHOLD_" in _get_env_variables("distributed.nanny.pre-spawn-environ")
+
+    image_config = next(arg for op, arg in dockerfile_instructions() if op == "ENV" and "DASK_CONFIG=" in arg)
+    assert "DASK_CONFIG=/opt/xreal/infra/dask/config" in image_config  # /opt/xreal holds the project's infra/
+    worker = yaml.safe_load((INFRA / "dask" / "kubernetes.yaml").read_text())["spec"]["worker"]["spec"]
+    assert {"name": "DASK_CONFIG", "value": "/opt/xreal/infra/dask/config"} in worker["containers"][0]["env"]

@@ -288,8 +288,9 @@ def worker_models(
 ):
     """The pipeline and judges of this process on ``device``, loaded once and kept.
 
-    Load them off the main thread: torch runs models loaded on the main thread
-    markedly slower (about 1.6x here) from the task runner's threads.
+    Load them off the main thread: torch work on the main thread (building a
+    model included) leaves an OpenMP thread team there that competes with the
+    task threads' own, and batches ran about 1.6x slower here.
     """
     policy = policy or QualityPolicy()
     parts = (policy.anatomy.enabled, policy.realism.enabled)

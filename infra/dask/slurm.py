@@ -9,7 +9,8 @@ Run it on a login node (it hosts the scheduler and stays in the foreground):
 
 Each job asks for one GPU and runs one worker with one thread: the worker sees
 its GPU as cuda:0 (``XREAL_DEVICE``), runs one batch at a time and keeps its
-model loaded across runs. Paths must be on storage every node mounts. Workers
+model loaded across runs. Its nanny keeps glibc's malloc defaults
+(``infra/dask/config``). Paths must be on storage every node mounts. Workers
 report to the Prefect server in ``PREFECT_API_URL``, which must be reachable
 from the compute nodes. ``--print-script`` shows the job script without submitting.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 
 def slurm_cluster(
@@ -32,7 +34,8 @@ def slurm_cluster(
     """A ``dask_jobqueue.SLURMCluster`` whose jobs are one single-threaded worker on one GPU (no jobs yet)."""
     from dask_jobqueue import SLURMCluster
 
-    prologue = ["export XREAL_DEVICE=cuda:0"]
+    config = Path(__file__).resolve().parent / "config"  # on shared storage, like the project
+    prologue = ["export XREAL_DEVICE=cuda:0", f"export DASK_CONFIG={config}"]
     if os.environ.get("PREFECT_API_URL"):
         prologue.append(f"export PREFECT_API_URL={os.environ['PREFECT_API_URL']}")
     return SLURMCluster(

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="N (a multiple of the demo's 16 requests)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps per stage")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--tiny-batches", type=int, default=1000, help="B")
+    parser.add_argument("--tiny-batches", type=int, default=1000, help="B (0: skip part 2)")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
 
@@ -93,6 +93,8 @@ def main() -> None:
             )
 
     b = args.tiny_batches
+    if b < 2:
+        return
     one, many = tiny_manifest(work / "tiny-1.parquet", 1), tiny_manifest(work / f"tiny-{b}.parquet", b)
     print(f"\n2. Orchestration per batch: {b} batches of one sample at one DDIM step")
     for name, runner, workers in (("threads", [], 1), ("dask-2", RUNNERS["dask-2"], 2)):

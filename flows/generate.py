@@ -166,6 +166,12 @@ def generate_dataset(
         precision=precision,
         root=Path(root) if root else None,
     )
+    if dask_address and not PREFECT_API_URL.value():
+        logger.warning(
+            "the workers at %s cannot report to this process's embedded Prefect API: they record their "
+            "tasks in an API of their own; set PREFECT_API_URL to a server to see them with the run",
+            dask_address,
+        )
     with generation.run_lock(config.out):  # one writer per run directory
         state = generation.open_run(config)
         finished = generation.finished_summary(state)

@@ -1,6 +1,9 @@
-"""Synthetic images as DICOM: Secondary Capture objects that say plainly what they are.
+"""DICOM in and out: real radiographs read for display values, synthetic images written as what they are.
 
-Each file is a Secondary Capture Image Storage object with conversion type
+Reading (:func:`read_dicom_image`) applies what the file says about its
+pixels, in the standard's order: bits stored, the modality LUT (rescale slope
+and intercept), the VOI LUT or window, and MONOCHROME1 inversion; it keeps the
+pixel spacing. Writing: each file is a Secondary Capture Image Storage object with conversion type
 ``SYN`` (synthetic image), image type ``DERIVED\\SECONDARY``, 16-bit
 MONOCHROME2 pixels, no patient identifiers, and comments naming the model and
 request that produced it. UIDs are derived from the dataset and sample ids,
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +126,88 @@ def read_dicom_pixels(path: str | os.PathLike[str]) -> np.ndarray:
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         pixels = (1 << int(ds.BitsStored)) - 1 - pixels
     return pixels
+
+
+class DicomError(XRealError):
+    """A file that is not a readable grayscale DICOM image; the message names it."""
+
+
+@dataclass
+class DicomImage:
+    """A radiograph as displayed: ``pixels`` float32 in [0, 1], 0 black (MONOCHROME2 conventions)."""
+
+    pixels: np.ndarray
+    pixel_spacing: tuple[float, float] | None  # mm between row centres, between column centres
+    view_position: str | None
+    sop_instance_uid: str | None
+
+
+def read_dicom_image(path: str | os.PathLike[str]) -> DicomImage:
+    """Read a grayscale DICOM image as it is meant to be displayed (see the module docstring).
+
+    Values are scaled by the range the last applied step can produce (the LUT's
+    entry depth, or the stored bits through the rescale), not by the image's own
+    minimum and maximum, so exposure differences between images survive.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise DicomError(f"{path}: not a readable DICOM file ({exc})") from None
+    if "PixelData" not in ds:
+        raise DicomError(f"{path}: DICOM file without pixel data ({ds.get('Modality', 'no modality')})")
+    photometric = ds.get("PhotometricInterpretation")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(f"{path}: not a grayscale image (PhotometricInterpretation {photometric})")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise DicomError(f"{path}: {ds.NumberOfFrames} frames; a radiograph has one")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # a missing codec or damaged pixel data: pydicom raises several kinds
+        raise DicomError(f"{path}: cannot decode the pixel data ({exc})") from None
+    low, high = _stored_range(ds)
+    modality = apply_modality_lut(stored, ds)
+    if ds.get("ModalityLUTSequence"):
+        low, high = _lut_range(ds.ModalityLUTSequence[0])
+    elif modality is not stored:  # rescale slope and intercept
+        low, high = sorted(float(v) for v in apply_modality_lut(np.array([low, high]), ds))
+    shown = apply_voi_lut(modality, ds)
+    if shown is not modality and ds.get("VOILUTSequence"):
+        low, high = _lut_range(ds.VOILUTSequence[0])
+    # a window maps into the modality output range, which low and high already hold
+    pixels = np.clip((np.asarray(shown, dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return DicomImage(
+        pixels=pixels.astype(np.float32),
+        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+        view_position=str(ds.ViewPosition) if ds.get("ViewPosition") else None,
+        sop_instance_uid=str(ds.SOPInstanceUID) if ds.get("SOPInstanceUID") else None,
+    )
+
+
+def _stored_range(ds: Dataset) -> tuple[float, float]:
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    return 0.0, float(2**bits - 1)
+
+
+def _lut_range(item: Dataset) -> tuple[float, float]:
+    return 0.0, float(2 ** int(item.LUTDescriptor[2]) - 1)
+
+
+def read_dicom_images(paths: Iterable[str | os.PathLike[str]]) -> tuple[dict[Path, DicomImage], list[str]]:
+    """Read many DICOM files; the unreadable or non-image ones are reported, not fatal.
+
+    Returns the images by path and one line per file that could not be used.
+    """
+    images, problems = {}, []
+    for path in map(Path, paths):
+        try:
+            images[path] = read_dicom_image(path)
+        except DicomError as exc:
+            problems.append(str(exc))
+    return images, problems

@@ -1,0 +1,169 @@
+"""MIMIC-CXR-JPG's tables as training-index rows: metadata, official split and CheXpert labels, joined.
+
+Reads the three tables PhysioNet ships with MIMIC-CXR-JPG 2.0.0, from the
+dataset's root folder, without opening an image:
+
+- ``mimic-cxr-2.0.0-metadata.csv.gz``: one row per image (``dicom_id``,
+  ``subject_id``, ``study_id``, ``ViewPosition``, ``Rows``, ``Columns``, ...);
+- ``mimic-cxr-2.0.0-split.csv.gz``: the official ``train``/``validate``/``test``
+  split per image;
+- ``mimic-cxr-2.0.0-chexpert.csv.gz``: CheXpert labeler output per study
+  (``subject_id``, ``study_id`` and the 14 labels).
+
+Images live at ``files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg`` under the root (NN:
+the subject id's first two digits). Labels are kept as given: 1 positive, 0
+negative, -1 uncertain, blank (null) not mentioned; what a consumer does with
+-1 and null is its own policy (``manifests/README.md``). Frontal views (PA,
+AP) are kept by default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from xreal.errors import XRealError
+from xreal.labels import CHEXPERT_LABELS
+from xreal.training_index import TRAINING_INDEX_SCHEMA
+
+METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv.gz"
+SPLIT_FILE = "mimic-cxr-2.0.0-split.csv.gz"
+CHEXPERT_FILE = "mimic-cxr-2.0.0-chexpert.csv.gz"
+FRONTAL_VIEWS = ("PA", "AP")
+SPLITS = ("train", "validate", "test")
+LABEL_VALUES = (1.0, 0.0, -1.0)
+SOURCE = "mimic-cxr"
+
+
+class MimicError(XRealError):
+    """A MIMIC-CXR table that is missing or not in the published layout; the message names the file."""
+
+
+@dataclass
+class MimicReport:
+    """What :func:`mimic_index` read, kept and dropped."""
+
+    images: int = 0
+    kept: int = 0
+    other_views: dict[str, int] = field(default_factory=dict)
+    without_labels: int = 0  # studies the CheXpert table does not list: all labels null
+
+    def to_text(self) -> str:
+        views = ", ".join(f"{view or 'none'} {n}" for view, n in sorted(self.other_views.items())) or "none"
+        return (
+            f"{self.images} images in the metadata, {self.kept} kept; other views left out: {views}; "
+            f"{self.without_labels} kept images have no CheXpert row (labels null)"
+        )
+
+
+def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
+    """Where MIMIC-CXR-JPG keeps an image, relative to its root."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+
+
+def read_table(path: Path, columns: dict[str, pa.DataType]) -> pd.DataFrame:
+    """Read the named columns of one of the published CSV tables (gzip or not), typed."""
+    if not path.is_file():
+        raise MimicError(f"{path}: missing; download {path.name} from PhysioNet's MIMIC-CXR-JPG 2.0.0 into this folder")
+    try:
+        header = pacsv.open_csv(path).schema.names
+        absent = [name for name in columns if name not in header]
+        if absent:
+            raise MimicError(f"{path}: no column {', '.join(absent)} (columns: {', '.join(header)})")
+        table = pacsv.read_csv(
+            path, convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=columns)
+        )
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        raise MimicError(f"{path}: not a readable CSV table ({exc})") from None
+    return table.to_pandas()
+
+
+def mimic_index(
+    root: str | os.PathLike[str], views: tuple[str, ...] | None = FRONTAL_VIEWS
+) -> tuple[pa.Table, MimicReport]:
+    """Training-index rows for the MIMIC-CXR-JPG images under ``root`` (paths relative to it).
+
+    ``views``: the ``ViewPosition`` values to keep (None: every image).
+    """
+    root = Path(root)
+    ids = {"dicom_id": pa.string(), "subject_id": pa.string(), "study_id": pa.string()}
+    meta = read_table(
+        root / METADATA_FILE, {**ids, "ViewPosition": pa.string(), "Rows": pa.int32(), "Columns": pa.int32()}
+    )
+    split = read_table(root / SPLIT_FILE, {**ids, "split": pa.string()})
+    labels = read_table(
+        root / CHEXPERT_FILE,
+        {"subject_id": pa.string(), "study_id": pa.string()} | {label: pa.float32() for label in CHEXPERT_LABELS},
+    )
+    _check_unique(meta, ["dicom_id"], root / METADATA_FILE)
+    _check_unique(split, ["dicom_id"], root / SPLIT_FILE)
+    _check_unique(labels, ["subject_id", "study_id"], root / CHEXPERT_FILE)
+    _check_values(split, "split", SPLITS, root / SPLIT_FILE)
+    for label in CHEXPERT_LABELS:
+        _check_values(labels, label, LABEL_VALUES, root / CHEXPERT_FILE)
+
+    report = MimicReport(images=len(meta))
+    if views is not None:
+        frontal = meta["ViewPosition"].isin(views)
+        report.other_views = meta.loc[~frontal, "ViewPosition"].fillna("").value_counts().to_dict()
+        meta = meta[frontal]
+    joined = meta.merge(split, on="dicom_id", how="left", suffixes=("", "_split"), validate="one_to_one")
+    unsplit = joined["split"].isna()
+    if unsplit.any():
+        first = joined.loc[unsplit, "dicom_id"].iloc[0]
+        raise MimicError(f"{root / SPLIT_FILE}: no split for {int(unsplit.sum())} image(s), e.g. dicom_id {first}")
+    moved = (joined["subject_id"] != joined["subject_id_split"]) | (joined["study_id"] != joined["study_id_split"])
+    if moved.any():
+        first = joined.loc[moved, "dicom_id"].iloc[0]
+        raise MimicError(f"{root / SPLIT_FILE}: dicom_id {first} has another subject or study than in {METADATA_FILE}")
+    joined = joined.merge(labels, on=["subject_id", "study_id"], how="left", indicator=True, validate="many_to_one")
+    report.without_labels = int((joined["_merge"] == "left_only").sum())
+    report.kept = len(joined)
+    return _as_index(joined), report
+
+
+def _as_index(frame: pd.DataFrame) -> pa.Table:
+    n = len(frame)
+    paths = [
+        image_path(s, t, d) for s, t, d in zip(frame["subject_id"], frame["study_id"], frame["dicom_id"], strict=True)
+    ]
+    columns = {
+        "image_id": pa.array(frame["dicom_id"], pa.string()),
+        "image_path": pa.array(paths, pa.string()),
+        "anatomy_path": pa.nulls(n, pa.string()),
+        "height": pa.array(frame["Rows"], pa.int32()),
+        "width": pa.array(frame["Columns"], pa.int32()),
+        "view_position": pa.array(frame["ViewPosition"], pa.string()),
+        "split": pa.array(frame["split"], pa.string()),
+        "source": pa.array(np.full(n, SOURCE, dtype=object), pa.string()),
+        "subject_id": pa.array(frame["subject_id"], pa.string()),
+        **{label: pa.array(frame[label], pa.float32(), from_pandas=True) for label in CHEXPERT_LABELS},
+    }
+    for name in TRAINING_INDEX_SCHEMA.names:
+        columns.setdefault(name, pa.nulls(n, TRAINING_INDEX_SCHEMA.field(name).type))
+    return pa.table(columns, schema=TRAINING_INDEX_SCHEMA)
+
+
+def _check_unique(frame: pd.DataFrame, keys: list[str], path: Path) -> None:
+    repeated = frame.duplicated(keys, keep=False)
+    if repeated.any():
+        row = int(np.flatnonzero(repeated.to_numpy())[0])
+        first = ", ".join(f"{k} {frame[k].iloc[row]}" for k in keys)
+        raise MimicError(f"{path}: {first} appears more than once (line {row + 2})")
+
+
+def _check_values(frame: pd.DataFrame, column: str, allowed: tuple, path: Path) -> None:
+    values = frame[column]
+    bad = values.notna() & ~values.isin(allowed)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        expected = ", ".join(map(str, allowed)) + (" or blank" if column in CHEXPERT_LABELS else "")
+        value = values.iloc[row]
+        value = value.item() if hasattr(value, "item") else value
+        raise MimicError(f"{path}: line {row + 2}, column {column!r}: {value!r} is not one of {expected}")

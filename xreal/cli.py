@@ -548,6 +548,60 @@ def verify_command(
         click.echo(line)
 
 
+@cli.group("ingest", cls=_Group)
+def ingest_group() -> None:
+    """Bring real datasets in as training sets (images and anatomy at the training size, and an index)."""
+
+
+@ingest_group.command("mimic", context_settings={"show_default": True})
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Training set folder.")
+@click.option("--size", type=click.IntRange(16, 4096), default=256, help="Training resolution (square).")
+@click.option(
+    "--chexmask",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CheXmask's MIMIC-CXR-JPG CSV: anatomy maps for the images it covers.",
+)
+@click.option("--min-dice", type=click.FloatRange(0, 1), default=0.7, help="Keep masks with Dice RCA (Mean) >= this.")
+@click.option("--views", default="PA,AP", help="ViewPosition values to keep, or 'all'.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (a trial run).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [every core].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def ingest_mimic_command(
+    root: Path,
+    out: Path,
+    size: int,
+    chexmask: Path | None,
+    min_dice: float,
+    views: str,
+    limit: int | None,
+    workers: int | None,
+    quiet: bool,
+) -> None:
+    """Make a training set from MIMIC-CXR-JPG 2.0.0 at ROOT (its three tables and files/), resumably.
+
+    ROOT holds mimic-cxr-2.0.0-metadata.csv.gz, -split.csv.gz, -chexpert.csv.gz
+    and files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg, as PhysioNet ships them.
+    """
+    from xreal.chexmask import read_chexmask
+    from xreal.ingest import build_training_set
+    from xreal.mimic import mimic_index
+
+    keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
+    source, report = mimic_index(root, views=keep)
+    if limit is not None:
+        source = source.slice(0, limit)
+    click.echo(report.to_text())
+    masks = None
+    if chexmask is not None:
+        masks, mask_report = read_chexmask(chexmask, source.column("image_id").to_pylist(), min_dice=min_dice)
+        click.echo(mask_report.to_text())
+    index, ingested = build_training_set(source, root, out, size=size, masks=masks, workers=workers, progress=not quiet)
+    click.echo(ingested.to_text())
+    click.echo(f"wrote {index}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="xreal")

@@ -1,0 +1,156 @@
+"""Real images into a training set: source rows in, resized images and anatomy maps at the training size out.
+
+A *source index* is a training-index table whose ``image_path`` points into a
+dataset's own folder (``xreal.mimic.mimic_index`` makes one). :func:`build_training_set`
+reads each image (JPEG/PNG, or DICOM through ``xreal.dicom.read_dicom_image``),
+resizes it to ``size`` x ``size`` (as the reference implementation does, without
+keeping the aspect ratio; CheXmask masks are resized the same way), writes it as
+a 16-bit PNG with its CheXmask label map, and writes ``index.parquet`` last, with
+paths relative to the training set. Images are processed by a pool of
+processes; files already written are kept, so an interrupted run resumes.
+An unreadable image or an unusable mask is reported and left out, not fatal.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from PIL import Image
+from tqdm.auto import tqdm
+
+from xreal.chexmask import ChexmaskError, anatomy_map
+from xreal.dicom import DicomError, read_dicom_image
+from xreal.errors import XRealError
+from xreal.images import read_image, write_png16
+from xreal.masks import resize_label_map, write_mask_file
+from xreal.training_index import INDEX_FILE, TRAINING_INDEX_SCHEMA, write_training_index
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+@dataclass
+class IngestReport:
+    images: int = 0
+    written: int = 0
+    resumed: int = 0
+    with_anatomy: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def to_text(self) -> str:
+        lines = [
+            f"{self.images} source images: {self.written} in the training set ({self.resumed} already there), "
+            f"{self.with_anatomy} with an anatomy map, {len(self.problems)} left out or without anatomy"
+        ]
+        lines += [f"  {p}" for p in self.problems[:20]]
+        if len(self.problems) > 20:
+            lines.append(f"  ... and {len(self.problems) - 20} more")
+        return "\n".join(lines)
+
+
+def load_source_image(path: Path) -> np.ndarray:
+    """A source image as float32 in [0, 1], 0 black: DICOM as displayed, JPEG or PNG as stored."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return read_dicom_image(path).pixels
+    if not path.is_file():
+        raise XRealError(f"{path}: no such image file")
+    return read_image(path)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``size`` x ``size`` with an antialiasing filter (area-like when shrinking)."""
+    resized = Image.fromarray(np.asarray(image, dtype=np.float32), mode="F").resize((size, size), Image.BOX)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool]:
+    """Write one image (and its anatomy map); returns its index row, a problem, and whether it was resumed."""
+    row, root, out, size, mask = task
+    image_id = row["image_id"]
+    image_rel, anatomy_rel = f"images/{image_id}.png", f"anatomy/{image_id}.png"
+    resumed = (out / image_rel).is_file() and (mask is None or (out / anatomy_rel).is_file())
+    problem = None
+    try:
+        if not resumed:
+            image = load_source_image(root / row["image_path"])
+            height, width = image.shape
+            if mask is not None:
+                try:
+                    label_map = anatomy_map(mask, height, width, where=f"{image_id}")
+                    write_mask_file(out / anatomy_rel, resize_label_map(label_map, (size, size)))
+                except ChexmaskError as exc:
+                    problem, mask = str(exc), None
+            write_png16(out / image_rel, resize_image(image, size))
+    except (XRealError, DicomError) as exc:
+        return None, f"{image_id}: {exc}", False
+    new = dict(row, image_path=image_rel, anatomy_path=anatomy_rel if mask is not None else None)
+    new.update(height=size, width=size)
+    return new, problem, resumed
+
+
+def build_training_set(
+    source: pa.Table,
+    root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    size: int = 256,
+    masks: pd.DataFrame | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[Path, IngestReport]:
+    """Write the images of ``source`` (paths relative to ``root``) into a training set at ``out``.
+
+    Args:
+        source: source-index rows (the training-index schema).
+        root: the folder the source's image paths are relative to.
+        out: the training set folder; rerunning into it resumes.
+        size: the training resolution (square).
+        masks: CheXmask rows indexed by image id (:func:`xreal.chexmask.read_chexmask`); None: no anatomy.
+        workers: processes (default: every core).
+        progress: show a progress bar.
+    """
+    if size < 16:
+        raise XRealError(f"--size {size}: too small for a chest X-ray (at least 16)")
+    root, out = Path(root), Path(out)
+    rows = source.to_pylist()
+    tasks = [
+        (
+            row,
+            root,
+            out,
+            size,
+            masks.loc[row["image_id"]] if masks is not None and row["image_id"] in masks.index else None,
+        )
+        for row in rows
+    ]
+    report = IngestReport(images=len(rows))
+    kept = []
+    workers = workers or os.cpu_count() or 1
+    with (
+        ProcessPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(tasks), unit="img", desc="ingest", disable=not progress) as bar,
+    ):
+        for new, problem, resumed in pool.map(
+            _ingest_one, tasks, chunksize=max(1, min(64, len(tasks) // (8 * workers) or 1))
+        ):
+            bar.update()
+            if problem:
+                report.problems.append(problem)
+            if new is None:
+                continue
+            kept.append(new)
+            report.written += 1
+            report.resumed += resumed
+            report.with_anatomy += new["anatomy_path"] is not None
+    if masks is not None:
+        report.problems += [
+            f"{r['image_id']}: no CheXmask mask (or below the quality threshold)"
+            for r in rows
+            if r["image_id"] not in masks.index
+        ]
+    frame = pd.DataFrame.from_records(kept, columns=TRAINING_INDEX_SCHEMA.names)
+    return write_training_index(frame, out / INDEX_FILE), report

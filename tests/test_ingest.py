@@ -14,22 +14,24 @@ from xreal.masks import read_label_map, resize_label_map, rle_from_label_map
 from xreal.mimic import image_path, mimic_index
 from xreal.training_index import read_training_index
 
-FRONTAL = [i for i in IMAGES if i[3] in ("PA", "AP")]
+SMALL = [(d, s, t, v, rows // 16, columns // 16, split) for d, s, t, v, rows, columns, split in IMAGES]  # fast
+FRONTAL = [i for i in SMALL if i[3] in ("PA", "AP")]
 
 
 def gradient(height, width):
     return (np.add.outer(np.arange(height), np.arange(width)) * 255 // (height + width)).astype(np.uint8)
 
 
-def write_mimic(root, skip_image=None):
-    """The tables, and small JPEGs at the published paths (sizes scaled down by 16, aspect kept)."""
-    write_tables(root)
-    for dicom, subject, study, _view, rows, columns, _ in IMAGES:
+def write_mimic(root, skip_image=None, wrong_size=None):
+    """The tables, and JPEGs of the sizes they give at the published paths (MIMIC's sizes divided by 16)."""
+    write_tables(root, images=SMALL)
+    for dicom, subject, study, _view, rows, columns, _ in SMALL:
         if dicom == skip_image:
             continue
         path = root / image_path(subject, study, dicom)
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(gradient(rows // 16, columns // 16)).save(path, quality=95)
+        shape = (rows + 3, columns) if dicom == wrong_size else (rows, columns)
+        Image.fromarray(gradient(*shape)).save(path, quality=95)
     return root
 
 
@@ -37,7 +39,7 @@ def chexmask_rows(images=FRONTAL):
     """CheXmask rows: RLE masks of known shapes at each image's (scaled) size, good quality."""
     rows = []
     for dicom, _s, _t, _v, height, width, _ in images:
-        encoded = rle_from_label_map(box_label_map(height // 16, width // 16, heart_width=20))
+        encoded = rle_from_label_map(box_label_map(height, width, heart_width=20))
         rows.append(
             {
                 "dicom_id": dicom,
@@ -100,7 +102,7 @@ def test_ingest_writes_a_resumable_training_set_and_reports_what_it_left_out(tmp
     assert "runs must be sorted" in result.output and "100x300 but the image is" in result.output
     first = index.loc[FRONTAL[0][0]]
     assert (first.height, first.width, first.split, first["No Finding"]) == (64, 64, "train", 1.0)
-    expected = resize_label_map(box_label_map(FRONTAL[0][4] // 16, FRONTAL[0][5] // 16, heart_width=20), (64, 64))
+    expected = resize_label_map(box_label_map(FRONTAL[0][4], FRONTAL[0][5], heart_width=20), (64, 64))
     np.testing.assert_array_equal(read_label_map(out / first.anatomy_path), expected)
     image = np.asarray(Image.open(out / first.image_path))
     assert image.shape == (64, 64) and image.dtype == np.uint16 and image[0, 0] < image[-1, -1]
@@ -116,3 +118,14 @@ def test_a_source_index_from_the_tables_has_the_published_paths(tmp_path):
     root = write_mimic(tmp_path / "mimic")
     source, _ = mimic_index(root)
     assert all((root / p).is_file() for p in source.column("image_path").to_pylist())
+
+
+def test_an_image_of_another_size_than_its_table_says_is_left_out_and_named(tmp_path):
+    from xreal.ingest import build_training_set
+
+    wrong = FRONTAL[0]
+    root = write_mimic(tmp_path / "mimic", wrong_size=wrong[0])
+    source, _ = mimic_index(root)
+    index, report = build_training_set(source, root, tmp_path / "train", size=32, workers=1, progress=False)
+    assert wrong[0] not in read_training_index(index).image_id.tolist()
+    assert any(f"{wrong[4] + 3}x{wrong[5]}, the index says {wrong[4]}x{wrong[5]}" in p for p in report.problems)

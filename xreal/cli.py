@@ -584,8 +584,6 @@ def ingest_mimic_command(
     ROOT holds mimic-cxr-2.0.0-metadata.csv.gz, -split.csv.gz, -chexpert.csv.gz
     and files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg, as PhysioNet ships them.
     """
-    from xreal.chexmask import read_chexmask
-    from xreal.ingest import build_training_set
     from xreal.mimic import mimic_index
 
     keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
@@ -593,13 +591,60 @@ def ingest_mimic_command(
     if limit is not None:
         source = source.slice(0, limit)
     click.echo(report.to_text())
+    _write_training_set(source, root, out, size, chexmask, "mimic-cxr", min_dice, workers, quiet)
+
+
+def _write_training_set(source, root, out, size, chexmask, dataset, min_dice, workers, quiet) -> None:
+    """The shared end of `xreal ingest ...`: CheXmask masks for the source's images, then the training set."""
+    from xreal.chexmask import ID_COLUMNS, read_chexmask
+    from xreal.ingest import build_training_set
+
     masks = None
     if chexmask is not None:
-        masks, mask_report = read_chexmask(chexmask, source.column("image_id").to_pylist(), min_dice=min_dice)
+        ids = source.column("image_id").to_pylist()
+        masks, mask_report = read_chexmask(chexmask, ids, id_column=ID_COLUMNS[dataset], min_dice=min_dice)
         click.echo(mask_report.to_text())
     index, ingested = build_training_set(source, root, out, size=size, masks=masks, workers=workers, progress=not quiet)
     click.echo(ingested.to_text())
     click.echo(f"wrote {index}")
+
+
+@ingest_group.command("vindr", context_settings={"show_default": True})
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Training set folder.")
+@click.option("--size", type=click.IntRange(16, 4096), default=256, help="Training resolution (square).")
+@click.option(
+    "--chexmask",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CheXmask's VinDr-CXR CSV: anatomy maps for the images it covers.",
+)
+@click.option("--min-dice", type=click.FloatRange(0, 1), default=0.7, help="Keep masks with Dice RCA (Mean) >= this.")
+@click.option("--split", "splits", type=click.Choice(["train", "test"]), multiple=True, default=("train", "test"))
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [every core].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def ingest_vindr_command(
+    root: Path,
+    out: Path,
+    size: int,
+    chexmask: Path | None,
+    min_dice: float,
+    splits: tuple[str, ...],
+    workers: int | None,
+    quiet: bool,
+) -> None:
+    """Make a training set from VinDr-CXR at ROOT: DICOM images, boxes merged over readers, CheXpert labels.
+
+    ROOT holds annotations/annotations_train.csv, annotations/annotations_test.csv,
+    train/IMAGE_ID.dicom and test/IMAGE_ID.dicom, as PhysioNet ships them.
+    """
+    from xreal.vindr import vindr_index
+
+    source, report = vindr_index(root, splits=splits)
+    click.echo(report.to_text())
+    for problem in report.problems[:20]:
+        click.echo(f"  {problem}")
+    _write_training_set(source, root, out, size, chexmask, "vindr-cxr", min_dice, workers, quiet)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,8 +4,9 @@ A *source index* is a training-index table whose ``image_path`` points into a
 dataset's own folder (``xreal.mimic.mimic_index`` makes one). :func:`build_training_set`
 reads each image (JPEG/PNG, or DICOM through ``xreal.dicom.read_dicom_image``),
 resizes it to ``size`` x ``size`` (as the reference implementation does, without
-keeping the aspect ratio; CheXmask masks are resized the same way), writes it as
-a 16-bit PNG with its CheXmask label map, and writes ``index.parquet`` last, with
+keeping the aspect ratio; CheXmask masks and boxes are scaled the same way),
+writes it as a 16-bit PNG with its CheXmask label map and one mask per boxed
+label (the union of its boxes), and writes ``index.parquet`` last, with
 paths relative to the training set. Images are processed by a pool of
 processes; files already written are kept, so an interrupted run resumes.
 An unreadable image or an unusable mask is reported and left out, not fatal.
@@ -28,7 +29,8 @@ from xreal.chexmask import ChexmaskError, anatomy_map
 from xreal.dicom import DicomError, read_dicom_image
 from xreal.errors import XRealError
 from xreal.images import read_image, write_png16
-from xreal.masks import resize_label_map, write_mask_file
+from xreal.labels import slug
+from xreal.masks import boxes_to_mask, resize_label_map, write_mask_file
 from xreal.training_index import INDEX_FILE, TRAINING_INDEX_SCHEMA, write_training_index
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -68,29 +70,59 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
+def scaled_boxes(boxes: list[dict], height: int, width: int, size: int) -> list[dict]:
+    """Boxes in pixels of a ``height`` x ``width`` image, in pixels of the ``size`` x ``size`` training image."""
+    sx, sy = size / width, size / height
+    return [
+        {
+            "label": b["label"],
+            "x_min": b["x_min"] * sx,
+            "y_min": b["y_min"] * sy,
+            "x_max": b["x_max"] * sx,
+            "y_max": b["y_max"] * sy,
+        }
+        for b in boxes
+    ]
+
+
+def _pathology_files(image_id: str, boxes: list[dict]) -> dict[str, str]:
+    return {label: f"pathology/{image_id}_{slug(label)}.png" for label in sorted({b["label"] for b in boxes})}
+
+
 def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool]:
-    """Write one image (and its anatomy map); returns its index row, a problem, and whether it was resumed."""
+    """Write one image, its anatomy map and its pathology masks; returns its row, a problem, and whether resumed."""
     row, root, out, size, mask = task
     image_id = row["image_id"]
     image_rel, anatomy_rel = f"images/{image_id}.png", f"anatomy/{image_id}.png"
-    resumed = (out / image_rel).is_file() and (mask is None or (out / anatomy_rel).is_file())
+    boxes = scaled_boxes(row.get("boxes") or [], row["height"], row["width"], size)
+    pathology = _pathology_files(image_id, boxes)
+    wanted = [image_rel, *([anatomy_rel] if mask is not None else []), *pathology.values()]
+    resumed = all((out / rel).is_file() for rel in wanted)
     problem = None
     try:
         if not resumed:
             image = load_source_image(root / row["image_path"])
             height, width = image.shape
+            if (height, width) != (row["height"], row["width"]):
+                raise XRealError(f"the image is {height}x{width}, the index says {row['height']}x{row['width']}")
             if mask is not None:
                 try:
                     label_map = anatomy_map(mask, height, width, where=f"{image_id}")
                     write_mask_file(out / anatomy_rel, resize_label_map(label_map, (size, size)))
                 except ChexmaskError as exc:
                     problem, mask = str(exc), None
+            for label, rel in pathology.items():
+                write_mask_file(out / rel, boxes_to_mask([_xyxy(b) for b in boxes if b["label"] == label], size, size))
             write_png16(out / image_rel, resize_image(image, size))
     except (XRealError, DicomError) as exc:
         return None, f"{image_id}: {exc}", False
-    new = dict(row, image_path=image_rel, anatomy_path=anatomy_rel if mask is not None else None)
-    new.update(height=size, width=size)
+    new = dict(row, image_path=image_rel, anatomy_path=anatomy_rel if mask is not None else None, boxes=boxes)
+    new.update(height=size, width=size, pathology_masks=[{"label": k, "path": v} for k, v in pathology.items()])
     return new, problem, resumed
+
+
+def _xyxy(box: dict) -> tuple[float, float, float, float]:
+    return box["x_min"], box["y_min"], box["x_max"], box["y_max"]
 
 
 def build_training_set(

@@ -1,0 +1,161 @@
+"""VinDr-CXR's box annotations as training-index rows: classes mapped to CheXpert, readers merged per image.
+
+VinDr-CXR ships DICOM images (``train/<image_id>.dicom``, ``test/<image_id>.dicom``)
+and box tables (``annotations/annotations_train.csv``, ``annotations_test.csv``)
+with one row per box and reader: ``image_id``, ``rad_id``, ``class_name``,
+``x_min``, ``y_min``, ``x_max``, ``y_max`` in pixels of the DICOM image
+(blank for "No finding"). Several radiologists read each training image.
+
+Merging: a label is positive (1) when any reader boxed a class that maps to it
+and negative (0) otherwise (VinDr's readers marked every finding they saw);
+every reader's box is kept. ``No Finding`` is 1 only when no reader marked
+anything. Classes without a CheXpert counterpart are left out and counted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pydicom
+
+from xreal.errors import XRealError
+from xreal.labels import CHEXPERT_LABELS
+from xreal.training_index import TRAINING_INDEX_SCHEMA
+
+SOURCE = "vindr-cxr"
+NO_FINDING = "No finding"
+# VinDr-CXR class -> CheXpert label (manifests/README.md documents it); None: no counterpart, left out
+CLASS_TO_CHEXPERT: dict[str, str | None] = {
+    "Aortic enlargement": "Enlarged Cardiomediastinum",
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Consolidation": "Consolidation",
+    "Edema": "Edema",
+    "Infiltration": "Lung Opacity",
+    "Lung Opacity": "Lung Opacity",
+    "ILD": "Lung Opacity",
+    "Pulmonary fibrosis": "Lung Opacity",
+    "Nodule/Mass": "Lung Lesion",
+    "Lung cavity": "Lung Lesion",
+    "Lung cyst": "Lung Lesion",
+    "Pleural effusion": "Pleural Effusion",
+    "Pleural thickening": "Pleural Other",
+    "Pneumothorax": "Pneumothorax",
+    "Rib fracture": "Fracture",
+    "Clavicle fracture": "Fracture",
+    "Calcification": None,
+    "Other lesion": None,
+    "Emphysema": None,
+    "Enlarged PA": None,
+    "Mediastinal shift": None,
+}
+BOX_COLUMNS = ("image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max")
+SPLITS = {"train": "annotations_train.csv", "test": "annotations_test.csv"}
+
+
+class VindrError(XRealError):
+    """A VinDr-CXR table or image that cannot be used; the message names it."""
+
+
+@dataclass
+class VindrReport:
+    images: int = 0
+    boxes: int = 0
+    unmapped: dict[str, int] = field(default_factory=dict)  # class -> boxes left out
+    problems: list[str] = field(default_factory=list)
+
+    def to_text(self) -> str:
+        unmapped = ", ".join(f"{k} {v}" for k, v in sorted(self.unmapped.items())) or "none"
+        return (
+            f"VinDr-CXR: {self.images} images, {self.boxes} boxes mapped to CheXpert labels; "
+            f"classes without a CheXpert label left out: {unmapped}; {len(self.problems)} images unusable"
+        )
+
+
+def read_boxes(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """One of VinDr-CXR's annotation tables, checked: known classes, boxes inside out of order or not."""
+    path = Path(path)
+    if not path.is_file():
+        raise VindrError(f"{path}: missing; it comes with VinDr-CXR (annotations/)")
+    frame = pd.read_csv(path, dtype={"image_id": str, "rad_id": str, "class_name": str})
+    absent = [c for c in BOX_COLUMNS if c not in frame.columns]
+    if absent:
+        raise VindrError(f"{path}: no column {', '.join(absent)} (columns: {', '.join(frame.columns)})")
+    unknown = ~frame["class_name"].isin([*CLASS_TO_CHEXPERT, NO_FINDING])
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise VindrError(f"{path}: line {row + 2}: class {frame['class_name'].iloc[row]!r} is not a VinDr-CXR class")
+    boxed = frame["class_name"] != NO_FINDING
+    coords = frame.loc[boxed, ["x_min", "y_min", "x_max", "y_max"]]
+    bad = coords.isna().any(axis=1) | (coords["x_max"] <= coords["x_min"]) | (coords["y_max"] <= coords["y_min"])
+    if bad.any():
+        row = int(bad[bad].index[0])
+        raise VindrError(f"{path}: line {row + 2}: box {coords.loc[row].tolist()} is empty or incomplete")
+    return frame
+
+
+def vindr_index(
+    root: str | os.PathLike[str], splits: tuple[str, ...] = ("train", "test")
+) -> tuple[pa.Table, VindrReport]:
+    """Training-index rows for VinDr-CXR under ``root`` (image paths relative to it; boxes in DICOM pixels)."""
+    root = Path(root)
+    report, rows = VindrReport(), []
+    for split in splits:
+        frame = read_boxes(root / "annotations" / SPLITS[split])
+        for image_id, boxes in frame.groupby("image_id", sort=True):
+            rel = f"{split}/{image_id}.dicom"
+            try:
+                header = pydicom.dcmread(root / rel, stop_before_pixels=True)
+                height, width = int(header.Rows), int(header.Columns)
+            except (OSError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
+                report.problems.append(f"{image_id}: {root / rel}: unreadable ({exc})")
+                continue
+            rows.append(_merged_row(image_id, rel, split, height, width, boxes, report, header))
+    report.images = len(rows)
+    return _as_table(rows), report
+
+
+def _merged_row(image_id, rel, split, height, width, boxes, report, header) -> dict:
+    labels = dict.fromkeys(CHEXPERT_LABELS, 0.0)
+    kept = []
+    for box in boxes.itertuples(index=False):
+        if box.class_name == NO_FINDING:
+            continue
+        label = CLASS_TO_CHEXPERT[box.class_name]
+        if label is None:
+            report.unmapped[box.class_name] = report.unmapped.get(box.class_name, 0) + 1
+            continue
+        labels[label] = 1.0
+        x0, y0 = max(0.0, float(box.x_min)), max(0.0, float(box.y_min))
+        kept.append(
+            {
+                "label": label,
+                "x_min": x0,
+                "y_min": y0,
+                "x_max": min(float(box.x_max), width),
+                "y_max": min(float(box.y_max), height),
+            }
+        )
+    labels["No Finding"] = float((boxes["class_name"] == NO_FINDING).all())
+    report.boxes += len(kept)
+    return {
+        "image_id": image_id,
+        "image_path": rel,
+        "height": height,
+        "width": width,
+        "view_position": str(header.get("ViewPosition", "")) or None,
+        "split": split,
+        "source": SOURCE,
+        "subject_id": image_id,  # VinDr-CXR publishes no patient ids
+        **labels,
+        "boxes": kept,
+    }
+
+
+def _as_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=TRAINING_INDEX_SCHEMA)  # absent keys are null

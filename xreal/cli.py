@@ -124,6 +124,47 @@ def build(spec: Path, out: Path, root: Path | None) -> None:
     click.echo(f"wrote {out}: {report.rows} requests, {report.samples} samples")
 
 
+@manifest.command("from-index", context_settings={"show_default": True})
+@click.argument("index_dir", metavar="TRAINING_SET", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Manifest to write.")
+@click.option("--target", "targets", multiple=True, metavar="LABEL[+LABEL]=N", help="Images of a label or combination.")
+@click.option("--healthy", type=click.IntRange(min=0), default=0, help="No Finding images.")
+@click.option("--split", "splits", multiple=True, default=("test",), help="Index splits anatomies may come from.")
+@click.option("--seed", type=int, default=0)
+@click.option(
+    "--boxes-from",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Another training set whose boxes give pathology locations (e.g. VinDr-CXR's).",
+)
+def from_index(
+    index_dir: Path,
+    out: Path,
+    targets: tuple[str, ...],
+    healthy: int,
+    splits: tuple[str, ...],
+    seed: int,
+    boxes_from: Path | None,
+) -> None:
+    """Write a manifest on real anatomies of TRAINING_SET: held-out patients, boxes where each label is seen."""
+    from xreal.index_manifest import manifest_from_index, parse_target
+    from xreal.manifest import validate_manifest, write_manifest
+
+    wanted: dict[tuple[str, ...], int] = {}
+    for text in targets:
+        labels, count = parse_target(text)
+        wanted[labels] = wanted.get(labels, 0) + count
+    if not wanted and not healthy:
+        raise XRealError("give at least one --target LABEL=N or --healthy N")
+    rows = manifest_from_index(index_dir, wanted, healthy, splits, seed, boxes_from)
+    write_manifest(rows, out)
+    report = validate_manifest(out)
+    if not report.ok:  # a bug, not the user's: keep nothing half-right
+        out.unlink()
+        raise XRealError(f"the manifest built from {index_dir} does not validate:\n{report.summary()}")
+    click.echo(f"wrote {out}: {len(rows)} requests on {len({r['tags'][1] for r in rows})} anatomies of {index_dir}")
+
+
 @manifest.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Parquet file of samples.")

@@ -1,0 +1,74 @@
+"""From files in the real datasets' layouts to a generation manifest: ingest MIMIC-CXR-JPG with CheXmask and
+VinDr-CXR, train on the result for a few steps, build a manifest on held-out anatomies, validate it."""
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from test_ingest import chexmask_rows, write_mimic
+from test_vindr import write_vindr
+
+from xreal.cli import cli
+from xreal.errors import XRealError
+from xreal.index_manifest import box_distribution, manifest_from_index, parse_target
+from xreal.manifest import load_requests
+from xreal.training_index import read_training_index
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture
+def training_sets(tmp_path):
+    mimic = write_mimic(tmp_path / "mimic")
+    pd.DataFrame(chexmask_rows()).to_csv(tmp_path / "MIMIC-CXR-JPG.csv", index=False)
+    run("ingest", "mimic", mimic, "--out", tmp_path / "mimic-set", "--size", "32", "--quiet", "--workers", "1",
+        "--chexmask", tmp_path / "MIMIC-CXR-JPG.csv")  # fmt: skip
+    run("ingest", "vindr", write_vindr(tmp_path / "vindr"), "--out", tmp_path / "vindr-set", "--size", "32", "--quiet")
+    return tmp_path / "mimic-set", tmp_path / "vindr-set"
+
+
+def test_fixture_to_index_to_training_to_a_valid_manifest_on_held_out_anatomies(training_sets, tmp_path):
+    mimic_set, vindr_set = training_sets
+    out = run("train", "autoencoder", "--index", mimic_set, "--out", tmp_path / "ae", "--preset", "tiny",
+              "--steps", "2", "--batch-size", "2")  # fmt: skip
+    assert (tmp_path / "ae" / "model").is_dir(), out
+
+    manifest = tmp_path / "augment.parquet"
+    targets = ["--target", "Cardiomegaly=2", "--target", "Pleural Effusion+Cardiomegaly=1", "--healthy", "1"]
+    out = run(
+        "manifest", "from-index", mimic_set, "--out", manifest, *targets, "--boxes-from", vindr_set, "--seed", "3"
+    )
+    assert "4 requests on 1 anatomies" in out  # the test split holds one patient with an anatomy map
+    run("manifest", "validate", manifest)
+    requests = {r.request_id: r for r in load_requests(manifest)}
+    assert set(requests) == {
+        "cardiomegaly-00000",
+        "cardiomegaly-00001",
+        "cardiomegaly-pleural_effusion-00000",  # labels in CheXpert order
+        "no_finding-00000",
+    }
+    table = pq.read_table(manifest).to_pylist()
+    held_out = read_training_index(mimic_set).query("split == 'test'").image_id.tolist()
+    for row in table:  # provenance: dataset and image id, nothing more about the patient
+        assert row["tags"] == ["anatomy-source=mimic-cxr", f"anatomy-image={held_out[0]}"]
+        assert "10000764" not in str(row)  # the subject id is not copied
+    vindr_boxes = box_distribution(read_training_index(vindr_set))
+    for row in table:
+        for box in row["boxes"] or []:
+            drawn = (box["x_min"], box["y_min"], box["x_max"], box["y_max"])
+            assert any(tuple(b) == pytest.approx(drawn) for b in vindr_boxes[box["label"]])
+
+
+def test_targets_and_missing_locations_are_explained(training_sets):
+    mimic_set, _ = training_sets
+    assert parse_target("pleural effusion+Edema=20") == (("Edema", "Pleural Effusion"), 20)  # canonical order
+    with pytest.raises(XRealError, match="LABEL"):
+        parse_target("Cardiomegaly")
+    with pytest.raises(XRealError, match="no box of Cardiomegaly"):
+        manifest_from_index(mimic_set, {("Cardiomegaly",): 1})  # MIMIC has labels, not boxes

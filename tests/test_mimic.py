@@ -117,3 +117,50 @@ def test_values_outside_the_published_vocabularies_name_line_and_column(tmp_path
         mimic_index(write_tables(tmp_path / "d", split_rows=[r for r in split if not r["dicom_id"].startswith("68b5")]))
     with pytest.raises(MimicError, match=r"split.csv.gz: dicom_id 02aa804e-.* appears more than once \(line 2\)"):
         mimic_index(write_tables(tmp_path / "e", split_rows=[split[0], *split]))
+
+
+REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___F with new onset ascites  // eval for infection
+
+ COMPARISON:  None.
+
+ FINDINGS:
+
+ There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
+ nodular opacities that most likely represent nipple shadows.
+
+ IMPRESSION:
+
+ No acute cardiopulmonary process.
+"""
+
+
+def test_report_text_is_the_findings_and_impression_from_the_zip_or_its_folder(tmp_path):
+    import zipfile
+
+    from xreal.mimic import read_reports, report_text
+
+    expected = (
+        "There is no focal consolidation, pleural effusion or pneumothorax. Bilateral nodular opacities that most"
+        " likely represent nipple shadows. No acute cardiopulmonary process."
+    )
+    assert report_text(REPORT) == expected
+    assert report_text("INDICATION: cough\nCOMPARISON: none") is None  # neither section: no text
+
+    root = write_tables(tmp_path / "mimic")
+    with zipfile.ZipFile(tmp_path / "mimic-cxr-reports.zip", "w") as archive:
+        archive.writestr("files/p10/p10000032/s50414267.txt", REPORT)
+        archive.writestr("files/p10/p10000032/s53189527.txt", "FINDINGS: Enlarged heart.\nIMPRESSION: Cardiomegaly.")
+    table, report = mimic_index(root, reports=tmp_path / "mimic-cxr-reports.zip")
+    text = dict(zip(table.column("image_id").to_pylist(), table.column("finding").to_pylist(), strict=True))
+    assert text[IMAGES[0][0]] == expected and text[IMAGES[2][0]] == "Enlarged heart. Cardiomegaly."
+    assert text[IMAGES[3][0]] is None and report.with_text == 2
+
+    folder = tmp_path / "unzipped" / "files" / "p10" / "p10000032"
+    folder.mkdir(parents=True)
+    (folder / "s50414267.txt").write_text(REPORT)
+    assert read_reports(tmp_path / "unzipped", {("10000032", "50414267")}) == {("10000032", "50414267"): expected}
+    with pytest.raises(MimicError, match=r"neither mimic-cxr-reports\.zip nor the folder"):
+        read_reports(tmp_path / "mimic" / METADATA_FILE, set())

@@ -606,6 +606,12 @@ def ingest_group() -> None:
 )
 @click.option("--min-dice", type=click.FloatRange(0, 1), default=0.7, help="Keep masks with Dice RCA (Mean) >= this.")
 @click.option("--views", default="PA,AP", help="ViewPosition values to keep, or 'all'.")
+@click.option(
+    "--reports",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="mimic-cxr-reports.zip (from MIMIC-CXR) or its folder: findings and impression as each image's text.",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (a trial run).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [every core].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -616,6 +622,7 @@ def ingest_mimic_command(
     chexmask: Path | None,
     min_dice: float,
     views: str,
+    reports: Path | None,
     limit: int | None,
     workers: int | None,
     quiet: bool,
@@ -628,7 +635,7 @@ def ingest_mimic_command(
     from xreal.mimic import mimic_index
 
     keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
-    source, report = mimic_index(root, views=keep)
+    source, report = mimic_index(root, views=keep, reports=reports)
     if limit is not None:
         source = source.slice(0, limit)
     click.echo(report.to_text())

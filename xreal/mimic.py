@@ -20,6 +20,9 @@ AP) are kept by default.
 from __future__ import annotations
 
 import os
+import re
+import zipfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,8 @@ FRONTAL_VIEWS = ("PA", "AP")
 SPLITS = ("train", "validate", "test")
 LABEL_VALUES = (1.0, 0.0, -1.0)
 SOURCE = "mimic-cxr"
+REPORTS_FILE = "mimic-cxr-reports.zip"  # from MIMIC-CXR 2.0.0 (the DICOM release): files/pNN/pSUBJECT/sSTUDY.txt
+_SECTION = re.compile(r"^\s*([A-Z][A-Z /&-]+):", re.MULTILINE)
 
 
 class MimicError(XRealError):
@@ -53,12 +58,14 @@ class MimicReport:
     kept: int = 0
     other_views: dict[str, int] = field(default_factory=dict)
     without_labels: int = 0  # studies the CheXpert table does not list: all labels null
+    with_text: int | None = None  # images with report text (None: no reports given)
 
     def to_text(self) -> str:
         views = ", ".join(f"{view or 'none'} {n}" for view, n in sorted(self.other_views.items())) or "none"
         return (
             f"{self.images} images in the metadata, {self.kept} kept; other views left out: {views}; "
             f"{self.without_labels} kept images have no CheXpert row (labels null)"
+            + (f"; {self.with_text} with report text" if self.with_text is not None else "")
         )
 
 
@@ -85,11 +92,14 @@ def read_table(path: Path, columns: dict[str, pa.DataType]) -> pd.DataFrame:
 
 
 def mimic_index(
-    root: str | os.PathLike[str], views: tuple[str, ...] | None = FRONTAL_VIEWS
+    root: str | os.PathLike[str],
+    views: tuple[str, ...] | None = FRONTAL_VIEWS,
+    reports: str | os.PathLike[str] | None = None,
 ) -> tuple[pa.Table, MimicReport]:
     """Training-index rows for the MIMIC-CXR-JPG images under ``root`` (paths relative to it).
 
-    ``views``: the ``ViewPosition`` values to keep (None: every image).
+    ``views``: the ``ViewPosition`` values to keep (None: every image). ``reports``:
+    ``mimic-cxr-reports.zip`` (or its folder), whose findings and impression become ``finding``.
     """
     root = Path(root)
     ids = {"dicom_id": pa.string(), "subject_id": pa.string(), "study_id": pa.string()}
@@ -125,6 +135,11 @@ def mimic_index(
     joined = joined.merge(labels, on=["subject_id", "study_id"], how="left", indicator=True, validate="many_to_one")
     report.without_labels = int((joined["_merge"] == "left_only").sum())
     report.kept = len(joined)
+    if reports is not None:
+        studies = list(zip(joined["subject_id"], joined["study_id"], strict=True))
+        texts = read_reports(reports, set(studies))
+        joined["finding"] = [texts.get(key) for key in studies]
+        report.with_text = int(joined["finding"].notna().sum())
     return _as_index(joined), report
 
 
@@ -145,6 +160,8 @@ def _as_index(frame: pd.DataFrame) -> pa.Table:
         "subject_id": pa.array(frame["subject_id"], pa.string()),
         **{label: pa.array(frame[label], pa.float32(), from_pandas=True) for label in CHEXPERT_LABELS},
     }
+    if "finding" in frame:
+        columns["finding"] = pa.array(frame["finding"], pa.string(), from_pandas=True)
     for name in TRAINING_INDEX_SCHEMA.names:
         columns.setdefault(name, pa.nulls(n, TRAINING_INDEX_SCHEMA.field(name).type))
     return pa.table(columns, schema=TRAINING_INDEX_SCHEMA)
@@ -167,3 +184,35 @@ def _check_values(frame: pd.DataFrame, column: str, allowed: tuple, path: Path) 
         value = values.iloc[row]
         value = value.item() if hasattr(value, "item") else value
         raise MimicError(f"{path}: line {row + 2}, column {column!r}: {value!r} is not one of {expected}")
+
+
+def report_text(report: str) -> str | None:
+    """The FINDINGS and IMPRESSION sections of a free-text report, joined, whitespace collapsed."""
+    sections, heads = {}, list(_SECTION.finditer(report))
+    for head, following in zip(heads, [*heads[1:], None], strict=True):
+        body = report[head.end() : following.start() if following else len(report)]
+        sections[head.group(1).strip()] = " ".join(body.split())
+    text = " ".join(sections[k] for k in ("FINDINGS", "IMPRESSION") if sections.get(k))
+    return text or None
+
+
+def read_reports(path: str | os.PathLike[str], studies: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Report text of the given (subject_id, study_id) pairs, from ``mimic-cxr-reports.zip`` or its unzipped folder."""
+    path = Path(path)
+    names = {(s, t): f"files/p{s[:2]}/p{s}/s{t}.txt" for s, t in studies}
+    texts = {}
+    if path.is_dir():
+        for key, name in names.items():
+            if (path / name).is_file():
+                texts[key] = (path / name).read_text(errors="replace")
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            present = {
+                name.split("/", 1)[1] if not name.startswith("files/") else name: name for name in archive.namelist()
+            }
+            for key, name in names.items():
+                if name in present:
+                    texts[key] = archive.read(present[name]).decode(errors="replace")
+    else:
+        raise MimicError(f"{path}: neither {REPORTS_FILE} nor the folder it unzips into")
+    return {key: text for key, raw in texts.items() if (text := report_text(raw))}

@@ -72,3 +72,34 @@ def test_targets_and_missing_locations_are_explained(training_sets):
         parse_target("Cardiomegaly")
     with pytest.raises(XRealError, match="no box of Cardiomegaly"):
         manifest_from_index(mimic_set, {("Cardiomegaly",): 1})  # MIMIC has labels, not boxes
+
+
+def test_per_label_balances_every_label_that_can_be_placed(training_sets, tmp_path):
+    mimic_set, vindr_set = training_sets
+    manifest = tmp_path / "balanced.parquet"
+    run("manifest", "from-index", mimic_set, "--out", manifest, "--per-label", "2", "--boxes-from", vindr_set)
+    labels = [tuple(r["labels"]) for r in pq.read_table(manifest).to_pylist()]
+    placeable = {("Cardiomegaly",), ("Lung Lesion",), ("Pleural Effusion",)}  # the VinDr fixture's boxed labels
+    assert sorted(labels) == sorted([*placeable, *placeable])
+
+
+def test_mimic_cxr_dicom_files_are_ingested_as_displayed(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from test_dicom import radiograph
+    from test_ingest import SMALL
+    from test_mimic import write_tables
+
+    from xreal.mimic import image_path
+
+    root = write_tables(tmp_path / "mimic-cxr", images=SMALL)
+    for dicom, subject, study, _v, rows, columns, _ in SMALL:
+        path = root / image_path(subject, study, dicom, ".dcm")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored = np.tile(np.linspace(0, 4095, columns).astype(np.uint16), (rows, 1))  # brighter to the right
+        radiograph(path, stored, photometric="MONOCHROME1")  # ... as stored; displayed, darker to the right
+    run("ingest", "mimic", root, "--dicom", "--out", tmp_path / "set", "--size", "16", "--quiet", "--workers", "1")
+    index = read_training_index(tmp_path / "set")
+    assert len(index) == 4 and index.image_path.str.endswith(".png").all()
+    image = np.asarray(Image.open(tmp_path / "set" / index.image_path.iloc[0])).astype(float)
+    assert image[:, 0].mean() > image[:, -1].mean()  # MONOCHROME1 inverted

@@ -128,6 +128,12 @@ def build(spec: Path, out: Path, root: Path | None) -> None:
 @click.argument("index_dir", metavar="TRAINING_SET", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Manifest to write.")
 @click.option("--target", "targets", multiple=True, metavar="LABEL[+LABEL]=N", help="Images of a label or combination.")
+@click.option(
+    "--per-label",
+    type=click.IntRange(min=1),
+    default=None,
+    help="N images of every label that has boxes to place it by: rare labels as many as common ones.",
+)
 @click.option("--healthy", type=click.IntRange(min=0), default=0, help="No Finding images.")
 @click.option("--split", "splits", multiple=True, default=("test",), help="Index splits anatomies may come from.")
 @click.option("--seed", type=int, default=0)
@@ -141,21 +147,26 @@ def from_index(
     index_dir: Path,
     out: Path,
     targets: tuple[str, ...],
+    per_label: int | None,
     healthy: int,
     splits: tuple[str, ...],
     seed: int,
     boxes_from: Path | None,
 ) -> None:
     """Write a manifest on real anatomies of TRAINING_SET: held-out patients, boxes where each label is seen."""
-    from xreal.index_manifest import manifest_from_index, parse_target
+    from xreal.index_manifest import box_distribution, manifest_from_index, parse_target
     from xreal.manifest import validate_manifest, write_manifest
+    from xreal.training_index import read_training_index
 
     wanted: dict[tuple[str, ...], int] = {}
+    if per_label:
+        for label in sorted(box_distribution(read_training_index(boxes_from or index_dir))):
+            wanted[(label,)] = per_label
     for text in targets:
         labels, count = parse_target(text)
         wanted[labels] = wanted.get(labels, 0) + count
     if not wanted and not healthy:
-        raise XRealError("give at least one --target LABEL=N or --healthy N")
+        raise XRealError("give at least one --target LABEL=N, --per-label N or --healthy N")
     rows = manifest_from_index(index_dir, wanted, healthy, splits, seed, boxes_from)
     write_manifest(rows, out)
     report = validate_manifest(out)
@@ -612,6 +623,7 @@ def ingest_group() -> None:
     default=None,
     help="mimic-cxr-reports.zip (from MIMIC-CXR) or its folder: findings and impression as each image's text.",
 )
+@click.option("--dicom", is_flag=True, help="ROOT is MIMIC-CXR (DICOM files, .dcm) rather than MIMIC-CXR-JPG.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (a trial run).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [every core].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -623,6 +635,7 @@ def ingest_mimic_command(
     min_dice: float,
     views: str,
     reports: Path | None,
+    dicom: bool,
     limit: int | None,
     workers: int | None,
     quiet: bool,
@@ -630,12 +643,13 @@ def ingest_mimic_command(
     """Make a training set from MIMIC-CXR-JPG 2.0.0 at ROOT (its three tables and files/), resumably.
 
     ROOT holds mimic-cxr-2.0.0-metadata.csv.gz, -split.csv.gz, -chexpert.csv.gz
-    and files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg, as PhysioNet ships them.
+    and files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg, as PhysioNet ships them (with
+    --dicom: MIMIC-CXR's DICOM_ID.dcm files, read as displayed).
     """
     from xreal.mimic import mimic_index
 
     keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
-    source, report = mimic_index(root, views=keep, reports=reports)
+    source, report = mimic_index(root, views=keep, reports=reports, dicom=dicom)
     if limit is not None:
         source = source.slice(0, limit)
     click.echo(report.to_text())

@@ -69,9 +69,9 @@ class MimicReport:
         )
 
 
-def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
-    """Where MIMIC-CXR-JPG keeps an image, relative to its root."""
-    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+def image_path(subject_id: str, study_id: str, dicom_id: str, suffix: str = ".jpg") -> str:
+    """Where MIMIC-CXR-JPG keeps an image (MIMIC-CXR: the DICOM, ``suffix=".dcm"``), relative to its root."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}{suffix}"
 
 
 def read_table(path: Path, columns: dict[str, pa.DataType]) -> pd.DataFrame:
@@ -95,11 +95,13 @@ def mimic_index(
     root: str | os.PathLike[str],
     views: tuple[str, ...] | None = FRONTAL_VIEWS,
     reports: str | os.PathLike[str] | None = None,
+    dicom: bool = False,
 ) -> tuple[pa.Table, MimicReport]:
     """Training-index rows for the MIMIC-CXR-JPG images under ``root`` (paths relative to it).
 
     ``views``: the ``ViewPosition`` values to keep (None: every image). ``reports``:
     ``mimic-cxr-reports.zip`` (or its folder), whose findings and impression become ``finding``.
+    ``dicom``: the images are MIMIC-CXR's DICOM files (same layout, ``.dcm``), not the JPEGs.
     """
     root = Path(root)
     ids = {"dicom_id": pa.string(), "subject_id": pa.string(), "study_id": pa.string()}
@@ -140,14 +142,13 @@ def mimic_index(
         texts = read_reports(reports, set(studies))
         joined["finding"] = [texts.get(key) for key in studies]
         report.with_text = int(joined["finding"].notna().sum())
-    return _as_index(joined), report
+    return _as_index(joined, ".dcm" if dicom else ".jpg"), report
 
 
-def _as_index(frame: pd.DataFrame) -> pa.Table:
+def _as_index(frame: pd.DataFrame, suffix: str) -> pa.Table:
     n = len(frame)
-    paths = [
-        image_path(s, t, d) for s, t, d in zip(frame["subject_id"], frame["study_id"], frame["dicom_id"], strict=True)
-    ]
+    ids = zip(frame["subject_id"], frame["study_id"], frame["dicom_id"], strict=True)
+    paths = [image_path(s, t, d, suffix) for s, t, d in ids]
     columns = {
         "image_id": pa.array(frame["dicom_id"], pa.string()),
         "image_path": pa.array(paths, pa.string()),

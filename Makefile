@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/phantom_speed.py
 	$(PY) benchmarks/pipeline_overhead.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/ingest_scale.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

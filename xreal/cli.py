@@ -605,17 +605,37 @@ def ingest_group() -> None:
     """Bring real datasets in as training sets (images and anatomy at the training size, and an index)."""
 
 
+def _ingest_options(chexmask_file: str):
+    """The options every `xreal ingest ...` command has (ROOT, --out, --size, CheXmask, workers)."""
+
+    def apply(function):
+        options = [
+            click.argument("root", type=click.Path(file_okay=False, path_type=Path)),
+            click.option(
+                "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Training set folder."
+            ),
+            click.option("--size", type=click.IntRange(16, 4096), default=256, help="Training resolution (square)."),
+            click.option(
+                "--chexmask",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help=f"CheXmask's {chexmask_file}: anatomy maps for the images it covers.",
+            ),
+            click.option(
+                "--min-dice", type=click.FloatRange(0, 1), default=0.7, help="Keep masks with Dice RCA (Mean) >= this."
+            ),
+            click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [every core]."),
+            click.option("--quiet", is_flag=True, help="No progress bar."),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return apply
+
+
 @ingest_group.command("mimic", context_settings={"show_default": True})
-@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Training set folder.")
-@click.option("--size", type=click.IntRange(16, 4096), default=256, help="Training resolution (square).")
-@click.option(
-    "--chexmask",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="CheXmask's MIMIC-CXR-JPG CSV: anatomy maps for the images it covers.",
-)
-@click.option("--min-dice", type=click.FloatRange(0, 1), default=0.7, help="Keep masks with Dice RCA (Mean) >= this.")
+@_ingest_options("MIMIC-CXR-JPG.csv")
 @click.option("--views", default="PA,AP", help="ViewPosition values to keep, or 'all'.")
 @click.option(
     "--reports",
@@ -625,8 +645,6 @@ def ingest_group() -> None:
 )
 @click.option("--dicom", is_flag=True, help="ROOT is MIMIC-CXR (DICOM files, .dcm) rather than MIMIC-CXR-JPG.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (a trial run).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [every core].")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 def ingest_mimic_command(
     root: Path,
     out: Path,
@@ -672,19 +690,8 @@ def _write_training_set(source, root, out, size, chexmask, dataset, min_dice, wo
 
 
 @ingest_group.command("vindr", context_settings={"show_default": True})
-@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Training set folder.")
-@click.option("--size", type=click.IntRange(16, 4096), default=256, help="Training resolution (square).")
-@click.option(
-    "--chexmask",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="CheXmask's VinDr-CXR CSV: anatomy maps for the images it covers.",
-)
-@click.option("--min-dice", type=click.FloatRange(0, 1), default=0.7, help="Keep masks with Dice RCA (Mean) >= this.")
+@_ingest_options("VinDr-CXR.csv")
 @click.option("--split", "splits", type=click.Choice(["train", "test"]), multiple=True, default=("train", "test"))
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [every core].")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 def ingest_vindr_command(
     root: Path,
     out: Path,

@@ -1,7 +1,7 @@
 """The training index: one Parquet table describing a labelled chest X-ray training set.
 
-The phantom writes it today; ingestion of MIMIC-CXR and CheXmask writes the
-same layout later, so training code reads one format. The columns are
+The phantom writes it; `xreal ingest mimic | vindr` (MIMIC-CXR, CheXmask, VinDr-CXR) write the
+same layout, so training code reads one format. The columns are
 documented in ``manifests/README.md`` (section "Training index").
 """
 

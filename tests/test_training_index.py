@@ -78,3 +78,17 @@ def write_training_index_rows(folder):
     row = {name: None for name in TRAINING_INDEX_SCHEMA.names}
     row.update(image_id="a", image_path="a.png", height=8, width=8, source="test", pathology_masks=[], boxes=[])
     return write_training_index([row], folder / "one.parquet")
+
+
+def test_an_index_written_before_pixel_spacing_existed_still_reads(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xreal.training_index import TRAINING_INDEX_SCHEMA, read_training_index
+
+    older = pa.schema(
+        [f for f in TRAINING_INDEX_SCHEMA if f.name != "pixel_spacing"], metadata=TRAINING_INDEX_SCHEMA.metadata
+    )
+    pq.write_table(older.empty_table(), tmp_path / "index.parquet")
+    frame = read_training_index(tmp_path)
+    assert "pixel_spacing" in frame.columns and len(frame) == 0

@@ -74,6 +74,12 @@ def test_ingest_rasterises_every_readers_boxes_at_the_training_size(tmp_path):
         70 * 32 / 96
     )
     assert index.loc["051132a778e61a86eb147c7c6f564dfe"].pathology_masks.size == 0
+    assert list(sick.pixel_spacing) == pytest.approx([0.1 * 96 / 32, 0.1 * 80 / 32])  # DICOM's, scaled to 32 px
+
+    again = CliRunner().invoke(cli, ["ingest", "vindr", str(root), "--out", str(out), "--size", "32", "--quiet"])
+    assert again.exit_code == 0 and "(2 already there)" in again.output
+    resumed = read_training_index(out).set_index("image_id").loc["9a5094b2563a1ef3ff50dc5c7ff71345"]
+    assert list(resumed.pixel_spacing) == pytest.approx(list(sick.pixel_spacing))  # from the header, not re-decoded
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pydicom
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -55,13 +56,29 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def load_source_image(path: Path) -> np.ndarray:
-    """A source image as float32 in [0, 1], 0 black: DICOM as displayed, JPEG or PNG as stored."""
+def load_source_image(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """A source image as float32 in [0, 1], 0 black, and its pixel spacing in mm if the file says.
+
+    DICOM is read as displayed; JPEG or PNG as stored (no spacing).
+    """
     if path.suffix.lower() in DICOM_SUFFIXES:
-        return read_dicom_image(path).pixels
+        image = read_dicom_image(path)
+        return image.pixels, image.pixel_spacing
     if not path.is_file():
         raise XRealError(f"{path}: no such image file")
-    return read_image(path)
+    return read_image(path), None
+
+
+def source_spacing(path: Path) -> tuple[float, float] | None:
+    """The pixel spacing a source file records (DICOM headers only), without reading its pixels."""
+    if path.suffix.lower() not in DICOM_SUFFIXES:
+        return None
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return None
+    spacing = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
+    return (float(spacing[0]), float(spacing[1])) if spacing else None
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -99,9 +116,10 @@ def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool]:
     wanted = [image_rel, *([anatomy_rel] if mask is not None else []), *pathology.values()]
     resumed = all((out / rel).is_file() for rel in wanted)
     problem = None
+    spacing = source_spacing(root / row["image_path"]) if resumed else None
     try:
         if not resumed:
-            image = load_source_image(root / row["image_path"])
+            image, spacing = load_source_image(root / row["image_path"])
             height, width = image.shape
             if (height, width) != (row["height"], row["width"]):
                 raise XRealError(f"the image is {height}x{width}, the index says {row['height']}x{row['width']}")
@@ -118,6 +136,8 @@ def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool]:
         return None, f"{image_id}: {exc}", False
     new = dict(row, image_path=image_rel, anatomy_path=anatomy_rel if mask is not None else None, boxes=boxes)
     new.update(height=size, width=size, pathology_masks=[{"label": k, "path": v} for k, v in pathology.items()])
+    if spacing is not None:  # the resized image's spacing
+        new["pixel_spacing"] = [spacing[0] * row["height"] / size, spacing[1] * row["width"] / size]
     return new, problem, resumed
 
 

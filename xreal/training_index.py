@@ -24,6 +24,7 @@ from xreal.masks import write_mask_file
 
 TRAINING_INDEX_VERSION = "1"
 INDEX_FILE = "index.parquet"
+OPTIONAL_COLUMNS = ("pixel_spacing",)
 
 BOX_TYPE = pa.struct(
     [
@@ -51,6 +52,7 @@ TRAINING_INDEX_SCHEMA = pa.schema(
         pa.field("pathology_masks", pa.list_(PATHOLOGY_MASK_TYPE)),
         pa.field("boxes", pa.list_(BOX_TYPE)),
         pa.field("finding", pa.string()),
+        pa.field("pixel_spacing", pa.list_(pa.float32())),  # mm between rows, columns of the index's image
     ],
     metadata={"xreal.schema": "training-index", "xreal.schema_version": TRAINING_INDEX_VERSION},
 )
@@ -84,6 +86,9 @@ def read_training_index(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise XRealError(f"{path}: not an xreal training index (schema tag {kind or 'missing'!r})")
     if version != TRAINING_INDEX_VERSION:
         raise XRealError(f"{path}: training index version {version!r}; this xreal reads {TRAINING_INDEX_VERSION!r}")
+    for field in TRAINING_INDEX_SCHEMA:  # columns added to version 1 later are optional: null in older files
+        if field.name not in table.column_names and field.name in OPTIONAL_COLUMNS:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table.to_pandas()
 
 
@@ -147,6 +152,7 @@ def write_phantom_training_set(
                     for label, x0, y0, x1, y1 in case.boxes
                 ],
                 "finding": case.finding,
+                "pixel_spacing": None,
             }
             row.update({label: float(label in case.labels) for label in CHEXPERT_LABELS})
             rows.append(row)

@@ -78,7 +78,7 @@ def submit_generation(
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_UI_URL
 
-    require_server("xreal submit")
+    server = require_server("xreal submit")
     if not Path(manifest).is_file():
         raise XRealError(f"{manifest}: no such manifest file")
     parameters = {"manifest": str(Path(manifest).resolve()), "out": str(Path(out).resolve()), **options}
@@ -88,8 +88,8 @@ def submit_generation(
         run = run_deployment(deployment, parameters=parameters, timeout=None if wait else 0, as_subflow=False)
     except ObjectNotFound:
         raise XRealError(
-            f"no deployment {deployment!r} on {require_server('xreal submit')}: "
+            f"no deployment {deployment!r} on {server}: "
             "start `xreal serve`, or deploy infra/prefect.yaml (see infra/README.md)"
         ) from None
-    ui = PREFECT_UI_URL.value() or require_server("xreal submit").removesuffix("/api")
+    ui = PREFECT_UI_URL.value() or server.removesuffix("/api")
     return run, f"{ui.rstrip('/')}/runs/flow-run/{run.id}"

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from xreal.errors import XRealError
+from xreal.files import missing_csv_columns
 from xreal.masks import MaskError, label_map_from_rle
 
 ID_COLUMNS = {
@@ -78,14 +79,14 @@ def read_chexmask(
         "Width": pa.int32(),
     }
     try:
+        missing = missing_csv_columns(path, columns)
+        if missing:
+            raise ChexmaskError(f"{path}: not a CheXmask table (no column {', '.join(missing)})")
         reader = pacsv.open_csv(
             path,
             read_options=pacsv.ReadOptions(block_size=block_size),
             convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types),
         )
-    except KeyError as exc:  # pyarrow's ArrowKeyError: a column is not in the file
-        missing = [c for c in columns if f"'{c}'" in str(exc)]
-        raise ChexmaskError(f"{path}: not a CheXmask table (no column {', '.join(missing) or exc})") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise ChexmaskError(f"{path}: cannot read ({exc})") from None
     report, parts = ChexmaskReport(), []

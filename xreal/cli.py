@@ -154,20 +154,16 @@ def from_index(
     boxes_from: Path | None,
 ) -> None:
     """Write a manifest on real anatomies of TRAINING_SET: held-out patients, boxes where each label is seen."""
-    from xreal.index_manifest import box_distribution, manifest_from_index, parse_target
+    from xreal.index_manifest import manifest_from_index, parse_target
     from xreal.manifest import validate_manifest, write_manifest
-    from xreal.training_index import read_training_index
 
     wanted: dict[tuple[str, ...], int] = {}
-    if per_label:
-        for label in sorted(box_distribution(read_training_index(boxes_from or index_dir))):
-            wanted[(label,)] = per_label
     for text in targets:
         labels, count = parse_target(text)
         wanted[labels] = wanted.get(labels, 0) + count
-    if not wanted and not healthy:
+    if not wanted and not healthy and not per_label:
         raise XRealError("give at least one --target LABEL=N, --per-label N or --healthy N")
-    rows = manifest_from_index(index_dir, wanted, healthy, splits, seed, boxes_from)
+    rows = manifest_from_index(index_dir, wanted, healthy, splits, seed, boxes_from, per_label)
     write_manifest(rows, out)
     report = validate_manifest(out)
     if not report.ok:  # a bug, not the user's: keep nothing half-right

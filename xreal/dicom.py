@@ -179,13 +179,25 @@ def read_dicom_image(path: str | os.PathLike[str]) -> DicomImage:
     pixels = np.clip((np.asarray(shown, dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     return DicomImage(
         pixels=pixels.astype(np.float32),
-        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+        pixel_spacing=_pixel_spacing(ds),
         view_position=str(ds.ViewPosition) if ds.get("ViewPosition") else None,
         sop_instance_uid=str(ds.SOPInstanceUID) if ds.get("SOPInstanceUID") else None,
     )
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return (float(spacing[0]), float(spacing[1])) if spacing else None
+
+
+def read_dicom_spacing(path: str | os.PathLike[str]) -> tuple[float, float] | None:
+    """The pixel spacing a DICOM file records (mm between rows, columns), reading its header only."""
+    try:
+        return _pixel_spacing(pydicom.dcmread(path, stop_before_pixels=True))
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return None
 
 
 def _stored_range(ds: Dataset) -> tuple[float, float]:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +93,11 @@ def checksum_problems(folder: str | os.PathLike[str], files: dict[str, str]) -> 
         elif sha256_file(path) != digest:
             problems.append(f"{name} does not match its checksum")
     return problems
+
+
+def missing_csv_columns(path: str | os.PathLike[str], columns: Iterable[str]) -> list[str]:
+    """The ``columns`` a CSV file's header lacks (gzip or not); reads only its first block."""
+    import pyarrow.csv as pacsv
+
+    header = pacsv.open_csv(path).schema.names
+    return [name for name in columns if name not in header]

@@ -54,6 +54,7 @@ def manifest_from_index(
     splits: tuple[str, ...] = ("test",),
     seed: int = 0,
     boxes_from: str | os.PathLike[str] | None = None,
+    per_label: int | None = None,
 ) -> list[dict]:
     """Manifest rows: ``targets`` (labels -> images) and ``healthy`` No Finding images on drawn anatomies.
 
@@ -64,6 +65,7 @@ def manifest_from_index(
         splits: the index splits anatomies may come from (held-out patients: ``test``).
         seed: makes the draw and the requests' seeds reproducible.
         boxes_from: another training index whose boxes give the pathology locations (default: this one).
+        per_label: also this many images of every label that has boxes (rare labels as many as common ones).
     """
     index_dir = Path(index_dir)
     index = read_training_index(index_dir)
@@ -71,7 +73,10 @@ def manifest_from_index(
     if pool.empty:
         raise XRealError(f"{index_dir}: no image with an anatomy map in split {', '.join(splits)}")
     locations = box_distribution(read_training_index(boxes_from) if boxes_from else index)
-    plan = [(labels, n) for labels, n in targets.items()] + ([(HEALTHY, healthy)] if healthy else [])
+    wanted = dict(targets)
+    for label in sorted(locations) if per_label else []:
+        wanted[(label,)] = wanted.get((label,), 0) + per_label
+    plan = [(labels, n) for labels, n in wanted.items()] + ([(HEALTHY, healthy)] if healthy else [])
     for labels, _ in plan:
         missing = [label for label in labels if label not in HEALTHY and label not in locations]
         if missing:

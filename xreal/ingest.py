@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pydicom
 from PIL import Image
 from tqdm.auto import tqdm
 
 from xreal.chexmask import ChexmaskError, anatomy_map
-from xreal.dicom import DicomError, read_dicom_image
+from xreal.dicom import read_dicom_image, read_dicom_spacing
 from xreal.errors import XRealError
 from xreal.images import read_image, write_png16
 from xreal.labels import slug
@@ -71,14 +70,7 @@ def load_source_image(path: Path) -> tuple[np.ndarray, tuple[float, float] | Non
 
 def source_spacing(path: Path) -> tuple[float, float] | None:
     """The pixel spacing a source file records (DICOM headers only), without reading its pixels."""
-    if path.suffix.lower() not in DICOM_SUFFIXES:
-        return None
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError):
-        return None
-    spacing = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
-    return (float(spacing[0]), float(spacing[1])) if spacing else None
+    return read_dicom_spacing(path) if path.suffix.lower() in DICOM_SUFFIXES else None
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -132,7 +124,7 @@ def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool]:
             for label, rel in pathology.items():
                 write_mask_file(out / rel, boxes_to_mask([_xyxy(b) for b in boxes if b["label"] == label], size, size))
             write_png16(out / image_rel, resize_image(image, size))
-    except (XRealError, DicomError) as exc:
+    except XRealError as exc:  # DicomError, ChexmaskError and unreadable files among them
         return None, f"{image_id}: {exc}", False
     new = dict(row, image_path=image_rel, anatomy_path=anatomy_rel if mask is not None else None, boxes=boxes)
     new.update(height=size, width=size, pathology_masks=[{"label": k, "path": v} for k, v in pathology.items()])

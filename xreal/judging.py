@@ -345,15 +345,21 @@ def read_judges_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json(path, "judge set record")
 
 
+def verify_judge_set(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every file of a phantom judge set against its recorded sha256; return the record."""
+    record = read_judges_record(folder)
+    problems = checksum_problems(folder, record["files"])
+    if problems:
+        raise JudgeError(f"{folder}: judge set is damaged: {'; '.join(problems)}; refusing to use it")
+    return record
+
+
 def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> JudgeSet:
     """Load a phantom judge set, every file checked against its recorded sha256 first."""
     from xreal.phantom_judges import PhantomSegmenter
 
     folder = Path(folder)
-    record = read_judges_record(folder)
-    problems = checksum_problems(folder, record["files"])
-    if problems:
-        raise JudgeError(f"{folder}: judge set is damaged: {'; '.join(problems)}; refusing to use it")
+    record = verify_judge_set(folder)
     spec = record["classifier"]
     classifier = build_phantom_classifier(spec["pathologies"], **spec["architecture"])
     classifier.op_threshs = torch.tensor(spec["op_threshs"], dtype=torch.float32)  # a buffer: set before loading

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from xreal.errors import XRealError
+from xreal.files import missing_csv_columns
 from xreal.labels import CHEXPERT_LABELS
 from xreal.training_index import TRAINING_INDEX_SCHEMA
 
@@ -79,10 +80,9 @@ def read_table(path: Path, columns: dict[str, pa.DataType]) -> pd.DataFrame:
     if not path.is_file():
         raise MimicError(f"{path}: missing; download {path.name} from PhysioNet's MIMIC-CXR-JPG 2.0.0 into this folder")
     try:
-        header = pacsv.open_csv(path).schema.names
-        absent = [name for name in columns if name not in header]
+        absent = missing_csv_columns(path, columns)
         if absent:
-            raise MimicError(f"{path}: no column {', '.join(absent)} (columns: {', '.join(header)})")
+            raise MimicError(f"{path}: no column {', '.join(absent)}")
         table = pacsv.read_csv(
             path, convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=columns)
         )

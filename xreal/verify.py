@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xreal.errors import XRealError
-from xreal.files import checksum_problems
-from xreal.judging import read_judges_record
+from xreal.judging import verify_judge_set
 from xreal.model import verify_bundle
 from xreal.weights import weights_status
 
@@ -40,10 +39,7 @@ def verify_files(
             record = verify_bundle(folder)
             checked.append(f"{folder}: model bundle ok ({len(record['files'])} files)")
             if (folder / "judges").is_dir():
-                judges = read_judges_record(folder / "judges")
-                bad = checksum_problems(folder / "judges", judges["files"])
-                if bad:
-                    raise XRealError(f"{folder / 'judges'}: judge set is damaged: {'; '.join(bad)}")
+                judges = verify_judge_set(folder / "judges")
                 checked.append(f"{folder / 'judges'}: judge set ok ({len(judges['files'])} files)")
         except XRealError as exc:
             problems.append(str(exc))

@@ -129,3 +129,15 @@ def test_an_image_of_another_size_than_its_table_says_is_left_out_and_named(tmp_
     index, report = build_training_set(source, root, tmp_path / "train", size=32, workers=1, progress=False)
     assert wrong[0] not in read_training_index(index).image_id.tolist()
     assert any(f"{wrong[4] + 3}x{wrong[5]}, the index says {wrong[4]}x{wrong[5]}" in p for p in report.problems)
+
+
+def test_a_rerun_at_another_size_rewrites_what_an_earlier_run_wrote(tmp_path):
+    from xreal.ingest import build_training_set
+
+    root = write_mimic(tmp_path / "mimic")
+    source, _ = mimic_index(root)
+    build_training_set(source, root, tmp_path / "train", size=32, workers=1, progress=False)
+    index, report = build_training_set(source, root, tmp_path / "train", size=48, workers=1, progress=False)
+    assert report.resumed == 0
+    for path in read_training_index(index).image_path:
+        assert Image.open(tmp_path / "train" / path).size == (48, 48)

@@ -106,7 +106,7 @@ def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool]:
     boxes = scaled_boxes(row.get("boxes") or [], row["height"], row["width"], size)
     pathology = _pathology_files(image_id, boxes)
     wanted = [image_rel, *([anatomy_rel] if mask is not None else []), *pathology.values()]
-    resumed = all((out / rel).is_file() for rel in wanted)
+    resumed = all((out / rel).is_file() for rel in wanted) and _png_size(out / image_rel) == (size, size)
     problem = None
     spacing = source_spacing(root / row["image_path"]) if resumed else None
     try:
@@ -131,6 +131,15 @@ def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool]:
     if spacing is not None:  # the resized image's spacing
         new["pixel_spacing"] = [spacing[0] * row["height"] / size, spacing[1] * row["width"] / size]
     return new, problem, resumed
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """The size of an image already written (a rerun with another --size redoes it), reading its header only."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError:
+        return None
 
 
 def _xyxy(box: dict) -> tuple[float, float, float, float]:

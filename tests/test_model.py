@@ -126,7 +126,7 @@ def test_half_precision_bundles_load_as_float32(tmp_path):
 
 
 def test_paper_preset_has_the_reference_architecture():
-    from xreal.model import build_autoencoder, build_unet
+    from xreal.model import build_autoencoder, build_text_encoder, build_unet
 
     paper = get_preset("paper")
     with torch.device("meta"):  # shapes only, no memory
@@ -138,4 +138,7 @@ def test_paper_preset_has_the_reference_architecture():
     assert unet.config.layers_per_block == 2 and unet.config.attention_head_dim == 8
     assert autoencoder.config.latent_channels == 3 and autoencoder.config.block_out_channels == (128, 256, 512)
     assert autoencoder.config.scaling_factor == pytest.approx(0.18215)
-    assert not autoencoder.config.mid_block_add_attention
+    assert autoencoder.config.mid_block_add_attention  # the reference's KL autoencoders keep it
+    with torch.device("meta"):
+        text = build_text_encoder(paper, 30522)
+    assert text.config.max_positions == 150 and text.blocks[0].to_qkv.weight.shape == (3 * 512, 1280)

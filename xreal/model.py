@@ -44,6 +44,8 @@ class Preset:
     text_layers: int
     text_heads: int
     max_tokens: int
+    text_head_width: int | None = None  # None: width // heads
+    autoencoder_mid_attention: bool = False
 
     @property
     def latent_size(self) -> int:
@@ -51,7 +53,9 @@ class Preset:
 
 
 PRESETS = {
-    "paper": Preset("paper", 256, (128, 256, 512), 2, (224, 448, 896, 896), 2, 8, 32, 1280, 32, 8, 77),
+    # The reference's sizes: its text encoder attends with 8 heads of 64 over 150 token positions, and its
+    # KL autoencoders keep the mid-block attention whatever their attn_resolutions say.
+    "paper": Preset("paper", 256, (128, 256, 512), 2, (224, 448, 896, 896), 2, 8, 32, 1280, 32, 8, 150, 64, True),
     "demo": Preset("demo", 64, (32, 64, 64), 1, (32, 64, 96), 1, 4, 16, 128, 2, 4, 16),
     # For tests: every code path, in milliseconds.
     "tiny": Preset("tiny", 32, (8, 8, 8), 1, (8, 16), 1, 2, 4, 16, 1, 2, 8),
@@ -95,7 +99,7 @@ def build_autoencoder(preset: Preset, scaling_factor: float = SD_SCALE_FACTOR) -
         norm_num_groups=min(32, preset.autoencoder_channels[0]),
         sample_size=preset.image_size,
         scaling_factor=scaling_factor,
-        mid_block_add_attention=False,
+        mid_block_add_attention=preset.autoencoder_mid_attention,
     )
 
 
@@ -123,6 +127,7 @@ def build_text_encoder(preset: Preset, vocab_size: int) -> XRealTextEncoder:
         width=preset.context_width,
         layers=preset.text_layers,
         heads=preset.text_heads,
+        head_width=preset.text_head_width,
     )
 
 
@@ -171,6 +176,7 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
         f"context width {preset['context_width']}, text encoder {preset['text_layers']} layers",
         f"- trained on: {training.get('data', 'unknown')}",
         f"- command: `{training.get('command', '')}`",
+        *([f"- weights from {training['source']}, licence {training['licence']}"] if "licence" in training else []),
         "",
         "## Training runs",
         "",
@@ -199,11 +205,13 @@ def save_bundle(
     folder: str | os.PathLike[str],
     training: dict[str, Any] | None = None,
     weights_dtype: torch.dtype | None = None,
+    preset: Preset | None = None,
 ) -> Path:
     """Save a pipeline as a model bundle (safetensors only) with its record and checksums.
 
     ``weights_dtype=torch.float16`` halves the files (the demo bundle ships
     that way); loading gives float32 weights again unless asked otherwise.
+    ``preset`` describes sizes that are not one of ``PRESETS`` (imported weights).
     """
     folder = Path(folder)
     original = pipeline.unet.dtype
@@ -221,7 +229,7 @@ def save_bundle(
         raise XRealError(f"refusing to keep pickled weights in a bundle: {', '.join(map(str, pickled))}")
     record = {
         "bundle_version": BUNDLE_VERSION,
-        "preset": asdict(get_preset(pipeline.config.preset)),
+        "preset": asdict(preset or get_preset(pipeline.config.preset)),
         "image_size": pipeline.config.image_size,
         "value_range": list(pipeline.config.value_range),
         "labels": list(pipeline.config.labels),

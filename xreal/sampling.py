@@ -7,7 +7,7 @@ it was generated in (each item draws all its noise from its own generator).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,9 +64,15 @@ def feathered(mask: np.ndarray, latent_size: int) -> np.ndarray:
     return ndimage.gaussian_filter(widened.astype(np.float32), sigma=cell / 2).clip(0.0, 1.0) * 1.0
 
 
-def label_map_image(label_maps: torch.Tensor) -> torch.Tensor:
-    """Anatomy label maps ``[B, H, W]`` -> the Anatomy Controller's input ``[B, 3, H, W]`` in [0, 1]."""
-    scaled = label_maps.float() / float(max(Anatomy))
+def label_map_image(label_maps: torch.Tensor, levels: Sequence[float] | None = None) -> torch.Tensor:
+    """Anatomy label maps ``[B, H, W]`` -> the Anatomy Controller's input ``[B, 3, H, W]`` in [0, 1].
+
+    ``levels[id]`` is the grey level of each Anatomy id; by default ids are spread evenly over [0, 1].
+    """
+    if levels is None:
+        scaled = label_maps.float() / float(max(Anatomy))
+    else:
+        scaled = torch.as_tensor(levels, dtype=torch.float32, device=label_maps.device)[label_maps.long()]
     return scaled[:, None].expand(-1, 3, -1, -1)
 
 
@@ -93,6 +99,8 @@ class XRealPipeline(DiffusionPipeline):
         image_size: int = 64,
         value_range: Sequence = (-1.0, 1.0),  # (low, high) of images the autoencoder sees
         labels: Sequence = CHEXPERT_LABELS,  # the label vocabulary the model was trained on
+        sample_posterior: bool = False,  # encode to a draw from the posterior (the reference) or its mean
+        anatomy_levels: Sequence | None = None,  # Anatomy Controller input level per Anatomy id
     ):
         super().__init__()
         self.register_modules(
@@ -104,7 +112,12 @@ class XRealPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self.register_to_config(
-            preset=preset, image_size=image_size, value_range=list(value_range), labels=list(labels)
+            preset=preset,
+            image_size=image_size,
+            value_range=list(value_range),
+            labels=list(labels),
+            sample_posterior=sample_posterior,
+            anatomy_levels=None if anatomy_levels is None else list(anatomy_levels),
         )
 
     # --- pieces ---------------------------------------------------------------------
@@ -112,6 +125,10 @@ class XRealPipeline(DiffusionPipeline):
     def to_model_range(self, images01: torch.Tensor) -> torch.Tensor:
         low, high = self.config.value_range
         return images01 * (high - low) + low
+
+    def clamp_to_model_range(self, images: torch.Tensor) -> torch.Tensor:
+        low, high = self.config.value_range
+        return images.clamp(low, high)
 
     def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
         low, high = self.config.value_range
@@ -136,23 +153,33 @@ class XRealPipeline(DiffusionPipeline):
         )
         return self.text_encoder(tokens.input_ids.to(self.device))
 
-    def encode(self, autoencoder: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (the posterior mean) of images in the model's value range."""
-        return autoencoder.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
+    def encode(
+        self, autoencoder: AutoencoderKL, images: torch.Tensor, generators: list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Scaled latents of images, clamped to the model's value range first.
+
+        The posterior's mean, or with ``sample_posterior`` and ``generators`` a draw from it, as the
+        reference takes its first-stage latents.
+        """
+        posterior = autoencoder.encode(self.clamp_to_model_range(images)).latent_dist
+        latents = posterior.sample(generators) if self.config.sample_posterior and generators else posterior.mode()
+        return latents * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample
 
     def anatomy_prior(self, label_maps: torch.Tensor) -> torch.Tensor:
-        """The Anatomy Controller's coarse X-ray for each label map, in the model's value range."""
+        """The Anatomy Controller's coarse X-ray for each label map, clamped to the model's value range."""
         ac = self.anatomy_controller
-        inputs = self.to_model_range(label_map_image(label_maps)).to(ac.dtype)
-        return ac.decode(ac.encode(inputs).latent_dist.mode()).sample
+        inputs = self.to_model_range(label_map_image(label_maps, self.config.anatomy_levels)).to(ac.dtype)
+        return self.clamp_to_model_range(ac.decode(ac.encode(inputs).latent_dist.mode()).sample)
 
     def _noise(self, generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
         return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
 
-    def _denoise(self, latents, z0, keep, blend_steps, context, uncond, guidance_scale, eta, generators):
+    def _denoise(
+        self, latents, z0, keep, blend_steps, context, uncond, guidance_scale, eta, generators, stage, callback
+    ):
         """DDIM from ``latents``; before each of the first ``blend_steps`` steps, the region where
         ``keep`` is 1 is replaced by ``z0`` noised to the current step (soft where keep is fractional)."""
         guided = uncond is not None and bool((guidance_scale > 1.0).any())
@@ -170,6 +197,8 @@ class XRealPipeline(DiffusionPipeline):
                 eps = self.unet(latents, t, encoder_hidden_states=context).sample
             noise = self._noise(generators, latents) if eta > 0 else None
             latents = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=noise).prev_sample
+            if callback is not None:
+                latents = (callback(self, i, t, {"latents": latents, "stage": stage}) or {}).get("latents", latents)
         return latents
 
     # --- the call ------------------------------------------------------------------
@@ -189,6 +218,7 @@ class XRealPipeline(DiffusionPipeline):
         latent_handoff: bool = False,
         restore_outside: bool = True,
         autocast_dtype: torch.dtype | None = None,
+        callback_on_step_end: Callable[[XRealPipeline, int, torch.Tensor, dict], dict | None] | None = None,
     ) -> XRealPipelineOutput:
         """Generate one X-ray per item.
 
@@ -210,6 +240,9 @@ class XRealPipeline(DiffusionPipeline):
                 blended in through the mask widened by one latent cell and feathered. The decoder's group
                 norms otherwise shift the whole image a little; False gives the reference's output.
             autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
+            callback_on_step_end: called after every DDIM step as ``(pipeline, step, timestep, kwargs)`` with
+                ``kwargs = {"latents": ..., "stage": 1 or 2}`` (stage 2 holds only the items with a pathology);
+                it may return ``{"latents": ...}`` to replace them.
         """
         n = len(anatomy)
         num_inference_steps = _shared("num_inference_steps", num_inference_steps, n)
@@ -227,6 +260,7 @@ class XRealPipeline(DiffusionPipeline):
             latent_handoff=latent_handoff,
             restore_outside=restore_outside,
             autocast_dtype=autocast_dtype,
+            callback=callback_on_step_end,
         )
         return self._generate_splitting_on_oom(items, settings)
 
@@ -295,6 +329,7 @@ class XRealPipeline(DiffusionPipeline):
         latent_handoff,
         restore_outside,
         autocast_dtype,
+        callback,
     ) -> XRealPipelineOutput:
         device = self.device
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
@@ -305,7 +340,7 @@ class XRealPipeline(DiffusionPipeline):
 
             # Stage 1: anatomy control, empty prompt, no guidance.
             maps = torch.from_numpy(label_maps).to(device)
-            z_anatomy = self.encode(self.vae, self.anatomy_prior(maps)).to(dtype)
+            z_anatomy = self.encode(self.vae, self.anatomy_prior(maps), generators).to(dtype)
             soft = np.stack(
                 [
                     np.where(resize_label_map(m, latent_size) > 0, 1.0, s)
@@ -317,7 +352,7 @@ class XRealPipeline(DiffusionPipeline):
             start = self._noise(generators, z_anatomy) * self.scheduler.init_noise_sigma
             no_guidance = torch.ones(len(texts))
             healthy_latents = self._denoise(
-                start, z_anatomy, soft, anatomy_steps, empty, None, no_guidance, eta, generators
+                start, z_anatomy, soft, anatomy_steps, empty, None, no_guidance, eta, generators, 1, callback
             )
             healthy = self.decode(healthy_latents)
 
@@ -326,11 +361,14 @@ class XRealPipeline(DiffusionPipeline):
             todo = [i for i, mask in enumerate(pathology) if mask is not None]
             if todo:
                 index = torch.tensor(todo, device=device)
-                z_healthy = healthy_latents[index] if latent_handoff else self.encode(self.vae, healthy[index])
+                sub_generators = [generators[i] for i in todo]
+                if latent_handoff:
+                    z_healthy = healthy_latents[index]
+                else:
+                    z_healthy = self.encode(self.vae, healthy[index], sub_generators)
                 masks = np.stack([resize_mask(pathology[i], latent_size) for i in todo])
                 keep = 1.0 - torch.from_numpy(masks).to(device=device, dtype=dtype)[:, None]
                 context = self.encode_prompt([texts[i] for i in todo]).to(dtype)
-                sub_generators = [generators[i] for i in todo]
                 start = self._noise(sub_generators, z_healthy) * self.scheduler.init_noise_sigma
                 latents = self._denoise(
                     start,
@@ -342,6 +380,8 @@ class XRealPipeline(DiffusionPipeline):
                     torch.from_numpy(guidance_scales[todo]),
                     eta,
                     sub_generators,
+                    2,
+                    callback,
                 )
                 generated = self.decode(latents).to(final.dtype)
                 if restore_outside:

@@ -65,25 +65,30 @@ def build_tokenizer(texts: Iterable[str], max_length: int) -> PreTrainedTokenize
 
 
 class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, ff_mult: int):
+    def __init__(self, width: int, heads: int, head_width: int, ff_mult: int):
         super().__init__()
         self.heads = heads
+        inner = heads * head_width
         self.attention_norm = nn.LayerNorm(width)
-        self.to_qkv = nn.Linear(width, 3 * width, bias=False)
-        self.to_out = nn.Linear(width, width)
+        self.to_qkv = nn.Linear(width, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, width)
         self.ff_norm = nn.LayerNorm(width)
         self.ff = nn.Sequential(nn.Linear(width, ff_mult * width), nn.GELU(), nn.Linear(ff_mult * width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        q, k, v = self.to_qkv(self.attention_norm(x)).view(b, t, 3, self.heads, w // self.heads).unbind(2)
+        b, t, _ = x.shape
+        q, k, v = self.to_qkv(self.attention_norm(x)).view(b, t, 3, self.heads, -1).unbind(2)
         attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + self.to_out(attended.transpose(1, 2).reshape(b, t, w))
+        x = x + self.to_out(attended.transpose(1, 2).reshape(b, t, -1))
         return x + self.ff(self.ff_norm(x))
 
 
 class XRealTextEncoder(ModelMixin, ConfigMixin):
-    """Token ids ``[B, T]`` -> context ``[B, T, width]`` for the UNet's cross-attention."""
+    """Token ids ``[B, T]`` -> context ``[B, T, width]`` for the UNet's cross-attention.
+
+    ``head_width`` (default ``width // heads``) sets the attention's inner width,
+    ``heads * head_width``; the reference attends with 8 heads of 64 at width 1280.
+    """
 
     @register_to_config
     def __init__(
@@ -94,13 +99,15 @@ class XRealTextEncoder(ModelMixin, ConfigMixin):
         layers: int = 32,
         heads: int = 8,
         ff_mult: int = 4,
+        head_width: int | None = None,
     ):
         super().__init__()
-        if width % heads:
+        if head_width is None and width % heads:
             raise ValueError(f"width {width} must be divisible by heads {heads}")
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Embedding(max_positions, width)
-        self.blocks = nn.ModuleList(_Block(width, heads, ff_mult) for _ in range(layers))
+        head_width = head_width or width // heads
+        self.blocks = nn.ModuleList(_Block(width, heads, head_width, ff_mult) for _ in range(layers))
         self.final_norm = nn.LayerNorm(width)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

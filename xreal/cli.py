@@ -596,6 +596,71 @@ def verify_command(
         click.echo(line)
 
 
+@cli.command("import-reference")
+@click.option(
+    "--backbone", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The reference backbone.pth."
+)
+@click.option(
+    "--anatomy-controller",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The reference anatomy_controller.pth.",
+)
+@click.option(
+    "--autoencoder",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="ldm_ae.pth: needed only when the backbone holds no first-stage autoencoder (checked against it otherwise).",
+)
+@click.option(
+    "--tokenizer",
+    default="bert-base-uncased",
+    show_default=True,
+    help="A folder with the bert-base-uncased tokenizer (vocab.txt or tokenizer.json), or its hub name when online.",
+)
+@click.option("--ema", is_flag=True, help="Import the UNet's EMA weights instead of the live ones the reference uses.")
+@click.option(
+    "--image-size", type=click.IntRange(min=8), default=256, show_default=True, help="The reference's image size."
+)
+@click.option("--half", is_flag=True, help="Store the weights as float16 (half the size; loads as float32).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New bundle folder.")
+def import_reference_command(
+    backbone: Path,
+    anatomy_controller: Path,
+    autoencoder: Path | None,
+    tokenizer: str,
+    ema: bool,
+    image_size: int,
+    half: bool,
+    out: Path,
+) -> None:
+    """Make a model bundle from the published XReal reference checkpoints (weights licensed CC BY-NC 4.0).
+
+    The .pth files are read with torch.load(weights_only=True), so nothing in them runs. Every key is used or
+    reported; a missing, unknown or wrongly shaped one stops the import and nothing is written.
+    """
+    import torch
+
+    from xreal.reference import import_reference
+
+    result = import_reference(
+        backbone,
+        anatomy_controller,
+        out,
+        autoencoder=autoencoder,
+        tokenizer=tokenizer,
+        ema=ema,
+        image_size=image_size,
+        weights_dtype=torch.float16 if half else None,
+        command=" ".join(["xreal", *sys.argv[1:]]),
+    )
+    click.echo(result.summary())
+    click.echo(
+        f"The weights are licensed {result.licence}: non-commercial use, with attribution. Generate with: "
+        f"xreal generate MANIFEST --model {out} --policy POLICY (judges: torchxrayvision)"
+    )
+
+
 @cli.group("ingest", cls=_Group)
 def ingest_group() -> None:
     """Bring real datasets in as training sets (images and anatomy at the training size, and an index)."""

@@ -571,6 +571,7 @@ def finalize(
             "preset": bundle["preset"]["name"],
             "image_size": bundle["image_size"],
             "files": bundle["files"],
+            **{k: bundle["training"][k] for k in ("source", "licence") if k in bundle.get("training", {})},
         },
         "judges": {
             "kind": judges_kind,

@@ -8,7 +8,9 @@ bundle is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,17 @@ def build_pipeline(preset: str | Preset, texts: list[str] | None = None, **metad
 # --- bundles on disk --------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warnings (only errors are shown) for the duration."""
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def _bundle_files(folder: Path) -> list[Path]:
     """The files a bundle's checksums cover: everything but its record and its model card."""
     return sorted(
@@ -215,15 +228,13 @@ def save_bundle(
     """
     folder = Path(folder)
     original = pipeline.unet.dtype
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # casting a whole pipeline warns once per component
-    try:
-        if weights_dtype is not None:
-            pipeline.to(dtype=weights_dtype)
-        pipeline.save_pretrained(folder, safe_serialization=True)
-    finally:
-        pipeline.to(dtype=original)
-        diffusers_logging.set_verbosity(verbosity)
+    with quiet_diffusers():  # casting a whole pipeline warns once per component
+        try:
+            if weights_dtype is not None:
+                pipeline.to(dtype=weights_dtype)
+            pipeline.save_pretrained(folder, safe_serialization=True)
+        finally:
+            pipeline.to(dtype=original)
     pickled = [p for p in _bundle_files(folder) if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     if pickled:
         raise XRealError(f"refusing to keep pickled weights in a bundle: {', '.join(map(str, pickled))}")

@@ -24,7 +24,6 @@ paper-size checkpoints and reduced-width ones.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
@@ -39,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-from diffusers.utils import logging as diffusers_logging
 
 from xreal.errors import XRealError
 from xreal.files import sha256_file
@@ -51,6 +49,7 @@ from xreal.model import (
     build_autoencoder,
     build_text_encoder,
     build_unet,
+    quiet_diffusers,
     reference_scheduler,
     save_bundle,
     write_model_card,
@@ -305,16 +304,6 @@ def reference_preset(
 # --- mapping ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-
-
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
@@ -343,10 +332,10 @@ def _load_exactly(module: torch.nn.Module, state: dict[str, torch.Tensor], where
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def _map_with(checkpoint: Checkpoint, prefix: str, converted: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Mark as used the keys under ``prefix`` whose tensors a diffusers converter passed on (views included)."""
+def _map_with(checkpoint: Checkpoint, keys: Iterable[str], converted: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Mark as used those of ``keys`` whose tensors a diffusers converter passed on (views included)."""
     storages = {_storage(t) for t in converted.values() if isinstance(t, torch.Tensor)}
-    checkpoint.used.update(k for k in checkpoint.keys(prefix) if _storage(checkpoint.tensors[k]) in storages)
+    checkpoint.used.update(k for k in keys if _storage(checkpoint.tensors[k]) in storages)
     return converted
 
 
@@ -359,14 +348,12 @@ def unet_state(checkpoint: Checkpoint, unet, ema: bool = False) -> dict[str, tor
         if absent:
             raise ReferenceImportError(f"{checkpoint.path}: no EMA weights for {_few(absent)}")
         source = {live_key: checkpoint.tensors[ema_key] for ema_key, live_key in flat.items()}
-        converted = convert_ldm_unet_checkpoint(source, unet.config)
-        storages = {_storage(t) for t in converted.values() if t is not None}
-        checkpoint.used.update(k for k in flat if _storage(checkpoint.tensors[k]) in storages)
+        converted = _map_with(checkpoint, flat, convert_ldm_unet_checkpoint(source, unet.config))
         checkpoint.ignore(live, "the UNet's live weights (the EMA copy was imported instead)")
     else:
-        with _quiet_diffusers():  # it warns about EMA weights, which the report below covers
+        with quiet_diffusers():  # it warns about the EMA weights, which the report covers
             converted = convert_ldm_unet_checkpoint(checkpoint.tensors, unet.config)
-        converted = _map_with(checkpoint, UNET, converted)
+        converted = _map_with(checkpoint, live, converted)
         checkpoint.ignore(
             [k for k in flat if k in checkpoint.tensors],
             "the UNet's EMA copy (the reference samples with the live weights; --ema imports the copy)",
@@ -381,7 +368,7 @@ def autoencoder_state(checkpoint: Checkpoint, prefix: str, autoencoder) -> dict[
     converted = convert_ldm_vae_checkpoint(
         {k.removeprefix(prefix): t for k, t in source.items()}, dict(autoencoder.config)
     )
-    return _map_with(checkpoint, prefix, converted)
+    return _map_with(checkpoint, source, converted)
 
 
 _TEXT_BLOCK = re.compile(r"attn_layers\.layers\.(\d+)\.(.+)")

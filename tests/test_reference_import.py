@@ -8,6 +8,7 @@ saved the way Lightning saves them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,9 @@ def test_importer_covers_the_paper_layout():
 
 def test_import_writes_a_verified_bundle_and_reports_every_key(reference, bundle):
     record = verify_bundle(bundle.bundle)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert bundle.bundle.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not a private temp one
     assert record["value_range"] == [0.0, 1.0] and record["training"]["licence"] == "CC BY-NC 4.0"
     backbone, controller, separate = bundle.checkpoints
     assert backbone.unaccounted() == [] and controller.unaccounted() == [] and separate.unaccounted() == []

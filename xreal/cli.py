@@ -596,19 +596,15 @@ def verify_command(
         click.echo(line)
 
 
+_CHECKPOINT = click.Path(dir_okay=False, path_type=Path)
+
+
 @cli.command("import-reference")
-@click.option(
-    "--backbone", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The reference backbone.pth."
-)
-@click.option(
-    "--anatomy-controller",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The reference anatomy_controller.pth.",
-)
+@click.option("--backbone", type=_CHECKPOINT, required=True, help="The reference backbone.pth.")
+@click.option("--anatomy-controller", type=_CHECKPOINT, required=True, help="The reference anatomy_controller.pth.")
 @click.option(
     "--autoencoder",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_CHECKPOINT,
     default=None,
     help="ldm_ae.pth: needed only when the backbone holds no first-stage autoencoder (checked against it otherwise).",
 )

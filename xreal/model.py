@@ -191,16 +191,21 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
         f"- command: `{training.get('command', '')}`",
         *([f"- weights from {training['source']}, licence {training['licence']}"] if "licence" in training else []),
         "",
-        "## Training runs",
-        "",
-        "| part | steps | batch | seconds | final loss |",
-        "|---|---|---|---|---|",
     ]
+    if training.get("runs"):
+        lines += ["## Training runs", "", "| part | steps | batch | seconds | final loss |", "|---|---|---|---|---|"]
     for name, run in training.get("runs", {}).items():
         lines.append(
             f"| {name} | {run.get('steps')} | {run.get('batch_size', '')} | {run.get('seconds')} | "
             f"{run.get('final_loss', 0):.4f} |"
         )
+    if training.get("imported_from"):
+        lines += ["## Imported from", "", "| file | sha256 | keys | used | not used |", "|---|---|---|---|---|"]
+        for source in training["imported_from"]:
+            unused = "; ".join(f"{n} {reason}" for reason, n in source["ignored"].items()) or "-"
+            lines.append(
+                f"| {source['file']} | `{source['sha256'][:16]}` | {source['keys']} | {source['used']} | {unused} |"
+            )
     if metrics:
         lines += ["", "## Measured", "", metrics.strip()]
     if (folder / "judges" / "judges.json").is_file():

@@ -27,8 +27,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -40,7 +38,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
 from xreal.errors import XRealError
-from xreal.files import sha256_file
+from xreal.files import atomic_directory, sha256_file
 from xreal.labels import Anatomy
 from xreal.model import (
     PRESETS,
@@ -77,20 +75,6 @@ FIRST_STAGE = "first_stage_model."
 TEXT = "cond_stage_model.transformer."
 EMA = "model_ema."
 AUTOENCODER_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-SCHEDULE_BUFFERS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
 
 
 class ReferenceImportError(XRealError):
@@ -118,7 +102,9 @@ class Checkpoint:
         return {k.removeprefix(prefix): t for k, t in self.tensors.items() if k.startswith(prefix)}
 
     def ignore(self, keys: Iterable[str], reason: str) -> None:
-        self.ignored[reason].extend(keys)
+        keys = list(keys)
+        if keys:
+            self.ignored[reason].extend(keys)
 
     def unaccounted(self) -> list[str]:
         ignored = {k for keys in self.ignored.values() for k in keys}
@@ -422,13 +408,13 @@ def text_encoder_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_schedule(checkpoint: Checkpoint, scheduler, tolerance: float = 1e-4) -> float:
-    """Check the DDPM schedule buffers against the scheduler; return the largest relative difference."""
+def schedule_buffers(scheduler) -> dict[str, np.ndarray]:
+    """The DDPM schedule buffers a reference backbone stores, computed in float64 from the scheduler's betas."""
     betas = scheduler.betas.double().numpy()
     alphas_cumprod = np.cumprod(1.0 - betas)
     previous = np.append(1.0, alphas_cumprod[:-1])
     posterior_variance = betas * (1.0 - previous) / (1.0 - alphas_cumprod)
-    expected = {
+    return {
         "betas": betas,
         "alphas_cumprod": alphas_cumprod,
         "alphas_cumprod_prev": previous,
@@ -442,8 +428,13 @@ def check_schedule(checkpoint: Checkpoint, scheduler, tolerance: float = 1e-4) -
         "posterior_mean_coef1": betas * np.sqrt(previous) / (1.0 - alphas_cumprod),
         "posterior_mean_coef2": (1.0 - previous) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
     }
+
+
+def check_schedule(checkpoint: Checkpoint, scheduler, tolerance: float = 1e-4) -> float:
+    """Check the DDPM schedule buffers against the scheduler; return the largest relative difference."""
+    expected = schedule_buffers(scheduler)
     worst = 0.0
-    for name in SCHEDULE_BUFFERS:
+    for name in expected:
         if name not in checkpoint.tensors:
             raise ReferenceImportError(f"{checkpoint.path}: missing the schedule buffer {name}")
         found = checkpoint.tensors[name].double().numpy()
@@ -457,7 +448,7 @@ def check_schedule(checkpoint: Checkpoint, scheduler, tolerance: float = 1e-4) -
                 f"sqrt space, 1000 steps) by {difference:.2g} relative; this checkpoint was trained on another schedule"
             )
         worst = max(worst, difference)
-    checkpoint.used.update(SCHEDULE_BUFFERS)
+    checkpoint.used.update(expected)
     return worst
 
 
@@ -580,22 +571,14 @@ def import_reference(
         "command": command,
         "source": REFERENCE_REPOSITORY,
         "licence": REFERENCE_LICENCE,
-        "tokenizer": str(tokenizer),
+        "tokenizer": {"source": str(tokenizer), "kind": REFERENCE_TOKENIZER, "tokens": vocab_size},
         "unet_weights": "ema" if ema else "live",
         "imported_from": [c.report() for c in checkpoints],
         "schedule_max_relative_difference": schedule_difference,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         save_bundle(pipeline, staging, training=training, weights_dtype=weights_dtype, preset=preset)
         write_model_card(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ImportResult(out, preset, checkpoints, schedule_difference, notes)
 
 

@@ -360,7 +360,7 @@ def import_with(reference, tmp_path, backbone=None, **options):
         options.pop("anatomy_controller", folder / "anatomy_controller.pth"),
         options.pop("out", tmp_path / "bundle"),
         tokenizer=options.pop("tokenizer", reference["tokenizer"]),
-        image_size=IMAGE,
+        image_size=options.pop("image_size", IMAGE),
         **options,
     )
 
@@ -411,8 +411,14 @@ def test_keeps_an_existing_folder_and_checks_the_tokenizer(reference, tmp_path):
     (bigger / "vocab.txt").write_text((bigger / "vocab.txt").read_text() + "extra\n")
     with pytest.raises(ReferenceImportError, match="has 67 tokens but the text encoder embeds 66"):
         import_with(reference, tmp_path, out=tmp_path / "other", tokenizer=bigger)
-    with pytest.raises(ReferenceImportError, match="--tokenizer"):
+    with pytest.raises(ReferenceImportError, match=r"nothing-here': no such folder; .* --tokenizer"):
         import_with(reference, tmp_path, out=tmp_path / "other", tokenizer=tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReferenceImportError, match=r"empty: holds no vocab\.txt or tokenizer\.json"):
+        import_with(reference, tmp_path, out=tmp_path / "other", tokenizer=tmp_path / "empty")
+    with pytest.raises(ReferenceImportError, match=r"image size 66 is not a multiple of .* factor 4"):
+        import_with(reference, tmp_path, out=tmp_path / "other", image_size=66)
+    assert not (tmp_path / "other").exists()
 
 
 def test_separate_autoencoder(reference, tmp_path):

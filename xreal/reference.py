@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import socket
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -259,6 +260,11 @@ def reference_preset(
             f"{anatomy_controller.path}: the Anatomy Controller {controller} differs in architecture from the "
             f"backbone's autoencoder {first_stage}; the reference uses one architecture for both"
         )
+    factor = 2 ** (len(first_stage["channels"]) - 1)
+    if image_size % factor:
+        raise ReferenceImportError(
+            f"image size {image_size} is not a multiple of the autoencoder's downsampling factor {factor}"
+        )
     text = text_sizes(backbone.part(TEXT), f"{backbone.path}: text encoder")
     if text["width"] != unet["context"]:
         raise ReferenceImportError(
@@ -473,25 +479,57 @@ class ImportResult:
         return "\n".join(lines + self.notes)
 
 
+_TOKENIZER_HINT = (
+    f"the reference tokenizes with {REFERENCE_TOKENIZER}: give --tokenizer a folder holding its vocab.txt (or "
+    f"tokenizer.json), e.g. one saved on a machine with internet by "
+    f"BertTokenizerFast.from_pretrained('{REFERENCE_TOKENIZER}').save_pretrained(FOLDER)"
+)
+
+
 def load_reference_tokenizer(source: str | os.PathLike[str], vocab_size: int):
-    """The BERT WordPiece tokenizer the text encoder was trained with, from a folder or (online) the hub."""
+    """The BERT WordPiece tokenizer the text encoder was trained with: a folder, the hub's cache, or the hub."""
+    from huggingface_hub import try_to_load_from_cache
     from transformers import BertTokenizerFast
 
+    folder = Path(source)
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
+            raise ReferenceImportError(f"{folder}: holds no vocab.txt or tokenizer.json; {_TOKENIZER_HINT}")
+        return _checked_size(BertTokenizerFast.from_pretrained(str(folder)), source, vocab_size)
     try:
-        tokenizer = BertTokenizerFast.from_pretrained(str(source))
+        cached = try_to_load_from_cache(str(source), "vocab.txt")
+    except ValueError:  # not a hub name either
+        raise ReferenceImportError(f"tokenizer {str(source)!r}: no such folder; {_TOKENIZER_HINT}") from None
+    if not isinstance(cached, str) and not _hub_reachable():
+        raise ReferenceImportError(
+            f"tokenizer {str(source)!r}: not a folder, not in the Hugging Face cache, and the hub is unreachable; "
+            + _TOKENIZER_HINT
+        )
+    try:
+        tokenizer = BertTokenizerFast.from_pretrained(str(source), local_files_only=isinstance(cached, str))
     except OSError as error:
         raise ReferenceImportError(
-            f"cannot load the tokenizer {str(source)!r} ({str(error).splitlines()[0]}). The reference tokenizes with "
-            f"{REFERENCE_TOKENIZER}; give a folder holding its vocab.txt (or tokenizer.json) with --tokenizer, e.g. "
-            f"one saved on a machine with internet by BertTokenizerFast.from_pretrained('{REFERENCE_TOKENIZER}')"
-            ".save_pretrained(FOLDER)"
+            f"cannot load the tokenizer {str(source)!r} ({str(error).splitlines()[0]}); {_TOKENIZER_HINT}"
         ) from None
+    return _checked_size(tokenizer, source, vocab_size)
+
+
+def _checked_size(tokenizer, source, vocab_size: int):
     if len(tokenizer) != vocab_size:
         raise ReferenceImportError(
             f"tokenizer {str(source)!r} has {len(tokenizer)} tokens but the text encoder embeds {vocab_size}; "
             f"the reference uses {REFERENCE_TOKENIZER} (30522)"
         )
     return tokenizer
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers at all (without internet, its client retries for minutes)."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def import_reference(
@@ -516,6 +554,7 @@ def import_reference(
     separate = read_checkpoint(autoencoder) if autoencoder is not None else None
     checkpoints = [c for c in (base, controller, separate) if c is not None]
     preset, vocab_size = reference_preset(base, controller, image_size, separate)
+    bert_tokenizer = load_reference_tokenizer(tokenizer, vocab_size)
     notes: list[str] = []
 
     unet, text_encoder = build_unet(preset), build_text_encoder(preset, vocab_size)
@@ -558,7 +597,7 @@ def import_reference(
         anatomy_controller=anatomy,
         unet=unet,
         text_encoder=text_encoder,
-        tokenizer=load_reference_tokenizer(tokenizer, vocab_size),
+        tokenizer=bert_tokenizer,
         scheduler=scheduler,
         preset=preset.name,
         image_size=preset.image_size,

@@ -18,7 +18,6 @@ import argparse
 import copy
 import statistics
 
-import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 from sampler_throughput import requests, timed
@@ -38,7 +37,7 @@ def reference_inputs(pipe, anatomy, masks, soft_scale: float = 0.2):
     for label_map, mask in zip(anatomy, masks, strict=True):
         label_map = resize_label_map(label_map, size)
         image = label_map_image(torch.from_numpy(label_map)[None], pipe.config.anatomy_levels)
-        soft = torch.from_numpy(np.where(resize_label_map(label_map, latent) > 0, 1.0, soft_scale))[None, None]
+        soft = torch.from_numpy(pipe.anatomy_blend(label_map, soft_scale))[None, None]
         pathology = None if mask is None else torch.from_numpy(resize_mask(mask, latent)).float()[None, None]
         inputs.append((image.to(pipe.device), soft.float().to(pipe.device), pathology))
     return inputs

@@ -510,3 +510,10 @@ def test_paper_preset_benchmark_runs(tmp_path):
     rows = [line for line in done.stdout.splitlines() if line.startswith(("reference loop", "pipeline"))]
     assert len(rows) == 2 and rows[0].split()[-2] == "1.00x", done.stdout
     assert float(rows[1].split()[-2].rstrip("x")) > 0
+
+
+def test_reads_the_old_non_zip_format(tmp_path):
+    state = {"state_dict": {"quant_conv.bias": torch.arange(6.0)}, "epoch": 2}
+    torch.save(state, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    checkpoint = read_checkpoint(tmp_path / "old.pth")
+    assert torch.equal(checkpoint.tensors["quant_conv.bias"], torch.arange(6.0)) and checkpoint.metadata == {"epoch": 2}

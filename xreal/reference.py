@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import socket
+import zipfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -131,10 +132,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise ReferenceImportError(f"{path}: no such checkpoint file")
-    try:
-        loaded = _load(path, mmap=True)
-    except _NotMappable:  # files in the old, non-zip format cannot be memory-mapped
-        loaded = _load(path, mmap=False)
+    loaded = _load(path, mmap=zipfile.is_zipfile(path))  # only the zip format can be memory-mapped
     if not isinstance(loaded, dict):
         raise ReferenceImportError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
     state = loaded.get("state_dict", loaded)
@@ -147,17 +145,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(path, dict(state), metadata)
 
 
-class _NotMappable(Exception):
-    pass
-
-
 def _load(path: Path, mmap: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError as error:
-        if mmap and "mmap" in str(error):
-            raise _NotMappable from None
-        raise ReferenceImportError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if not found:

@@ -138,6 +138,10 @@ class XRealPipeline(DiffusionPipeline):
         """An anatomy label map at the model's image size, as the pipeline conditions on it (nearest)."""
         return resize_label_map(label_map, self.config.image_size)
 
+    def anatomy_blend(self, label_map: np.ndarray, soft_scale: float) -> np.ndarray:
+        """Stage 1's blend weight at latent size: 1 on the anatomy, ``soft_scale`` elsewhere."""
+        return np.where(resize_label_map(label_map, self.unet.config.sample_size) > 0, 1.0, soft_scale)
+
     def conditioning_mask(self, mask: np.ndarray) -> np.ndarray:
         """A pathology mask at the model's image size, as the pipeline conditions on it: any overlap counts,
         so a lesion smaller than a pixel keeps a place to be generated in."""
@@ -341,12 +345,7 @@ class XRealPipeline(DiffusionPipeline):
             # Stage 1: anatomy control, empty prompt, no guidance.
             maps = torch.from_numpy(label_maps).to(device)
             z_anatomy = self.encode(self.vae, self.anatomy_prior(maps), generators).to(dtype)
-            soft = np.stack(
-                [
-                    np.where(resize_label_map(m, latent_size) > 0, 1.0, s)
-                    for m, s in zip(label_maps, soft_scales, strict=True)
-                ]
-            )
+            soft = np.stack([self.anatomy_blend(m, s) for m, s in zip(label_maps, soft_scales, strict=True)])
             soft = torch.from_numpy(soft).to(device=device, dtype=dtype)[:, None]
             empty = self.encode_prompt([""] * len(texts)).to(dtype)
             start = self._noise(generators, z_anatomy) * self.scheduler.init_noise_sigma

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -20,6 +21,24 @@ os.umask(_UMASK)
 
 class PathError(XRealError, ValueError):
     """A path that is missing, unreadable or outside the allowed root."""
+
+
+# Ids that become file names (request ids, image ids, sample ids): letters, digits, '.', '_' and '-', starting
+# with a letter or digit, so no id can name a folder, climb out of one, hide a file or end in a newline.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def is_safe_id(value: object) -> bool:
+    """Whether ``value`` is an id that may become (part of) a file name; the whole string must match."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+def check_id(value: object, what: str) -> str:
+    """``value`` if it is a safe id (:data:`ID_PATTERN`), else a :class:`PathError` naming ``what`` and the rule."""
+    if not is_safe_id(value):
+        raise PathError(f"{what} {str(value)[:80]!r} is not a usable id: it must be {ID_RULE}")
+    return value  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -71,9 +90,11 @@ def resolve_under(
     Symbolic links are followed before the check, so a link pointing outside
     the root is refused too. Absolute paths are allowed only inside the root.
     """
-    allowed = Path(root).resolve()
     if str(path).strip() == "":
         raise PathError("empty path")
+    if "\x00" in str(path) or "\x00" in str(base or "") or "\x00" in str(root):
+        raise PathError(f"path {str(path)!r} holds a NUL byte")
+    allowed = Path(root).resolve()
     candidate = (Path(base or allowed) / path).resolve()
     if candidate != allowed and allowed not in candidate.parents:
         raise PathError(f"path {str(path)!r} is outside the allowed root {str(allowed)!r}")

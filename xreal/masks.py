@@ -23,8 +23,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from xreal.errors import MaskError
+from xreal.errors import MaskError, XRealError
 from xreal.files import atomic_path
+from xreal.images import MAX_IMAGE_SIDE, check_image_size, open_image
 from xreal.labels import ANATOMY_IDS, Anatomy
 
 Size = int | tuple[int, int]
@@ -53,15 +54,20 @@ def read_mask_file(path: str | os.PathLike[str]) -> np.ndarray:
         raise MaskError(f"{path}: mask file not found")
     try:
         if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            header = np.load(path, mmap_mode="r", allow_pickle=False)  # the shape, before anything is read
+            if header.ndim == 2:
+                check_image_size(*header.shape, str(path))
+            array = np.array(header)
         else:
-            with Image.open(path) as img:
+            with open_image(path, "mask file") as img:
                 if img.mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L"):
                     raise MaskError(f"{path}: expected a single-channel 8/16-bit PNG, got mode {img.mode!r}")
                 array = np.asarray(img)
-    except (OSError, ValueError, UnidentifiedImageError) as exc:
-        if isinstance(exc, MaskError):
-            raise
+    except MaskError:
+        raise
+    except XRealError as exc:
+        raise MaskError(str(exc)) from None
+    except (OSError, ValueError, EOFError, UnidentifiedImageError) as exc:
         raise MaskError(f"{path}: unreadable mask file ({exc})") from None
     if array.ndim != 2:
         raise MaskError(f"{path}: expected a 2-D mask, got shape {array.shape}")
@@ -166,6 +172,8 @@ def _rle_runs(rle: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray
     """Parse and check an RLE string; return 0-indexed run starts and exclusive ends."""
     if height < 1 or width < 1:
         raise MaskError(f"RLE: height and width must be positive, got {height}x{width}")
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise MaskError(f"RLE: {height}x{width} exceeds the {MAX_IMAGE_SIDE} px per side xreal reads")
     if not isinstance(rle, str):
         raise MaskError(f"RLE: expected a string of 'start length' pairs, got {type(rle).__name__}")
     tokens = rle.split()

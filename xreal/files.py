@@ -117,19 +117,40 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     return Path(path)
 
 
-def read_json(path: str | os.PathLike[str], what: str) -> Any:
-    """Read a JSON record; a damaged one raises an error naming the file and what it should be."""
+def read_json(path: str | os.PathLike[str], what: str, keys: Iterable[str] = ()) -> Any:
+    """Read a JSON record; a damaged one raises an error naming the file and what it should be.
+
+    With ``keys``, the record must be an object holding each of them.
+    """
     try:
-        return json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise XRealError(f"{path}: damaged {what}, not valid JSON ({exc})") from None
+    keys = list(keys)
+    if keys and not isinstance(record, dict):
+        raise XRealError(f"{path}: damaged {what}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise XRealError(f"{path}: damaged {what}: no {', '.join(repr(k) for k in missing)}")
+    return record
 
 
-def checksum_problems(folder: str | os.PathLike[str], files: dict[str, str]) -> list[str]:
+def record_digest(record: Any) -> str:
+    """sha256 of a JSON record's whole content (keys sorted): pins a record and, through it, the files it hashes."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checksum_problems(folder: str | os.PathLike[str], files: Any) -> list[str]:
     """What is wrong with the files of ``folder`` against their recorded sha256 (empty when all match)."""
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return ["its record's 'files' is not a mapping of file names to sha256"]
     problems = []
     for name, digest in files.items():
-        path = Path(folder) / name
+        try:
+            path = resolve_under(folder, name)
+        except PathError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
         if not path.is_file():
             problems.append(f"{name} is missing")
         elif sha256_file(path) != digest:

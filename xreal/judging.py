@@ -32,20 +32,26 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from xreal.errors import XRealError
-from xreal.files import checksum_problems, read_json, sha256_file, write_json
-from xreal.labels import CHEXPERT_LABELS, Anatomy, canonical_label
+from xreal.files import sha256_file, write_json
+from xreal.labels import CHEXPERT_LABELS, STRUCTURES, canonical_label, score_key
 from xreal.masks import resize_label_map, resize_mask
+from xreal.records import (  # noqa: F401 - the judge set's record, re-exported where it was
+    JUDGES_FILE,
+    XRV_AUTOENCODER,
+    XRV_CLASSIFIER,
+    XRV_SEGMENTER,
+    JudgeError,
+    judge_files,
+    judges_digest,
+    read_judges_record,
+    verify_judge_set,
+    xrv_judge_files,
+    xrv_weight_names,
+)
 from xreal.weights import import_xrv
 
-JUDGES_FILE = "judges.json"
 JUDGES_VERSION = 1
 XRV_NAMES = {"Effusion": "Pleural Effusion"}
-STRUCTURES = {"right lung": Anatomy.RIGHT_LUNG, "left lung": Anatomy.LEFT_LUNG, "heart": Anatomy.HEART}
-
-
-def score_key(kind: str, name: str) -> str:
-    """The column of a score: ``score_key("p", "Pleural Effusion") == "p_pleural_effusion"``."""
-    return f"{kind}_{name.lower().replace(' ', '_')}"
 
 
 def chexpert_name(label: str) -> str:
@@ -55,10 +61,6 @@ def chexpert_name(label: str) -> str:
         return canonical_label(label)
     except XRealError:
         return label
-
-
-class JudgeError(XRealError):
-    """A judge set that is missing, damaged or does not fit the images."""
 
 
 def classifier_input(images: np.ndarray) -> torch.Tensor:
@@ -338,22 +340,6 @@ def judges_card(folder: str | os.PathLike[str]) -> str:
     return "\n".join(lines)
 
 
-def read_judges_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(folder) / JUDGES_FILE
-    if not path.is_file():
-        raise JudgeError(f"{folder}: not a judge set (no {JUDGES_FILE})")
-    return read_json(path, "judge set record")
-
-
-def verify_judge_set(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check every file of a phantom judge set against its recorded sha256; return the record."""
-    record = read_judges_record(folder)
-    problems = checksum_problems(folder, record["files"])
-    if problems:
-        raise JudgeError(f"{folder}: judge set is damaged: {'; '.join(problems)}; refusing to use it")
-    return record
-
-
 def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> JudgeSet:
     """Load a phantom judge set, every file checked against its recorded sha256 first."""
     from xreal.phantom_judges import PhantomSegmenter
@@ -372,37 +358,6 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
         "phantom", record["image_size"], classifier.eval(), segmenter.eval(), realism, record["files"], folder
     )
     return judges.to(device)
-
-
-XRV_CLASSIFIER = "densenet121-res224-all"
-XRV_SEGMENTER = "chestx_det"
-XRV_AUTOENCODER = "101-elastic"
-
-
-def xrv_weight_names(classifier: str, anatomy: bool, realism: bool) -> list[str]:
-    """The torchxrayvision weights a judge set needs: the classifier, plus what anatomy and realism use."""
-    return [classifier] + [XRV_SEGMENTER] * anatomy + [XRV_AUTOENCODER] * realism
-
-
-def xrv_judge_files(
-    classifier: str = XRV_CLASSIFIER,
-    anatomy: bool = True,
-    realism: bool = True,
-    cache_dir: str | os.PathLike[str] | None = None,
-    lock: str | os.PathLike[str] | None = None,
-) -> dict[str, str]:
-    """The weight files torchxrayvision judges need and their sha256, each checked against the lock."""
-    from xreal import weights
-
-    names = xrv_weight_names(classifier, anatomy, realism)
-    return {p.name: sha256_file(p) for p in (weights.verify_weights(n, cache_dir=cache_dir, lock=lock) for n in names)}
-
-
-def judge_files(source: str | os.PathLike[str], anatomy: bool = True, realism: bool = True) -> dict[str, str]:
-    """The weight files of the judge set :func:`load_judges` would load, with their sha256."""
-    if str(source) == "torchxrayvision":
-        return xrv_judge_files(anatomy=anatomy, realism=realism)
-    return read_judges_record(source)["files"]
 
 
 def load_xrv_judges(

@@ -91,3 +91,12 @@ class Anatomy(IntEnum):
 
 
 ANATOMY_IDS: frozenset[int] = frozenset(int(a) for a in Anatomy)
+
+
+# The anatomy judges compare, by name (score columns: ``dice_right_lung`` ...).
+STRUCTURES = {"right lung": Anatomy.RIGHT_LUNG, "left lung": Anatomy.LEFT_LUNG, "heart": Anatomy.HEART}
+
+
+def score_key(kind: str, name: str) -> str:
+    """The column of a judge score: ``score_key("p", "Pleural Effusion") == "p_pleural_effusion"``."""
+    return f"{kind}_{name.lower().replace(' ', '_')}"

@@ -20,13 +20,19 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
 from xreal.errors import XRealError
-from xreal.files import atomic_path, checksum_problems, read_json, sha256_file, write_json
+from xreal.files import atomic_path, sha256_file, write_json
+from xreal.records import (  # noqa: F401 - the bundle's record, re-exported where it was
+    BUNDLE_FILE,
+    DEMO_BUNDLE,
+    MODEL_CARD,
+    bundle_digest,
+    bundle_files,
+    read_bundle_record,
+    verify_bundle,
+)
 from xreal.text import XRealTextEncoder, build_tokenizer
 
-BUNDLE_FILE = "xreal_bundle.json"
-MODEL_CARD = "MODEL_CARD.md"
 BUNDLE_VERSION = 1
-DEMO_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
 SD_SCALE_FACTOR = 0.18215
 
 
@@ -166,15 +172,6 @@ def quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(verbosity)
 
 
-def _bundle_files(folder: Path) -> list[Path]:
-    """The files a bundle's checksums cover: everything but its record and its model card."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.name not in (BUNDLE_FILE, MODEL_CARD) and not p.name.startswith(".")
-    )
-
-
 def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None) -> Path:
     """Write MODEL_CARD.md from the bundle record (and measured metrics, as Markdown, when given)."""
     folder = Path(folder)
@@ -240,7 +237,7 @@ def save_bundle(
             pipeline.save_pretrained(folder, safe_serialization=True)
         finally:
             pipeline.to(dtype=original)
-    pickled = [p for p in _bundle_files(folder) if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    pickled = [p for p in bundle_files(folder) if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     if pickled:
         raise XRealError(f"refusing to keep pickled weights in a bundle: {', '.join(map(str, pickled))}")
     record = {
@@ -251,27 +248,10 @@ def save_bundle(
         "labels": list(pipeline.config.labels),
         "weights_dtype": str(weights_dtype or original).removeprefix("torch."),
         "training": training or {},
-        "files": {str(p.relative_to(folder)): sha256_file(p) for p in _bundle_files(folder)},
+        "files": {str(p.relative_to(folder)): sha256_file(p) for p in bundle_files(folder)},
     }
     write_json(folder / BUNDLE_FILE, record)
     return folder
-
-
-def read_bundle_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(folder) / BUNDLE_FILE
-    if not path.is_file():
-        raise XRealError(f"{folder}: not an xreal model bundle (no {BUNDLE_FILE})")
-    return read_json(path, "model bundle record")
-
-
-def verify_bundle(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check every file of a bundle against its recorded sha256; return the record."""
-    folder = Path(folder)
-    record = read_bundle_record(folder)
-    problems = checksum_problems(folder, record["files"])
-    if problems:
-        raise XRealError(f"{folder}: model bundle is damaged: {'; '.join(problems)}")
-    return record
 
 
 def load_pipeline(

@@ -34,8 +34,7 @@ from typing import Any
 import yaml
 
 from xreal.errors import XRealError
-from xreal.judging import STRUCTURES, score_key
-from xreal.labels import NO_FINDING, canonical_label
+from xreal.labels import NO_FINDING, STRUCTURES, canonical_label, score_key
 
 POLICY_VERSION = 1
 
@@ -128,7 +127,7 @@ class QualityPolicy:
     def from_yaml(cls, path: str | os.PathLike[str]) -> QualityPolicy:
         try:
             raw = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise PolicyError(f"{path}: cannot read the policy ({exc})") from None
         if raw is not None and not isinstance(raw, dict):
             raise PolicyError(f"{path}: a policy is a mapping of sections, got {type(raw).__name__}")

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xreal.errors import XRealError
-from xreal.judging import verify_judge_set
-from xreal.model import verify_bundle
+from xreal.files import read_json, record_digest
+from xreal.records import bundle_digest, judges_digest, verify_bundle, verify_judge_set
 from xreal.weights import weights_status
 
 
@@ -37,10 +37,12 @@ def verify_files(
     for folder in map(Path, models):
         try:
             record = verify_bundle(folder)
-            checked.append(f"{folder}: model bundle ok ({len(record['files'])} files)")
+            digest = record_digest(record)
+            checked.append(f"{folder}: model bundle ok ({len(record['files'])} files, digest {digest})")
             if (folder / "judges").is_dir():
                 judges = verify_judge_set(folder / "judges")
-                checked.append(f"{folder / 'judges'}: judge set ok ({len(judges['files'])} files)")
+                digest = record_digest(judges)
+                checked.append(f"{folder / 'judges'}: judge set ok ({len(judges['files'])} files, digest {digest})")
         except XRealError as exc:
             problems.append(str(exc))
     for row in weights_status(cache_dir):
@@ -53,6 +55,35 @@ def verify_files(
             checked.append(f"{row['file']}: weights ok")
         elif row["name"] in require_weights:
             problems.append(f"{row['file']}: required weights are missing; get them with `xreal weights fetch`")
+    if problems:
+        raise XRealError("verification failed:\n  " + "\n  ".join(problems))
+    return checked
+
+
+def verify_run_models(run: str | os.PathLike[str]) -> list[str]:
+    """Check that the model bundle and judge set a run recorded are, whole, the ones that made it.
+
+    The digests come from the run's ``run.json``, outside the bundle, so an
+    edit anywhere in the bundle or judge set, its records included, is found.
+    """
+    run = Path(run)
+    record = read_json(run / "run.json", "run record", keys=("identity", "model", "judges", "policy"))
+    identity, checked, problems = record["identity"], [], []
+    policy = record["policy"] if isinstance(record["policy"], dict) else {}
+    parts = [bool(policy.get(part, {}).get("enabled", True)) for part in ("anatomy", "realism")]
+    for what, pinned, compute in (
+        (f"model bundle {record['model']}", identity.get("model_digest"), lambda: bundle_digest(record["model"])),
+        (f"judge set {record['judges']}", identity.get("judges"), lambda: judges_digest(record["judges"], *parts)),
+    ):
+        try:
+            digest = compute()
+        except XRealError as exc:
+            problems.append(str(exc))
+            continue
+        if digest != pinned:
+            problems.append(f"{what}: digest {digest} is not the {pinned} that {run} was made with")
+        else:
+            checked.append(f"{what}: the one {run} was made with (digest {digest})")
     if problems:
         raise XRealError("verification failed:\n  " + "\n  ".join(problems))
     return checked

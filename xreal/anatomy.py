@@ -10,13 +10,13 @@ import numpy as np
 from xreal.errors import MaskError
 from xreal.labels import Anatomy
 
-TEMPLATE_PATTERN = re.compile(r"^phantom-(\d{1,9})$")
+TEMPLATE_PATTERN = re.compile(r"phantom-(\d{1,9})")  # full match: no surrounding space or newline
 TEMPLATE_HELP = "built-in templates are named 'phantom-<n>' with n a whole number (the phantom anatomy of seed n)"
 
 
 def template_seed(name: str) -> int:
     """The phantom seed of a built-in template name such as ``"phantom-12"``."""
-    match = TEMPLATE_PATTERN.match(str(name).strip())
+    match = TEMPLATE_PATTERN.fullmatch(name) if isinstance(name, str) else None
     if not match:
         raise MaskError(f"unknown anatomy template {name!r}; {TEMPLATE_HELP}")
     return int(match.group(1))

@@ -41,6 +41,7 @@ from xreal.images import read_image, to_uint16, write_png16
 from xreal.labels import CHEXPERT_LABELS, NO_FINDING
 from xreal.manifest import BOX_TYPE
 from xreal.masks import mask_box, write_mask_file
+from xreal.run_config import FORMATS
 
 SAMPLES_FILE = "samples.parquet"
 DATASET_FILE = "dataset.json"
@@ -50,7 +51,6 @@ SHARDS = "shards"
 HF_METADATA = "metadata.jsonl"
 DATA_DIRS = ("images", "dicom", "healthy", "masks", "rejected")
 SHARD_META_KEY = b"xreal.shard"
-FORMATS = ("png", "dicom", "both")
 
 # (column, file column, hash column): every file a sample row can point at.
 FILE_COLUMNS = (
@@ -240,8 +240,14 @@ def write_shard(
     return table
 
 
+def is_temporary(path: Path) -> bool:
+    """A file :func:`xreal.files.atomic_path` was writing when its process died (``.NAME.XXXX.part.SUFFIX``)."""
+    return path.name.startswith(".") and ".part" in path.name
+
+
 def shard_paths(out: str | os.PathLike[str]) -> list[Path]:
-    return sorted((Path(out) / SHARDS).glob("*.parquet"))
+    """The committed shards: complete tables only, never a temporary file a killed writer left."""
+    return sorted(p for p in (Path(out) / SHARDS).glob("*.parquet") if not p.name.startswith("."))
 
 
 def read_shards(out: str | os.PathLike[str]) -> pa.Table | None:
@@ -285,11 +291,12 @@ def referenced_files(table: pa.Table) -> set[str]:
 
 
 def stray_files(out: str | os.PathLike[str], table: pa.Table | None) -> list[Path]:
-    """Files in the data folders that no committed sample points at (left by a batch that died)."""
+    """Files in the data folders that no committed sample points at (left by a batch that died), and the
+    temporary files of writers that were killed."""
     out = Path(out)
     known = referenced_files(table) if table is not None else set()
     known.add(f"images/{HF_METADATA}")
-    stray = []
+    stray = [p for p in sorted(out.glob(".*")) + sorted((out / SHARDS).glob(".*")) if p.is_file() and is_temporary(p)]
     for folder in DATA_DIRS:
         for path in sorted((out / folder).rglob("*")) if (out / folder).is_dir() else []:
             if path.is_file() and _relative(out, path) not in known:
@@ -327,6 +334,7 @@ def write_preview(out: Path, table: pa.Table, per_label: int = 6, tile: int = 96
         if r["decision"] == "accepted" and r["image_path"]:
             rows.setdefault(" + ".join(r["labels"]), []).append(r["image_path"])
     if not rows:
+        (out / PREVIEW_FILE).unlink(missing_ok=True)
         return None
     grid = Image.new("L", (caption + tile * per_label, tile * len(rows)), color=0)
     draw = ImageDraw.Draw(grid)
@@ -339,6 +347,17 @@ def write_preview(out: Path, table: pa.Table, per_label: int = 6, tile: int = 96
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
     return path
+
+
+def pinned_files(out: Path) -> dict[str, str]:
+    """sha256 of the files finalize derives from the shards (table, card, preview, HF metadata), for dataset.json."""
+    names = (SAMPLES_FILE, CARD_FILE, PREVIEW_FILE, f"images/{HF_METADATA}")
+    return {name: sha256_file(out / name) for name in names if (out / name).is_file()}
+
+
+def shard_hashes(out: Path) -> dict[str, str]:
+    """sha256 of every committed shard, by file name, for dataset.json."""
+    return {path.name: sha256_file(path) for path in shard_paths(out)}
 
 
 def write_samples(out: Path, table: pa.Table) -> Path:
@@ -511,6 +530,7 @@ class XRealDataset(torch.utils.data.Dataset):
         path = self.root / SAMPLES_FILE
         if not path.is_file():
             raise DatasetError(f"{self.root}: no {SAMPLES_FILE}; is this a finished xreal run directory?")
+        self._check_pinned(path)
         table = pq.read_table(path)
         frame = table.to_pandas()
         if not include_rejected:
@@ -521,6 +541,19 @@ class XRealDataset(torch.utils.data.Dataset):
         self.pathologies = [XRV_NAMES.get(label, label) if xrv_names else label for label in labels]
         self.labels = self.csv[labels].to_numpy(dtype=np.float32) if len(self.csv) else np.zeros((0, len(labels)))
         self.transform = transform
+
+    def _check_pinned(self, path: Path) -> None:
+        """Refuse a ``samples.parquet`` that differs from the one its run pinned in ``dataset.json``."""
+        record_path = self.root / DATASET_FILE
+        try:
+            pinned = json.loads(record_path.read_text()).get("files", {}).get(SAMPLES_FILE)
+        except (OSError, ValueError, AttributeError):
+            pinned = None
+        if pinned is not None and sha256_file(path) != pinned:
+            raise DatasetError(
+                f"{path}: differs from the table its run recorded in {DATASET_FILE} (sha256); it was edited. "
+                f"Run `xreal audit run {self.root}` to see what changed, and rerun `xreal generate` to restore it"
+            )
 
     def __len__(self) -> int:
         return len(self.csv)

@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
-import json
 import os
 import platform
 import queue
@@ -31,7 +30,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -43,77 +41,23 @@ import torch
 
 from xreal import dataset
 from xreal.errors import XRealError
-from xreal.files import read_json, sha256_file, write_json
-from xreal.judging import JudgeSet, judge_files, load_judges
-from xreal.manifest import ManifestInvalid, Request, load_requests, sample_id, validate_manifest
-from xreal.model import DEMO_BUNDLE, load_pipeline, read_bundle_record, verify_bundle
+from xreal.files import read_json, write_json
+from xreal.judging import JudgeSet, judges_digest, load_judges
+from xreal.manifest import Request, sample_id
+from xreal.model import bundle_digest, load_pipeline, read_bundle_record
 from xreal.policy import Decision, QualityPolicy
+from xreal.run_config import (  # noqa: F401 - the run's identity and checks, re-exported where they were
+    LOCK_FILE,
+    PRECISIONS,
+    RUN_FILE,
+    RUN_FORMAT,
+    Preflight,
+    RunConfig,
+    RunConflict,
+    check_out_directory,
+    preflight,
+)
 from xreal.settings import DEFAULT_SETTINGS
-
-RUN_FILE = "run.json"
-RUN_FORMAT = 1
-PRECISIONS = ("float32", "float64", "bfloat16")
-
-
-class RunConflict(XRealError):
-    """The output directory belongs to a different run (another manifest, model, judges, policy or format)."""
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that decides what a run writes. Devices and batch size only decide how fast."""
-
-    manifest: Path
-    out: Path
-    model: Path = DEMO_BUNDLE
-    policy: QualityPolicy = field(default_factory=QualityPolicy)
-    formats: str = "png"
-    keep_rejected: bool = False
-    healthy_twins: bool = True
-    precision: str = "float32"
-    root: Path | None = None  # where manifest paths may point; default the manifest's folder
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise XRealError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.formats not in dataset.FORMATS:
-            raise XRealError(f"format must be one of {', '.join(dataset.FORMATS)}, got {self.formats!r}")
-
-    @cached_property
-    def judges_source(self) -> str:
-        """The judge set: the policy's choice, else the one that ships with the model bundle."""
-        if self.policy.judges:
-            return self.policy.judges
-        bundled = self.model / "judges"
-        if (bundled / "judges.json").is_file():
-            return str(bundled)
-        raise XRealError(
-            f"{self.model}: the model bundle ships no judges; name a judge set in the policy "
-            "(judges: torchxrayvision, or a judge set folder)"
-        )
-
-    @cached_property
-    def judge_files(self) -> dict[str, str]:
-        """The judges' weight files and sha256 (torchxrayvision's checked against the lock)."""
-        return judge_files(self.judges_source, self.policy.anatomy.enabled, self.policy.realism.enabled)
-
-    def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run: content hashes, not paths."""
-        record = read_bundle_record(self.model)
-        return {
-            "manifest_sha256": sha256_file(self.manifest),
-            "model_digest": _digest(record["files"]),
-            "judges": _digest(self.judge_files),
-            "policy_digest": self.policy.digest(),
-            "formats": self.formats,
-            "keep_rejected": self.keep_rejected,
-            "healthy_twins": self.healthy_twins,
-            "precision": self.precision,
-        }
-
-
-def _digest(files: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -154,9 +98,6 @@ class RunState:
             self.decisions = dict(zip(ids, decisions, strict=True))
 
 
-LOCK_FILE = ".lock"
-
-
 @contextlib.contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """Hold a run directory for one writer: a second run into it meanwhile is refused, not interleaved.
@@ -193,29 +134,14 @@ def run_lock(out: Path) -> Iterator[None]:
 
 
 def open_run(config: RunConfig) -> RunState:
-    """Validate the manifest, pin the run's identity in ``run.json``, and read what is already committed.
+    """Check everything (:func:`preflight`), pin the run's identity in ``run.json``, read what is committed.
 
-    An existing output made by another manifest, model, judge set, policy or
-    format is refused (:class:`RunConflict`) and left untouched.
+    An existing output made by another manifest, input file, model, judge set,
+    policy or format is refused (:class:`RunConflict`) and left untouched.
     """
-    report = validate_manifest(config.manifest, config.root)
-    if not report.ok:
-        raise ManifestInvalid(report)
-    verify_bundle(config.model)
-    requests = load_requests(config.manifest, config.root)
-    identity = config.identity()
-    path = config.out / RUN_FILE
-    if path.is_file():
-        record = read_json(path, "run record (delete the run directory or use another --out)")
-        changed = [key for key, value in identity.items() if record.get("identity", {}).get(key) != value]
-        if changed:
-            raise RunConflict(
-                f"{config.out} holds a run of a different {', '.join(changed)}; it was left untouched. "
-                "Use a new --out directory for the new run (or rerun with the original settings to resume)."
-            )
-    else:
-        if config.out.exists() and any(p.name != LOCK_FILE for p in config.out.iterdir()):
-            raise RunConflict(f"{config.out} exists and is not an xreal run directory; choose an empty or new --out")
+    checked = preflight(config)
+    record = checked.record
+    if record is None:
         record = {
             "run_format": RUN_FORMAT,
             "run_id": str(uuid.uuid4()),
@@ -224,10 +150,11 @@ def open_run(config: RunConfig) -> RunState:
             "model": str(config.model),
             "judges": config.judges_source,
             "policy": config.policy.to_dict(),
-            "identity": identity,
+            "identity": checked.identity,
+            "inputs": checked.inputs,
         }
-        write_json(path, record)
-    state = RunState(config, requests, record)
+        write_json(config.out / RUN_FILE, record)
+    state = RunState(config, checked.requests, record)
     state.refresh()
     return state
 
@@ -279,14 +206,22 @@ def make_batches(samples: Sequence[Sample], batch_size: int) -> list[Batch]:
 
 # --- workers ----------------------------------------------------------------------
 
-_MODELS: dict[tuple[str, str, str, str], tuple[Any, JudgeSet]] = {}
+_MODELS: dict[tuple, tuple[Any, JudgeSet, dict[str, str]]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
 def worker_models(
-    model: Path, judges: str, device: str, precision: str = "float32", policy: QualityPolicy | None = None
+    model: Path,
+    judges: str,
+    device: str,
+    precision: str = "float32",
+    policy: QualityPolicy | None = None,
+    expected: dict[str, Any] | None = None,
 ):
     """The pipeline and judges of this process on ``device``, loaded once and kept.
+
+    ``expected``: a run's identity; the bundle and judge set must still have
+    the digests it pinned (a file edited since the run opened is refused).
 
     Load them off the main thread: torch work on the main thread (building a
     model included) leaves an OpenMP thread team there that competes with the
@@ -297,10 +232,24 @@ def worker_models(
     key = (str(model), judges, device, precision, parts)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            pipeline = load_pipeline(model, device=device, dtype=torch.float64 if precision == "float64" else None)
+            digests = {"model_digest": bundle_digest(model), "judges": judges_digest(judges, *parts)}
+            pipeline = load_pipeline(
+                model, device=device, dtype=torch.float64 if precision == "float64" else None, verify=False
+            )
             pipeline.set_progress_bar_config(disable=True)
-            _MODELS[key] = (pipeline, load_judges(judges, device=device, anatomy=parts[0], realism=parts[1]))
-        return _MODELS[key]
+            loaded = load_judges(judges, device=device, anatomy=parts[0], realism=parts[1])
+            _MODELS[key] = (pipeline, loaded, digests)
+        pipeline, loaded, digests = _MODELS[key]
+    changed = [name for name, digest in digests.items() if expected is not None and expected.get(name) != digest]
+    if changed:
+        what = " and ".join(
+            {"model_digest": f"the model bundle {model}", "judges": f"the judge set {judges}"}[c] for c in changed
+        )
+        raise RunConflict(
+            f"{what} changed since this run started (its digest differs from run.json's); restore it to resume, "
+            "or start a new run with another --out"
+        )
+    return pipeline, loaded
 
 
 def worker_device() -> str:
@@ -385,7 +334,10 @@ class BatchSummary:
 
 def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> BatchSummary:
     """Sample, judge and write one batch; returns a small summary (images stay on disk)."""
-    pipeline, judges = worker_models(config.model, config.judges_source, device, config.precision, config.policy)
+    pinned = read_json(config.out / RUN_FILE, "run record", keys=("identity",))["identity"]
+    pipeline, judges = worker_models(
+        config.model, config.judges_source, device, config.precision, config.policy, expected=pinned
+    )
     size = pipeline.config.image_size
     samples = batch.samples
     started = time.perf_counter()
@@ -528,10 +480,12 @@ def finished_summary(state: RunState) -> RunSummary | None:
     if not (record_path.is_file() and samples_path.is_file()):
         return None
     try:
-        record = read_json(record_path, "dataset record")
+        record = read_json(record_path, "dataset record", keys=("complete", "files"))
     except XRealError:
         return None  # finalize writes it again
-    if not record.get("complete") or pq.read_metadata(samples_path).num_rows != len(state.decisions):
+    if not record["complete"] or record["files"] != dataset.pinned_files(out):
+        return None  # a finalize that did not finish, or derived files edited since: finalize writes them again
+    if pq.read_metadata(samples_path).num_rows != len(state.decisions):
         return None
     table = pq.read_table(samples_path, columns=["request_id", "decision", "reason"])
     return RunSummary(out, dataset.tally(state.requests, table), [], record)
@@ -544,7 +498,12 @@ def finalize(
     wall_seconds: float | None = None,
     failed_batches: Sequence[str] = (),
 ) -> RunSummary:
-    """Merge the shards into ``samples.parquet``; write ``dataset.json``, the card, the preview and HF metadata."""
+    """Merge the shards into ``samples.parquet``; write the card, the preview, HF metadata and, last, ``dataset.json``.
+
+    ``dataset.json`` is the completion marker: it is written after every file
+    it pins (with their sha256), so a crash anywhere in here leaves a run that
+    the next rerun finalizes again.
+    """
     config, out = state.config, state.config.out
     table = dataset.read_shards(out)
     for path in dataset.stray_files(out, table):
@@ -567,7 +526,7 @@ def finalize(
         },
         "model": {
             "path": str(config.model),
-            "digest": state.record["identity"]["model_digest"],
+            "digest": state.record["identity"]["model_digest"],  # of the bundle's whole record: xreal verify --run
             "preset": bundle["preset"]["name"],
             "image_size": bundle["image_size"],
             "files": bundle["files"],
@@ -576,8 +535,10 @@ def finalize(
         "judges": {
             "kind": judges_kind,
             "source": config.judges_source,
+            "digest": state.record["identity"]["judges"],
             "files": config.judge_files,
         },
+        "inputs": state.record.get("inputs", {}),
         "policy": config.policy.to_dict(),
         "policy_digest": config.policy.digest(),
         "sampler_defaults": vars(DEFAULT_SETTINGS),
@@ -597,6 +558,8 @@ def finalize(
         dataset.write_samples(out, table)
         dataset.write_hf_metadata(out, table)
         dataset.write_preview(out, table)
-    write_json(out / dataset.DATASET_FILE, record)
     dataset.write_card(out, record, counts)
+    record["shards"] = dataset.shard_hashes(out)
+    record["files"] = dataset.pinned_files(out)
+    write_json(out / dataset.DATASET_FILE, record)  # last: the run is finalized once this exists
     return RunSummary(out, counts, list(failed_batches), record)

@@ -12,10 +12,10 @@ of rows run in bounded memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from xreal.anatomy import template_label_map, template_seed
 from xreal.errors import LabelError, ManifestError, MaskError, XRealError
-from xreal.files import PathError, atomic_path, resolve_under
+from xreal.files import ID_RULE, PathError, atomic_path, is_safe_id, resolve_under, sha256_file
 from xreal.labels import NO_FINDING, canonical_label, canonical_labels
 from xreal.masks import (
     boxes_to_mask,
@@ -45,7 +45,6 @@ VERSION_KEY = b"xreal.manifest_version"
 MAX_SAMPLES_PER_REQUEST = 100_000
 MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 BATCH_ROWS = 65_536
 
 BOX_TYPE = pa.struct(
@@ -112,6 +111,7 @@ class AnatomySource:
     kind: str  # "path" | "rle" | "template"
     value: Any
     shape: tuple[int, int] | None  # None for templates, which render at any size
+    sha256: str | None = None  # of the file, once a run has pinned it (:func:`pin_inputs`)
 
     @property
     def key(self) -> str:
@@ -154,6 +154,7 @@ class Request:
     overrides: dict[str, float | int] = field(default_factory=dict)
     split: str | None = None
     tags: tuple[str, ...] = ()
+    pathology_mask_sha256: str | None = None  # once a run has pinned the file (:func:`pin_inputs`)
 
     @property
     def has_pathology(self) -> bool:
@@ -167,7 +168,7 @@ class Request:
         """The requested anatomy label map: a file or RLE at its own size, a template rendered at ``size``."""
         source = self.anatomy
         if source.kind == "path":
-            return read_label_map(source.value)
+            return read_label_map(_pinned(source.value, source.sha256, "anatomy"))
         if source.kind == "rle":
             v = source.value
             return label_map_from_rle(v["right_lung"], v["left_lung"], v["heart"], v["height"], v["width"])
@@ -189,7 +190,7 @@ class Request:
         if not self.has_pathology:
             return None
         if self.pathology_mask_path is not None:
-            return read_binary_mask(self.pathology_mask_path)
+            return read_binary_mask(_pinned(self.pathology_mask_path, self.pathology_mask_sha256, "pathology mask"))
         return boxes_to_mask([coords for _, coords in self.normalized_boxes()], *shape, units="normalized")
 
     def sample_seed(self, replica: int) -> int:
@@ -197,6 +198,44 @@ class Request:
         if self.seed is not None:
             return (self.seed + replica) % (1 << 63)
         return derive_seed(self.request_id, replica)
+
+
+class InputChanged(XRealError):
+    """A file a run pinned (an anatomy or mask the manifest names) changed while the run was open."""
+
+
+def _pinned(path: Path, sha256: str | None, what: str) -> Path:
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise InputChanged(
+            f"{path}: this {what} file changed since the run started (its sha256 differs from the one the run "
+            "pinned); restore it to resume, or start a new run with another --out"
+        )
+    return path
+
+
+def pin_inputs(requests: Sequence[Request], root: Path) -> tuple[list[Request], dict[str, str]]:
+    """The requests with the sha256 of every file they name, and those files (relative to ``root``) -> sha256.
+
+    Everything a run reads besides the manifest is hashed when the run opens;
+    a file that changes afterwards is refused when a batch reads it.
+    """
+    hashes: dict[Path, str] = {}
+
+    def pin(path: Path) -> str:
+        if path not in hashes:
+            hashes[path] = sha256_file(path)
+        return hashes[path]
+
+    pinned = []
+    for r in requests:
+        changes: dict[str, Any] = {}
+        if r.anatomy.kind == "path":
+            changes["anatomy"] = dataclasses.replace(r.anatomy, sha256=pin(r.anatomy.value))
+        if r.pathology_mask_path is not None:
+            changes["pathology_mask_sha256"] = pin(r.pathology_mask_path)
+        pinned.append(dataclasses.replace(r, **changes) if changes else r)
+    files = {path.relative_to(root).as_posix(): digest for path, digest in sorted(hashes.items())}
+    return pinned, files
 
 
 def derive_seed(request_id: str, replica: int) -> int:
@@ -379,8 +418,8 @@ class _RowChecker:
 
         if request_id is None or request_id == "":
             problem("request_id", "is missing")
-        elif not REQUEST_ID_PATTERN.match(request_id):
-            problem("request_id", "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        elif not is_safe_id(request_id):
+            problem("request_id", f"must be {ID_RULE} (it names the run's files), got {request_id[:80]!r}")
         elif request_id in self.seen:
             problem("request_id", "duplicate request id")
         else:
@@ -615,7 +654,9 @@ def _whole_number(value: Any, column: str, problem, required: bool = False, part
     return value
 
 
-def _default_root(path: Path, root: str | os.PathLike[str] | None) -> Path:
+def manifest_root(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """The folder a manifest's file paths must stay inside: ``root``, by default the manifest's own folder."""
+    path = Path(path)
     return Path(root).resolve() if root is not None else path.resolve().parent
 
 
@@ -635,7 +676,7 @@ def iter_requests(
     if column_issues:
         yield [], column_issues
         return
-    checker = _RowChecker(path.resolve().parent, _default_root(path, root))
+    checker = _RowChecker(path.resolve().parent, manifest_root(path, root))
     offset = 0
     for batch in parquet.iter_batches(batch_size=batch_rows):
         yield checker.check_batch(batch, offset)
@@ -648,7 +689,7 @@ def _scan(
     path = Path(path)
     parquet, version = open_manifest(path)
     report = ValidationReport(
-        path=path, root=_default_root(path, root), version=version, rows=parquet.metadata.num_rows
+        path=path, root=manifest_root(path, root), version=version, rows=parquet.metadata.num_rows
     )
     kept: list[Request] = []
     for requests, issues in iter_requests(path, root):

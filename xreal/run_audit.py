@@ -19,6 +19,7 @@ from xreal import dataset
 from xreal.errors import XRealError
 from xreal.files import read_json, sha256_file
 from xreal.generation import RUN_FILE
+from xreal.labels import CHEXPERT_LABELS
 from xreal.manifest import load_requests, sample_id
 
 MAX_LISTED = 20
@@ -91,13 +92,16 @@ def audit_run(out: str | os.PathLike[str], manifest: str | os.PathLike[str] | No
     if report.problems:
         return report
     try:
-        record = read_json(record_path, "dataset record")
+        record = read_json(record_path, "dataset record", keys=("manifest", "counts"))
         table = pq.read_table(samples_path)
     except (XRealError, OSError, pa.ArrowInvalid) as exc:
         report.problems.append(f"{exc}; rerun `xreal generate` to write the records again")
         return report
     rows = table.to_pylist()
     report.samples = len(rows)
+    _check_pinned_records(out, record, report)
+    _check_against_shards(out, table, report)
+    _check_rows(rows, report)
 
     for row in rows:
         for column, hash_column in dataset.FILE_COLUMNS:
@@ -160,3 +164,77 @@ def audit_run(out: str | os.PathLike[str], manifest: str | os.PathLike[str] | No
             f"differ from samples.parquet ({report.counts.accepted}, {report.counts.rejected})"
         )
     return report
+
+
+def _check_pinned_records(out: Path, record: dict[str, Any], report: RunAudit) -> None:
+    """The files finalize wrote (table, card, preview, HF metadata) and the shards, against dataset.json."""
+    files, shards = record.get("files"), record.get("shards")
+    if not isinstance(files, dict) or not isinstance(shards, dict):
+        report.problems.append(
+            f"{dataset.DATASET_FILE} pins no files (written by an older xreal, or edited); "
+            "rerun `xreal generate` to finalize the run again"
+        )
+        return
+    for name in (dataset.SAMPLES_FILE, dataset.CARD_FILE):
+        if name not in files:
+            report.problems.append(f"{dataset.DATASET_FILE} does not pin {name}")
+    for folder, pinned in (("", files), (f"{dataset.SHARDS}/", shards)):
+        for name, digest in pinned.items():
+            report.files_checked += 1
+            path = out / folder / name
+            if not path.is_file():
+                report.missing_files.append(f"{folder}{name} (pinned in {dataset.DATASET_FILE})")
+            elif sha256_file(path) != digest:
+                report.changed_files.append(f"{folder}{name} (pinned in {dataset.DATASET_FILE})")
+    unpinned = [p.name for p in dataset.shard_paths(out) if p.name not in shards]
+    report.unexpected_files += [f"{dataset.SHARDS}/{name}" for name in unpinned]
+    card = out / dataset.CARD_FILE
+    if card.is_file() and "every image in this folder is synthetic" not in card.read_text(errors="replace").lower():
+        report.problems.append(f"{dataset.CARD_FILE} does not say that every image is synthetic")
+
+
+def _check_against_shards(out: Path, table: pa.Table, report: RunAudit) -> None:
+    """Every column of every row of samples.parquet against the shard that committed it."""
+    try:
+        shards = dataset.read_shards(out)
+    except XRealError as exc:
+        report.problems.append(str(exc))
+        return
+    if shards is None:
+        report.problems.append("no shard to check samples.parquet against")
+        return
+    committed = {row["sample_id"]: row for row in shards.to_pylist()}
+    listed = set()
+    for row in table.to_pylist():
+        listed.add(row["sample_id"])
+        original = committed.get(row["sample_id"])
+        if original is None:
+            report.problems.append(f"sample {row['sample_id']}: in samples.parquet but in no shard")
+            continue
+        differ = sorted(k for k in row.keys() | original.keys() if not _same(row.get(k), original.get(k)))
+        if differ:
+            report.problems.append(
+                f"sample {row['sample_id']}: {', '.join(differ[:8])} differ from shards/{original['shard']}.parquet"
+            )
+    for sid in sorted(committed.keys() - listed)[:MAX_LISTED]:
+        report.problems.append(f"sample {sid}: committed in a shard but missing from samples.parquet")
+
+
+def _same(a: Any, b: Any) -> bool:
+    def missing(value: Any) -> bool:
+        return value is None or (isinstance(value, float) and value != value)
+
+    return (missing(a) and missing(b)) or a == b  # a score not computed is null or NaN (after pandas)
+
+
+def _check_rows(rows: list[dict[str, Any]], report: RunAudit) -> None:
+    """What each row says about itself: label columns agree with its labels, files sit where its decision says."""
+    for row in rows:
+        where = f"sample {row['sample_id']}"
+        wrong = [label for label in CHEXPERT_LABELS if row.get(label) != float(label in row["labels"])]
+        if wrong:
+            report.problems.append(f"{where}: label column(s) {', '.join(wrong)} disagree with its labels")
+        folders = {"accepted": ("images", "dicom"), "rejected": ("rejected",)}.get(row["decision"], ())
+        for column in ("image_path", "dicom_path"):
+            if row.get(column) and row[column].split("/")[0] not in folders:
+                report.problems.append(f"{where}: {row['decision']} but its {column} is {row[column]}")

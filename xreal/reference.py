@@ -149,19 +149,65 @@ def _load(path: Path, mmap: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if not found:
+        objects = [name for name in _pickled_globals(path) if not name.startswith(_TENSOR_GLOBALS)]
+        dangerous = [name for name in objects if name.startswith(_CODE_RUNNING)]
+        if dangerous:
             raise ReferenceImportError(
-                f"{path}: not a readable PyTorch checkpoint (damaged, or not written by torch.save)"
+                f"{path}: names {_few(dangerous)}, which would run a command or code when the file is loaded. "
+                "This is not a plain checkpoint: do not load it with weights_only=False; get the checkpoint again "
+                "from its source"
             ) from None
+        reason = (
+            f"Python objects other than tensors ({_few(objects)})"
+            if objects
+            else f"pickled content that is not tensors ({_first_line(error)})"
+        )
         raise ReferenceImportError(
-            f"{path}: holds Python objects other than tensors ({found[1]}), which torch.load(weights_only=True) "
-            "refuses to unpickle because that could run code. If you trust the file, save just its weights once "
-            f"and import that instead: python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+            f"{path}: holds {reason}, which torch.load(weights_only=True) refuses to unpickle because that could "
+            "run code. If you trust the file, save just its weights once and import that instead: python -c "
+            f"\"import torch; c = torch.load('{path}', weights_only=False); "
             f"torch.save(c.get('state_dict', c), '{path}.weights.pth')\""
         ) from None
     except Exception as error:  # zip damage surfaces as several types
         raise ReferenceImportError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+
+
+# What a checkpoint of plain tensors references: torch's rebuild functions and storages, OrderedDict, bytes.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.bytearray")
+
+_CODE_RUNNING = (
+    *("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "socket.", "importlib.", "runpy."),
+    *(f"builtins.{name}" for name in ("eval", "exec", "compile", "__import__", "open", "getattr", "breakpoint")),
+)
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The classes and functions a checkpoint's pickle names, read with pickletools (nothing is executed)."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(name)
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except (StopIteration, ValueError, zipfile.BadZipFile, OSError):
+        return []
+    return sorted(set(found))
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if "Unsupported" in line or "Trying" in line]
+    return lines[0] if lines else str(error).splitlines()[0]
 
 
 def _few(keys: Iterable[str], n: int = 8) -> str:

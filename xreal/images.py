@@ -42,7 +42,11 @@ def open_image(path: str | os.PathLike[str], what: str = "image") -> Iterator[Im
             yield img
     except XRealError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UnidentifiedImageError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise XRealError(
+            f"{path}: {what} claims more pixels than xreal reads, {MAX_IMAGE_SIDE} px per side ({exc})"
+        ) from None
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as exc:
         raise XRealError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})") from None
 
 

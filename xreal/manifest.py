@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from xreal.anatomy import template_label_map, template_seed
 from xreal.errors import LabelError, ManifestError, MaskError, XRealError
 from xreal.files import ID_RULE, PathError, atomic_path, is_safe_id, resolve_under, sha256_file
+from xreal.images import check_image_size
 from xreal.labels import NO_FINDING, canonical_label, canonical_labels
 from xreal.masks import (
     boxes_to_mask,
@@ -526,8 +527,10 @@ class _RowChecker:
         width = _whole_number(value.get("width"), column, problem, required=True, part="width")
         if height is None or width is None:
             return None
-        if height < 1 or width < 1:
-            problem(column, f"height and width must be positive, got {height}x{width}")
+        try:
+            check_image_size(height, width, "RLE anatomy")
+        except XRealError as exc:
+            problem(column, str(exc))
             return None
         parts = ("right_lung", "left_lung", "heart")
         key = (*(value.get(part) for part in parts), height, width)

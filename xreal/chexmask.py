@@ -25,6 +25,7 @@ import pyarrow.csv as pacsv
 from xreal.errors import XRealError
 from xreal.files import missing_csv_columns
 from xreal.masks import MaskError, label_map_from_rle
+from xreal.training_index import declared_size
 
 ID_COLUMNS = {
     "mimic-cxr": "dicom_id",
@@ -75,8 +76,9 @@ def read_chexmask(
     types = {
         id_column: pa.string(),
         **{c: pa.string() for c in MASK_COLUMNS},
-        "Height": pa.int32(),
-        "Width": pa.int32(),
+        "Height": pa.string(),  # checked per row by anatomy_map: one bad size must not stop the whole file
+        "Width": pa.string(),
+        **{c: pa.float64() for c in DICE_COLUMNS},
     }
     try:
         missing = missing_csv_columns(path, columns)
@@ -97,7 +99,7 @@ def read_chexmask(
             good = pc.fill_null(pc.greater_equal(batch.column(dice_column), min_dice), False)
             report.below_threshold += batch.num_rows - pc.sum(good).as_py() if batch.num_rows else 0
             parts.append(batch.filter(good).to_pandas())
-    except pa.ArrowInvalid as exc:
+    except pa.ArrowException as exc:
         raise ChexmaskError(f"{path}: unreadable after {report.rows_read} rows ({exc})") from None
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     repeated = frame[id_column].duplicated()
@@ -110,8 +112,11 @@ def read_chexmask(
 
 
 def anatomy_map(row: pd.Series, image_height: int, image_width: int, where: str) -> np.ndarray:
-    """The label map of one CheXmask row, checked against the image it belongs to."""
-    height, width = int(row["Height"]), int(row["Width"])
+    """The label map of one CheXmask row, checked against the image it belongs to (its size before decoding)."""
+    try:
+        height, width = declared_size(row["Height"], row["Width"], f"{where}: CheXmask Height x Width")
+    except XRealError as exc:
+        raise ChexmaskError(f"{exc}; the mask is not decoded") from None
     if abs(height / width - image_height / image_width) > 0.02 * (image_height / image_width):
         raise ChexmaskError(
             f"{where}: CheXmask mask is {height}x{width} but the image is {image_height}x{image_width} "
@@ -121,3 +126,5 @@ def anatomy_map(row: pd.Series, image_height: int, image_width: int, where: str)
         return label_map_from_rle(row["Right Lung"], row["Left Lung"], row["Heart"], height, width)
     except MaskError as exc:
         raise ChexmaskError(f"{where}: CheXmask {exc}") from None
+    except Exception as exc:  # untrusted RLE text: whatever else its parsing raises, this row's mask is unusable
+        raise ChexmaskError(f"{where}: CheXmask RLE unusable ({type(exc).__name__}: {exc})") from None

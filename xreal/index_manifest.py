@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from xreal.errors import XRealError
+from xreal.files import resolve_under
 from xreal.labels import canonical_labels, slug
 from xreal.masks import read_label_map, rle_from_label_map
 from xreal.training_index import read_training_index
@@ -105,7 +106,7 @@ def _anatomy_order(pool: pd.DataFrame, needed: int, rng: np.random.Generator) ->
 
 
 def _request(index_dir, image, labels, number, locations, rng, request_seed) -> dict:
-    label_map = read_label_map(index_dir / image["anatomy_path"])
+    label_map = read_label_map(resolve_under(index_dir, image["anatomy_path"]))  # an index names files inside it
     boxes = []
     for label in labels:
         if label not in HEALTHY:

@@ -9,11 +9,14 @@ writes it as a 16-bit PNG with its CheXmask label map and one mask per boxed
 label (the union of its boxes), and writes ``index.parquet`` last, with
 paths relative to the training set. Images are processed by a pool of
 processes; files already written are kept, so an interrupted run resumes.
-An unreadable image or an unusable mask is reported and left out, not fatal.
+An unreadable image or an unusable mask is reported and left out, not fatal;
+so is a row whose id or path would put a file outside its folder. A run that
+keeps no image at all raises :class:`IngestError` and writes no index.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -28,12 +31,21 @@ from tqdm.auto import tqdm
 from xreal.chexmask import ChexmaskError, anatomy_map
 from xreal.dicom import read_dicom_image, read_dicom_spacing
 from xreal.errors import XRealError
-from xreal.images import read_image, write_png16
+from xreal.files import check_id, is_safe_id, resolve_under
+from xreal.images import open_image, read_image, write_png16
 from xreal.labels import slug
 from xreal.masks import boxes_to_mask, resize_label_map, write_mask_file
-from xreal.training_index import INDEX_FILE, TRAINING_INDEX_SCHEMA, write_training_index
+from xreal.training_index import INDEX_FILE, TRAINING_INDEX_SCHEMA, declared_size, write_training_index
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class IngestError(XRealError):
+    """An ingest that cannot produce a training set (nothing usable); the message says what was wrong."""
+
+
+class MissingImageError(XRealError):
+    """A source image the index lists but whose file is not there."""
 
 
 @dataclass
@@ -98,47 +110,74 @@ def _pathology_files(image_id: str, boxes: list[dict]) -> dict[str, str]:
     return {label: f"pathology/{image_id}_{slug(label)}.png" for label in sorted({b["label"] for b in boxes})}
 
 
-def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool]:
-    """Write one image, its anatomy map and its pathology masks; returns its row, a problem, and whether resumed."""
+def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool, bool]:
+    """Write one image, its anatomy map and its pathology masks.
+
+    Returns its row, a problem, whether it was resumed and whether its source file is missing. Every id and
+    path is checked first, so nothing is read from outside ``root`` or written outside ``out``.
+    """
     row, root, out, size, mask = task
-    image_id = row["image_id"]
-    image_rel, anatomy_rel = f"images/{image_id}.png", f"anatomy/{image_id}.png"
-    boxes = scaled_boxes(row.get("boxes") or [], row["height"], row["width"], size)
-    pathology = _pathology_files(image_id, boxes)
-    wanted = [image_rel, *([anatomy_rel] if mask is not None else []), *pathology.values()]
-    resumed = all((out / rel).is_file() for rel in wanted) and _png_size(out / image_rel) == (size, size)
-    problem = None
-    spacing = source_spacing(root / row["image_path"]) if resumed else None
+    image_id = row.get("image_id")
+    shown = image_id if is_safe_id(image_id) else repr(str(image_id)[:80])
     try:
+        check_id(image_id, "image_id")
+        height, width = declared_size(row.get("height"), row.get("width"), "the index's height x width")
+        if not isinstance(row.get("image_path"), str):
+            raise XRealError(f"image_path {row.get('image_path')!r} is not a path")
+        source = resolve_under(root, row["image_path"])
+        image_rel, anatomy_rel = f"images/{image_id}.png", f"anatomy/{image_id}.png"
+        try:
+            boxes = scaled_boxes(row.get("boxes") or [], height, width, size)
+        except (TypeError, KeyError) as exc:
+            raise XRealError(f"unusable boxes in the index ({type(exc).__name__}: {exc})") from None
+        pathology = _pathology_files(image_id, boxes)
+        wanted = [image_rel, *([anatomy_rel] if mask is not None else []), *pathology.values()]
+        target = {rel: resolve_under(out, rel) for rel in [image_rel, anatomy_rel, *pathology.values()]}
+        resumed = all(target[rel].is_file() for rel in wanted) and _png_size(target[image_rel]) == (size, size)
+        problem, spacing = None, source_spacing(source) if resumed else None
         if not resumed:
-            image, spacing = load_source_image(root / row["image_path"])
-            height, width = image.shape
-            if (height, width) != (row["height"], row["width"]):
-                raise XRealError(f"the image is {height}x{width}, the index says {row['height']}x{row['width']}")
+            image, spacing = _load(source)
+            if image.shape != (height, width):
+                raise XRealError(f"the image is {image.shape[0]}x{image.shape[1]}, the index says {height}x{width}")
             if mask is not None:
                 try:
                     label_map = anatomy_map(mask, height, width, where=f"{image_id}")
-                    write_mask_file(out / anatomy_rel, resize_label_map(label_map, (size, size)))
+                    write_mask_file(target[anatomy_rel], resize_label_map(label_map, (size, size)))
                 except ChexmaskError as exc:
                     problem, mask = str(exc), None
             for label, rel in pathology.items():
-                write_mask_file(out / rel, boxes_to_mask([_xyxy(b) for b in boxes if b["label"] == label], size, size))
-            write_png16(out / image_rel, resize_image(image, size))
-    except XRealError as exc:  # DicomError, ChexmaskError and unreadable files among them
-        return None, f"{image_id}: {exc}", False
+                boxed = [_xyxy(b) for b in boxes if b["label"] == label]
+                write_mask_file(target[rel], boxes_to_mask(boxed, size, size))
+            write_png16(target[image_rel], resize_image(image, size))
+    except MissingImageError as exc:
+        return None, f"{shown}: {exc}", False, True
+    except XRealError as exc:  # DicomError, ChexmaskError, PathError and unreadable files among them
+        return None, f"{shown}: {exc}; left out", False, False
     new = dict(row, image_path=image_rel, anatomy_path=anatomy_rel if mask is not None else None, boxes=boxes)
     new.update(height=size, width=size, pathology_masks=[{"label": k, "path": v} for k, v in pathology.items()])
     if spacing is not None:  # the resized image's spacing
-        new["pixel_spacing"] = [spacing[0] * row["height"] / size, spacing[1] * row["width"] / size]
-    return new, problem, resumed
+        new["pixel_spacing"] = [spacing[0] * height / size, spacing[1] * width / size]
+    return new, problem, resumed, False
+
+
+def _load(source: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """:func:`load_source_image`, any failure to decode an untrusted file turned into an error naming it."""
+    if not source.is_file():
+        raise MissingImageError(f"{source}: no such image file")
+    try:
+        return load_source_image(source)
+    except XRealError:
+        raise
+    except Exception as exc:  # image decoders raise many kinds on damaged files; one must not stop the run
+        raise XRealError(f"{source}: unreadable image ({type(exc).__name__}: {exc})") from None
 
 
 def _png_size(path: Path) -> tuple[int, int] | None:
     """The size of an image already written (a rerun with another --size redoes it), reading its header only."""
     try:
-        with Image.open(path) as image:
+        with open_image(path, "training image") as image:
             return image.size
-    except OSError:
+    except XRealError:
         return None
 
 
@@ -163,7 +202,7 @@ def build_training_set(
         out: the training set folder; rerunning into it resumes.
         size: the training resolution (square).
         masks: CheXmask rows indexed by image id (:func:`xreal.chexmask.read_chexmask`); None: no anatomy.
-        workers: processes (default: every core).
+        workers: processes (default: every core; 1: in this process).
         progress: show a progress bar.
     """
     if size < 16:
@@ -181,16 +220,19 @@ def build_training_set(
         for row in rows
     ]
     report = IngestReport(images=len(rows))
-    kept = []
+    if not rows:
+        raise IngestError(f"no image to ingest from {root}: the source lists none; nothing was written")
+    kept, missing = [], 0
     workers = workers or os.cpu_count() or 1
     with (
-        ProcessPoolExecutor(max_workers=workers) as pool,
+        ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool,
         tqdm(total=len(tasks), unit="img", desc="ingest", disable=not progress) as bar,
     ):
-        for new, problem, resumed in pool.map(
-            _ingest_one, tasks, chunksize=max(1, min(64, len(tasks) // (8 * workers) or 1))
-        ):
+        chunksize = max(1, min(64, len(tasks) // (8 * workers) or 1))
+        results = pool.map(_ingest_one, tasks, chunksize=chunksize) if pool else map(_ingest_one, tasks)
+        for new, problem, resumed, absent in results:
             bar.update()
+            missing += absent
             if problem:
                 report.problems.append(problem)
             if new is None:
@@ -199,6 +241,8 @@ def build_training_set(
             report.written += 1
             report.resumed += resumed
             report.with_anatomy += new["anatomy_path"] is not None
+    if not kept:
+        raise IngestError(_nothing_ingested(rows, root, missing, report))
     if masks is not None:
         report.problems += [
             f"{r['image_id']}: no CheXmask mask (or below the quality threshold)"
@@ -207,3 +251,19 @@ def build_training_set(
         ]
     frame = pd.DataFrame.from_records(kept, columns=TRAINING_INDEX_SCHEMA.names)
     return write_training_index(frame, out / INDEX_FILE), report
+
+
+def _nothing_ingested(rows: list[dict], root: Path, missing: int, report: IngestReport) -> str:
+    """Why a run kept no image, in one paragraph saying what to check."""
+    if missing == len(rows):
+        tops = sorted({Path(r["image_path"]).parts[0] for r in rows if Path(r["image_path"]).parts})
+        where = " or ".join(str(root / top) for top in tops) or str(root)
+        return (
+            f"none of the {len(rows)} images listed was found under {where} (e.g. {root / rows[0]['image_path']}); "
+            "ROOT must be the dataset's folder with its image files as published (for MIMIC-CXR, --dicom if they "
+            "are .dcm). No index was written."
+        )
+    return (
+        f"none of the {len(rows)} images listed could be ingested ({missing} not found, the others unusable), "
+        f"e.g. {report.problems[0]}. No index was written."
+    )

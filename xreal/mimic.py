@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from xreal.errors import XRealError
-from xreal.files import missing_csv_columns
+from xreal.files import ID_PATTERN, PathError, check_id, missing_csv_columns, resolve_under
+from xreal.images import MAX_IMAGE_SIDE
 from xreal.labels import CHEXPERT_LABELS
-from xreal.training_index import TRAINING_INDEX_SCHEMA
+from xreal.training_index import TRAINING_INDEX_SCHEMA, declared_size
 
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv.gz"
 SPLIT_FILE = "mimic-cxr-2.0.0-split.csv.gz"
@@ -45,6 +48,8 @@ LABEL_VALUES = (1.0, 0.0, -1.0)
 SOURCE = "mimic-cxr"
 REPORTS_FILE = "mimic-cxr-reports.zip"  # from MIMIC-CXR 2.0.0 (the DICOM release): files/pNN/pSUBJECT/sSTUDY.txt
 _SECTION = re.compile(r"^\s*([A-Z][A-Z /&-]+):", re.MULTILINE)
+_NUMBER = re.compile(r"[0-9]{1,20}")  # subject and study ids: digits only, as published
+_MAX_REPORT_BYTES = 1 << 20  # a radiology report is a few kB; a larger entry is not one
 
 
 class MimicError(XRealError):
@@ -60,6 +65,7 @@ class MimicReport:
     other_views: dict[str, int] = field(default_factory=dict)
     without_labels: int = 0  # studies the CheXpert table does not list: all labels null
     with_text: int | None = None  # images with report text (None: no reports given)
+    problems: list[str] = field(default_factory=list)  # metadata rows left out: an unusable id or size
 
     def to_text(self) -> str:
         views = ", ".join(f"{view or 'none'} {n}" for view, n in sorted(self.other_views.items())) or "none"
@@ -67,11 +73,27 @@ class MimicReport:
             f"{self.images} images in the metadata, {self.kept} kept; other views left out: {views}; "
             f"{self.without_labels} kept images have no CheXpert row (labels null)"
             + (f"; {self.with_text} with report text" if self.with_text is not None else "")
+            + (f"; {len(self.problems)} rows left out as unusable" if self.problems else "")
         )
 
 
+def check_number(value: object, what: str) -> str:
+    """``value`` if it is a MIMIC subject or study id (digits only), else a :class:`PathError` naming ``what``."""
+    if not _is_number(value):
+        raise PathError(f"{what} {str(value)[:80]!r} is not a MIMIC-CXR id: it must be 1-20 digits")
+    return value
+
+
 def image_path(subject_id: str, study_id: str, dicom_id: str, suffix: str = ".jpg") -> str:
-    """Where MIMIC-CXR-JPG keeps an image (MIMIC-CXR: the DICOM, ``suffix=".dcm"``), relative to its root."""
+    """Where MIMIC-CXR-JPG keeps an image (MIMIC-CXR: the DICOM, ``suffix=".dcm"``), relative to its root.
+
+    The ids are checked (digits; :data:`xreal.files.ID_PATTERN`), so the path cannot leave the root.
+    """
+    subject_id, study_id = check_number(subject_id, "subject_id"), check_number(study_id, "study_id")
+    return _image_path(subject_id, study_id, check_id(dicom_id, "dicom_id"), suffix)
+
+
+def _image_path(subject_id: str, study_id: str, dicom_id: str, suffix: str) -> str:
     return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}{suffix}"
 
 
@@ -106,7 +128,7 @@ def mimic_index(
     root = Path(root)
     ids = {"dicom_id": pa.string(), "subject_id": pa.string(), "study_id": pa.string()}
     meta = read_table(
-        root / METADATA_FILE, {**ids, "ViewPosition": pa.string(), "Rows": pa.int32(), "Columns": pa.int32()}
+        root / METADATA_FILE, {**ids, "ViewPosition": pa.string(), "Rows": pa.string(), "Columns": pa.string()}
     )
     split = read_table(root / SPLIT_FILE, {**ids, "split": pa.string()})
     labels = read_table(
@@ -121,6 +143,7 @@ def mimic_index(
         _check_values(labels, label, LABEL_VALUES, root / CHEXPERT_FILE)
 
     report = MimicReport(images=len(meta))
+    meta = _usable_rows(meta, root / METADATA_FILE, report.problems)
     if views is not None:
         frontal = meta["ViewPosition"].isin(views)
         report.other_views = meta.loc[~frontal, "ViewPosition"].fillna("").value_counts().to_dict()
@@ -148,7 +171,7 @@ def mimic_index(
 def _as_index(frame: pd.DataFrame, suffix: str) -> pa.Table:
     n = len(frame)
     ids = zip(frame["subject_id"], frame["study_id"], frame["dicom_id"], strict=True)
-    paths = [image_path(s, t, d, suffix) for s, t, d in ids]
+    paths = [_image_path(s, t, d, suffix) for s, t, d in ids]  # ids checked by _usable_rows
     columns = {
         "image_id": pa.array(frame["dicom_id"], pa.string()),
         "image_path": pa.array(paths, pa.string()),
@@ -166,6 +189,36 @@ def _as_index(frame: pd.DataFrame, suffix: str) -> pa.Table:
     for name in TRAINING_INDEX_SCHEMA.names:
         columns.setdefault(name, pa.nulls(n, TRAINING_INDEX_SCHEMA.field(name).type))
     return pa.table(columns, schema=TRAINING_INDEX_SCHEMA)
+
+
+def _usable_rows(meta: pd.DataFrame, path: Path, problems: list[str]) -> pd.DataFrame:
+    """The metadata rows whose ids can be file names and whose size xreal reads; the others named in ``problems``."""
+    fast = meta["dicom_id"].str.fullmatch(ID_PATTERN.pattern, na=False)  # checked at table speed ...
+    for column in ("subject_id", "study_id"):
+        fast &= meta[column].str.fullmatch(_NUMBER.pattern, na=False)
+    sizes = {}
+    for column in ("Rows", "Columns"):
+        plain = meta[column].str.fullmatch(r"[1-9][0-9]{0,3}", na=False)
+        sizes[column] = np.array(pc.cast(pa.array(meta[column].where(plain, None)), pa.float64()))  # writable
+        fast &= plain & (sizes[column] <= MAX_IMAGE_SIDE)
+    keep = fast.to_numpy(dtype=bool).copy()
+    for row in np.flatnonzero(~keep):  # ... the others one by one, with a message for each refused
+        dicom, subject, study, rows, columns = (
+            meta[c].iloc[row] for c in ("dicom_id", "subject_id", "study_id", "Rows", "Columns")
+        )
+        try:
+            check_id(dicom, "dicom_id")
+            check_number(subject, "subject_id")
+            check_number(study, "study_id")
+            sizes["Rows"][row], sizes["Columns"][row] = declared_size(rows, columns, "Rows x Columns")
+        except XRealError as exc:
+            problems.append(f"{path}: line {row + 2}: {exc}; row left out")
+            continue
+        keep[row] = True
+    usable = meta[keep].copy()
+    for column in ("Rows", "Columns"):
+        usable[column] = sizes[column][keep].astype(np.int32)
+    return usable
 
 
 def _check_unique(frame: pd.DataFrame, keys: list[str], path: Path) -> None:
@@ -198,22 +251,38 @@ def report_text(report: str) -> str | None:
 
 
 def read_reports(path: str | os.PathLike[str], studies: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """Report text of the given (subject_id, study_id) pairs, from ``mimic-cxr-reports.zip`` or its unzipped folder."""
+    """Report text of the given (subject_id, study_id) pairs, from ``mimic-cxr-reports.zip`` or its unzipped folder.
+
+    Pairs that are not digit ids are skipped; in a folder, a report that resolves outside it (a link) is not read.
+    """
     path = Path(path)
-    names = {(s, t): f"files/p{s[:2]}/p{s}/s{t}.txt" for s, t in studies}
+    names = {(s, t): f"files/p{s[:2]}/p{s}/s{t}.txt" for s, t in studies if _is_number(s) and _is_number(t)}
     texts = {}
     if path.is_dir():
         for key, name in names.items():
-            if (path / name).is_file():
-                texts[key] = (path / name).read_text(errors="replace")
+            try:
+                report = resolve_under(path, name)
+            except PathError:
+                continue
+            if report.is_file() and report.stat().st_size <= _MAX_REPORT_BYTES:
+                texts[key] = report.read_text(errors="replace")
     elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            present = {
-                name.split("/", 1)[1] if not name.startswith("files/") else name: name for name in archive.namelist()
-            }
-            for key, name in names.items():
-                if name in present:
-                    texts[key] = archive.read(present[name]).decode(errors="replace")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                present = {
+                    info.filename if info.filename.startswith("files/") else info.filename.partition("/")[2]: info
+                    for info in archive.infolist()
+                    if info.file_size <= _MAX_REPORT_BYTES
+                }
+                for key, name in names.items():
+                    if name in present:
+                        texts[key] = archive.read(present[name]).decode(errors="replace")
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            raise MimicError(f"{path}: damaged zip archive ({type(exc).__name__}: {exc})") from None
     else:
         raise MimicError(f"{path}: neither {REPORTS_FILE} nor the folder it unzips into")
     return {key: text for key, raw in texts.items() if (text := report_text(raw))}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, str) and _NUMBER.fullmatch(value) is not None

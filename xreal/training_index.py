@@ -8,23 +8,27 @@ documented in ``manifests/README.md`` (section "Training index").
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from xreal.errors import XRealError
-from xreal.files import atomic_path
-from xreal.images import write_png16
+from xreal.files import PathError, atomic_path, resolve_under
+from xreal.images import check_image_size, write_png16
 from xreal.labels import CHEXPERT_LABELS, slug
 from xreal.masks import write_mask_file
 
 TRAINING_INDEX_VERSION = "1"
 INDEX_FILE = "index.parquet"
 OPTIONAL_COLUMNS = ("pixel_spacing",)
+_WHOLE = re.compile(r"\s*([+-]?[0-9]{1,30})(\.0*)?\s*")
 
 BOX_TYPE = pa.struct(
     [
@@ -56,6 +60,32 @@ TRAINING_INDEX_SCHEMA = pa.schema(
     ],
     metadata={"xreal.schema": "training-index", "xreal.schema_version": TRAINING_INDEX_VERSION},
 )
+
+
+def declared_size(height: object, width: object, where: str) -> tuple[int, int]:
+    """A size a table or header declares (ints, whole floats or digit strings) as ints, refused unless readable.
+
+    Anything else (blank, negative, fractional, text, or above :data:`xreal.images.MAX_IMAGE_SIDE`) raises
+    :class:`XRealError` naming ``where``, before any pixel buffer of that size is made.
+    """
+    values = (_whole(height), _whole(width))
+    if values[0] is None or values[1] is None:
+        shown = f"{str(height)[:20]!r}x{str(width)[:20]!r}"
+        raise XRealError(f"{where}: image size {shown} is not a whole number of pixels")
+    check_image_size(values[0], values[1], where)
+    return values[0], values[1]
+
+
+def _whole(value: object) -> int | None:
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return int(value) if math.isfinite(value) and float(value).is_integer() else None
+    if isinstance(value, str) and (match := _WHOLE.fullmatch(value)):
+        return int(match.group(1))
+    return None
 
 
 def write_training_index(rows: list[dict] | pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -161,7 +191,10 @@ def write_phantom_training_set(
     stale = _listed_files(index_path) - {path for row in rows for path in _row_files(row)}
     write_training_index(rows, index_path)
     for path in stale:
-        (out / path).unlink(missing_ok=True)
+        try:  # the old index is only trusted to name files inside the training set
+            resolve_under(out, path).unlink(missing_ok=True)
+        except (PathError, IsADirectoryError):
+            continue
     return index_path
 
 
@@ -176,4 +209,4 @@ def _listed_files(index_path: Path) -> set[str]:
         frame = read_training_index(index_path)
     except XRealError:
         return set()
-    return {path for row in frame.to_dict("records") for path in _row_files(row) if path}
+    return {path for row in frame.to_dict("records") for path in _row_files(row) if isinstance(path, str) and path}

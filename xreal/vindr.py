@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pydicom
 
+from xreal.dicom import DicomHeader, read_dicom_header
 from xreal.errors import XRealError
+from xreal.files import PathError, check_id, is_safe_id, resolve_under
 from xreal.labels import CHEXPERT_LABELS
 from xreal.training_index import TRAINING_INDEX_SCHEMA
 
@@ -68,6 +69,7 @@ class VindrReport:
     boxes: int = 0
     unmapped: dict[str, int] = field(default_factory=dict)  # class -> boxes left out
     problems: list[str] = field(default_factory=list)
+    missing: int = 0  # listed images without a DICOM file
 
     def to_text(self) -> str:
         unmapped = ", ".join(f"{k} {v}" for k, v in sorted(self.unmapped.items())) or "none"
@@ -102,25 +104,69 @@ def read_boxes(path: str | os.PathLike[str]) -> pd.DataFrame:
 def vindr_index(
     root: str | os.PathLike[str], splits: tuple[str, ...] = ("train", "test")
 ) -> tuple[pa.Table, VindrReport]:
-    """Training-index rows for VinDr-CXR under ``root`` (image paths relative to it; boxes in DICOM pixels)."""
+    """Training-index rows for VinDr-CXR under ``root`` (image paths relative to it; boxes in DICOM pixels).
+
+    An image whose id cannot be a file name, or whose DICOM is missing, unreadable or of a size xreal does not
+    read, is reported and left out; none usable at all raises :class:`VindrError`.
+    """
     root = Path(root)
-    report, rows = VindrReport(), []
+    report, rows, listed = VindrReport(), [], 0
     for split in splits:
-        frame = read_boxes(root / "annotations" / SPLITS[split])
-        for image_id, boxes in frame.groupby("image_id", sort=True):
+        path = root / "annotations" / SPLITS[split]
+        frame = read_boxes(path)
+        usable = frame["image_id"].map(is_safe_id).astype(bool)
+        for line, image_id in _first_lines(frame.loc[~usable, "image_id"]):
+            try:
+                check_id(image_id, "image_id")
+            except PathError as exc:
+                report.problems.append(f"{path}: line {line}: {exc}; left out")
+        for image_id, boxes in frame[usable].groupby("image_id", sort=True):
+            listed += 1
             rel = f"{split}/{image_id}.dicom"
             try:
-                header = pydicom.dcmread(root / rel, stop_before_pixels=True)
-                height, width = int(header.Rows), int(header.Columns)
-            except (OSError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
-                report.problems.append(f"{image_id}: {root / rel}: unreadable ({exc})")
+                dicom = resolve_under(root, rel)
+                if not dicom.is_file():
+                    report.missing += 1
+                    raise VindrError(f"{dicom}: unreadable (no such DICOM file)")
+                header = read_dicom_header(dicom)
+            except XRealError as exc:
+                report.problems.append(f"{image_id}: {exc}")
                 continue
-            rows.append(_merged_row(image_id, rel, split, height, width, boxes, report, header))
+            rows.append(_merged_row(image_id, rel, split, header, boxes, report))
     report.images = len(rows)
+    if not rows:
+        raise VindrError(_nothing_usable(root, splits, listed, report))
     return _as_table(rows), report
 
 
-def _merged_row(image_id, rel, split, height, width, boxes, report, header) -> dict:
+def _first_lines(ids: pd.Series) -> list[tuple[int, object]]:
+    """(line in the CSV file, id) of the first row of each distinct id."""
+    seen, found = set(), []
+    for row, image_id in ids.items():
+        key = repr(image_id)
+        if key not in seen:
+            seen.add(key)
+            found.append((int(row) + 2, image_id))
+    return found
+
+
+def _nothing_usable(root: Path, splits: tuple[str, ...], listed: int, report: VindrReport) -> str:
+    folders = " and ".join(str(root / split) for split in splits)
+    tables = ", ".join(str(root / "annotations" / SPLITS[split]) for split in splits)
+    if not listed:
+        why = f"{tables} list no image with a usable id" + (f" (e.g. {report.problems[0]})" if report.problems else "")
+    elif report.missing == listed:
+        why = f"none of the {listed} images the annotation tables list was found under {folders}"
+    else:
+        why = f"none of the {listed} images the annotation tables list could be read, e.g. {report.problems[0]}"
+    return (
+        f"{why}; ROOT must be the VinDr-CXR folder, holding annotations/, train/ and test/ with the .dicom files "
+        "as published. Nothing was written."
+    )
+
+
+def _merged_row(image_id, rel, split, header: DicomHeader, boxes, report) -> dict:
+    height, width = header.rows, header.columns
     labels = dict.fromkeys(CHEXPERT_LABELS, 0.0)
     kept = []
     for box in boxes.itertuples(index=False):
@@ -148,7 +194,7 @@ def _merged_row(image_id, rel, split, height, width, boxes, report, header) -> d
         "image_path": rel,
         "height": height,
         "width": width,
-        "view_position": str(header.get("ViewPosition", "")) or None,
+        "view_position": header.view_position,
         "split": split,
         "source": SOURCE,
         "subject_id": image_id,  # VinDr-CXR publishes no patient ids

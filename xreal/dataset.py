@@ -36,7 +36,7 @@ from PIL import Image
 
 from xreal.dicom import write_dicom
 from xreal.errors import XRealError
-from xreal.files import atomic_path, sha256_file
+from xreal.files import atomic_path, resolve_under, sha256_file
 from xreal.images import read_image, to_uint16, write_png16
 from xreal.labels import CHEXPERT_LABELS, NO_FINDING
 from xreal.manifest import BOX_TYPE
@@ -561,11 +561,11 @@ class XRealDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, Any]:
         row = self.csv.iloc[idx]
         if isinstance(row["image_path"], str):
-            image = read_image(self.root / row["image_path"])
+            image = read_image(resolve_under(self.root, row["image_path"]))
         else:
             from xreal.dicom import read_dicom_pixels
 
-            image = read_dicom_pixels(self.root / row["dicom_path"]).astype(np.float32) / 65535.0
+            image = read_dicom_pixels(resolve_under(self.root, row["dicom_path"])).astype(np.float32) / 65535.0
         img = (image * 2048.0 - 1024.0)[None].astype(np.float32)
         if self.transform is not None:
             img = self.transform(img)

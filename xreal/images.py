@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ MAX_IMAGE_SIDE = 8192
 
 def check_image_size(height: int, width: int, where: str) -> None:
     """Refuse a declared image size that is not positive or exceeds :data:`MAX_IMAGE_SIDE`, naming ``where``."""
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (height, width)):
+        raise XRealError(f"{where}: image size {height!r}x{width!r} is not a pair of whole numbers")
     if height < 1 or width < 1:
         raise XRealError(f"{where}: image size {height}x{width} is not positive")
     if height > MAX_IMAGE_SIDE or width > MAX_IMAGE_SIDE:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -168,6 +169,9 @@ def read_binary_mask(path: str | os.PathLike[str]) -> np.ndarray:
 # --- CheXmask run-length encoding -----------------------------------------------
 
 
+_RLE_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only ('²'.isdigit() is True), and within int64
+
+
 def _rle_runs(rle: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Parse and check an RLE string; return 0-indexed run starts and exclusive ends."""
     if height < 1 or width < 1:
@@ -179,11 +183,10 @@ def _rle_runs(rle: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray
     tokens = rle.split()
     if len(tokens) % 2:
         raise MaskError(f"RLE: odd number of values ({len(tokens)}); expected 'start length' pairs")
-    try:
-        pairs = np.array(tokens, dtype=np.int64).reshape(-1, 2)
-    except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-        raise MaskError(f"RLE: {bad!r} is not an integer") from None
+    bad = next((t for t in tokens if not _RLE_NUMBER.fullmatch(t)), None)
+    if bad is not None:
+        raise MaskError(f"RLE: {bad[:24]!r} is not an integer (of at most 18 digits)")
+    pairs = np.array(tokens, dtype=np.int64).reshape(-1, 2)
     starts, lengths = pairs[:, 0], pairs[:, 1]
     ends = starts - 1 + lengths
     bad = np.flatnonzero((starts < 1) | (lengths < 1))
@@ -232,6 +235,10 @@ def rle_encode(mask: np.ndarray) -> str:
 
 def label_map_from_rle(right_lung: str, left_lung: str, heart: str, height: int, width: int) -> np.ndarray:
     """Combine CheXmask's three RLE columns into one label map (heart over lungs)."""
+    try:
+        check_image_size(height, width, "RLE anatomy")  # before the array is allocated
+    except XRealError as exc:
+        raise MaskError(str(exc)) from None
     label_map = np.zeros((height, width), dtype=np.uint8)
     for anatomy, rle in ((Anatomy.RIGHT_LUNG, right_lung), (Anatomy.LEFT_LUNG, left_lung), (Anatomy.HEART, heart)):
         try:

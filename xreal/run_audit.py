@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from xreal import dataset
 from xreal.errors import XRealError
-from xreal.files import read_json, sha256_file
+from xreal.files import PathError, read_json, resolve_under, sha256_file
 from xreal.generation import RUN_FILE
 from xreal.labels import CHEXPERT_LABELS
 from xreal.manifest import load_requests, sample_id
@@ -109,7 +109,11 @@ def audit_run(out: str | os.PathLike[str], manifest: str | os.PathLike[str] | No
             if not relative:
                 continue
             report.files_checked += 1
-            path = out / relative
+            try:
+                path = resolve_under(out, relative)
+            except PathError as exc:
+                report.problems.append(f"sample {row['sample_id']}: {column} {exc}")
+                continue
             if not path.is_file():
                 report.missing_files.append(f"{relative} (sample {row['sample_id']})")
             elif sha256_file(path) != row[hash_column]:

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xreal.errors import XRealError
+from xreal.files import resolve_under
 from xreal.images import read_image
 from xreal.labels import CHEXPERT_LABELS, prompt_for
 from xreal.masks import read_label_map, resize_label_map
@@ -72,11 +73,11 @@ def load_training_set(index_dir: str | Path, size: int, split: str | None = "tra
     images, maps, prompts = [], [], []
     for row in frame.itertuples(index=False):
         row = row._asdict()
-        image = read_image(index_dir / row["image_path"])
+        image = read_image(resolve_under(index_dir, row["image_path"]))
         if image.shape != (size, size):
             image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
         images.append(image)
-        maps.append(resize_label_map(read_label_map(index_dir / row["anatomy_path"]), size))
+        maps.append(resize_label_map(read_label_map(resolve_under(index_dir, row["anatomy_path"])), size))
     labels = frame[list(CHEXPERT_LABELS)].fillna(0.0).to_numpy() == 1.0
     prompts = [prompt_for([lab for lab, on in zip(CHEXPERT_LABELS, row, strict=True) if on]) for row in labels]
     image_tensor = torch.from_numpy(np.stack(images)).float()[:, None].expand(-1, 3, -1, -1) * 2.0 - 1.0

@@ -405,12 +405,17 @@ def test_the_written_pathology_mask_is_the_one_that_conditioned_the_image(tmp_pa
 def test_another_model_under_an_existing_run_is_refused(finished_run, tmp_path):
     import shutil
 
+    from xreal.errors import XRealError
     from xreal.model import DEMO_BUNDLE, load_pipeline, save_bundle
+    from xreal.records import record_bundle_files, verify_bundle
 
     config, *_ = finished_run
     other = tmp_path / "other-bundle"
     save_bundle(load_pipeline(), other)  # the same model in float32: other files, other digest
     shutil.copytree(DEMO_BUNDLE / "judges", other / "judges")
+    with pytest.raises(XRealError, match=r"judges/classifier.safetensors, .* are not in the bundle's record"):
+        verify_bundle(other)  # files added to a bundle after it was saved are refused until recorded
+    record_bundle_files(other)
     with pytest.raises(RunConflict, match="model_digest"):
         generation.open_run(
             RunConfig(manifest=config.manifest, out=config.out, model=other, formats="both", keep_rejected=True)

@@ -26,6 +26,10 @@ class JudgeError(XRealError):
     """A judge set that is missing, damaged or does not fit the images."""
 
 
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 # --- model bundles ------------------------------------------------------------------
 
 
@@ -62,7 +66,13 @@ def verify_bundle(folder: str | os.PathLike[str]) -> dict[str, Any]:
     problems = checksum_problems(folder, record["files"])
     if isinstance(record["files"], dict):
         unrecorded = [p.relative_to(folder).as_posix() for p in bundle_files(folder)]
-        problems += [f"{name} is not in the bundle's record" for name in unrecorded if name not in record["files"]]
+        unrecorded = [name for name in unrecorded if name not in record["files"]]
+        if unrecorded:
+            problems.append(
+                f"{_few(unrecorded)} {'is' if len(unrecorded) == 1 else 'are'} not in the bundle's record (added "
+                "after it was saved: remove them; keep a judge set outside the bundle and name it in the policy, "
+                "or train it into the bundle with `xreal train judges --out BUNDLE/judges`)"
+            )
     if problems:
         raise XRealError(f"{folder}: model bundle is damaged: {'; '.join(problems)}")
     return record

@@ -149,7 +149,12 @@ def _load(path: Path, mmap: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        objects = [name for name in _pickled_globals(path) if not name.startswith(_TENSOR_GLOBALS)]
+        names = _pickled_globals(path)
+        if names is None:
+            raise ReferenceImportError(
+                f"{path}: not a readable PyTorch checkpoint (damaged, or not written by torch.save)"
+            ) from None
+        objects = [name for name in names if not name.startswith(_TENSOR_GLOBALS)]
         dangerous = [name for name in objects if name.startswith(_CODE_RUNNING)]
         if dangerous:
             raise ReferenceImportError(
@@ -181,8 +186,9 @@ _CODE_RUNNING = (
 )
 
 
-def _pickled_globals(path: Path) -> list[str]:
-    """The classes and functions a checkpoint's pickle names, read with pickletools (nothing is executed)."""
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The classes and functions a checkpoint's pickle names, read with pickletools (nothing is executed);
+    None when it is no complete pickle."""
     import pickletools
 
     try:
@@ -201,7 +207,7 @@ def _pickled_globals(path: Path) -> list[str]:
             elif isinstance(arg, str):
                 strings.append(arg)
     except (StopIteration, ValueError, zipfile.BadZipFile, OSError):
-        return []
+        return None
     return sorted(set(found))
 
 

@@ -39,12 +39,15 @@ def verify_files(
             record = verify_bundle(folder)
             digest = record_digest(record)
             checked.append(f"{folder}: model bundle ok ({len(record['files'])} files, digest {digest})")
-            if (folder / "judges").is_dir():
+        except XRealError as exc:
+            problems.append(str(exc))
+        if (folder / "judges").is_dir():  # checked on its own too: its problems are named, not only its bundle's
+            try:
                 judges = verify_judge_set(folder / "judges")
                 digest = record_digest(judges)
                 checked.append(f"{folder / 'judges'}: judge set ok ({len(judges['files'])} files, digest {digest})")
-        except XRealError as exc:
-            problems.append(str(exc))
+            except XRealError as exc:
+                problems.append(str(exc))
     for row in weights_status(cache_dir):
         if row["present"] and row["matches"] is False:
             problems.append(f"{row['file']}: sha256 differs from the weight lock; the file is damaged or replaced")

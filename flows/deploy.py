@@ -10,6 +10,8 @@ declared in ``infra/prefect.yaml`` and run by a work pool's worker).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,21 @@ def require_server(command: str) -> str:
     return url
 
 
+@contextlib.contextmanager
+def reaching(server: str) -> Iterator[None]:
+    """Turn "the server is not there" (refused, timed out, unknown host) into one paragraph naming it."""
+    import httpx
+
+    try:
+        yield
+    except (httpx.TransportError, ConnectionError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise XRealError(
+            f"cannot reach the Prefect server at {server} ({reason}): start it (`prefect server start`) "
+            "or fix PREFECT_API_URL"
+        ) from None
+
+
 def serve_generation(
     name: str = DEPLOYMENT_NAME,
     parameters: dict[str, Any] | None = None,
@@ -54,16 +71,17 @@ def serve_generation(
     parameters = {"progress": False, **(parameters or {})}
     if cron and not {"manifest", "out"} <= parameters.keys():
         raise XRealError("a schedule needs --manifest and --out: its runs have nobody to ask")
-    require_server("xreal serve")
-    deployment = generate_dataset.to_deployment(
-        name=name,
-        cron=cron,
-        parameters=parameters,
-        concurrency_limit=limit,
-        tags=["xreal"],
-        description="Generate a labelled, filtered synthetic chest X-ray dataset from a manifest.",
-    )
-    serve(deployment)
+    server = require_server("xreal serve")
+    with reaching(server):
+        deployment = generate_dataset.to_deployment(
+            name=name,
+            cron=cron,
+            parameters=parameters,
+            concurrency_limit=limit,
+            tags=["xreal"],
+            description="Generate a labelled, filtered synthetic chest X-ray dataset from a manifest.",
+        )
+        serve(deployment)
 
 
 def submit_generation(
@@ -85,7 +103,8 @@ def submit_generation(
     if "/" not in deployment:
         deployment = f"{FLOW_NAME}/{deployment}"
     try:
-        run = run_deployment(deployment, parameters=parameters, timeout=None if wait else 0, as_subflow=False)
+        with reaching(server):
+            run = run_deployment(deployment, parameters=parameters, timeout=None if wait else 0, as_subflow=False)
     except ObjectNotFound:
         raise XRealError(
             f"no deployment {deployment!r} on {server}: "

@@ -18,8 +18,11 @@ again on another worker, and the shard it never committed is written there.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -59,15 +62,69 @@ class Execution:
             return f"local Dask cluster of {self.dask_workers} worker(s) on {', '.join(self.devices)}"
         return f"threads on {', '.join(self.devices)}"
 
+    def check_scheduler(self, timeout: float = 5.0) -> None:
+        """Refuse a Dask scheduler address that nothing answers at: in seconds, with the address named,
+        rather than after Dask's 30 s connect timeout."""
+        if not self.dask_address:
+            return
+        from distributed.comm.addressing import get_address_host_port
+
+        try:
+            host, port = get_address_host_port(self.dask_address)
+        except ValueError:
+            return  # not host:port (inproc://, ucx://...): Dask says what it makes of it
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as exc:
+            raise self.unreachable(exc) from None
+
+    def unreachable(self, exc: BaseException) -> XRealError:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return XRealError(
+            f"cannot reach the Dask scheduler at {self.dask_address} ({reason}): start it (`dask scheduler`, or "
+            "see infra/README.md) and its workers, or fix --dask-address"
+        )
+
+    @contextlib.contextmanager
+    def start_task_runner(self) -> Iterator[TaskRunner]:
+        """:meth:`task_runner`, started; a scheduler that cannot be reached is named in an :class:`XRealError`."""
+        runner = self.task_runner()
+        try:
+            runner.__enter__()
+        except OSError as exc:
+            if not self.dask_address:
+                raise
+            raise self.unreachable(exc) from exc
+        with contextlib.ExitStack() as stack:
+            stack.push(runner)  # exits it
+            yield runner
+
     def task_runner(self) -> TaskRunner:
         """A fresh, unstarted Prefect task runner for this execution."""
         if not self.on_dask:
-            return ThreadPoolTaskRunner(max_workers=len(self.devices))
+            return InterruptibleThreadPoolTaskRunner(max_workers=len(self.devices))
         from prefect_dask import DaskTaskRunner
 
         if self.dask_address:
             return DaskTaskRunner(address=self.dask_address)
         return DaskTaskRunner(**local_cluster(self.dask_workers, list(self.devices), _api_url()))
+
+
+class InterruptibleThreadPoolTaskRunner(ThreadPoolTaskRunner):
+    """Prefect's thread pool, except that an interrupt (Ctrl-C, SIGTERM) does not wait for the batches in flight.
+
+    Prefect's pool waits for them on exit, which can take minutes; a batch cut short commits no shard (they
+    are written atomically), so a rerun draws it again. The threads left running end with the process
+    (``xreal generate`` exits at once after an interrupt).
+    """
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception) and self._executor is not None:
+            for event in self._cancel_events.values():
+                event.set()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        super().__exit__(exc_type, exc_value, traceback)
 
 
 def local_cluster(workers: int, devices: list[str], api_url: str) -> dict:

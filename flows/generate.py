@@ -8,6 +8,9 @@ ends Failed with a summary of what to rerun (the same command resumes).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -22,35 +25,56 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.runtime import flow_run
-from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+from prefect.runtime import flow_run, task_run
+from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Failed
 from tqdm.auto import tqdm
 
+from flows.embedded import start_embedded_api
 from flows.execution import Execution
 from xreal import generation
 from xreal.dataset import label_table_markdown
+from xreal.errors import XRealError
 from xreal.generation import Batch, BatchSummary, RunConfig, RunSummary
 from xreal.model import DEMO_BUNDLE
 from xreal.policy import QualityPolicy
+
+
+def _not_a_user_error(task, task_run, state) -> bool:
+    """Retry a batch unless what stopped it needs the user (a full disk stays full on a retry)."""
+    return not isinstance(state.data, XRealError)
 
 
 @task(
     task_run_name="{batch.name}",
     retries=2,
     retry_delay_seconds=[1, 5],
+    retry_condition_fn=_not_a_user_error,
     cache_policy=NO_CACHE,  # the committed shards on disk are the cache: a rerun plans only what is missing
 )
-def generate_batch(config: RunConfig, batch: Batch, devices: list[str] | None, run_id: str) -> BatchSummary:
-    """Sample, judge and write one batch: on a free one of ``devices``, or (None) on this Dask worker's device."""
-    if devices is None:
-        return generation.run_batch(config, batch, generation.worker_device(), run_id)
-    pool = generation.device_pool(devices)
-    device = pool.acquire()
+def generate_batch(config: RunConfig, batch: Batch, devices: list[str] | None, run_id: str):
+    """Sample, judge and write one batch: on a free one of ``devices``, or (None) on this Dask worker's device.
+
+    Returns its :class:`BatchSummary`; or a Failed state carrying the :class:`XRealError` when the
+    input or the machine needs fixing (a full or read-only disk): no retry, no traceback.
+    """
     try:
-        return generation.run_batch(config, batch, device, run_id)
-    finally:
-        pool.release(device)
+        if devices is None:
+            return generation.run_batch(config, batch, generation.worker_device(), run_id)
+        pool = generation.device_pool(devices)
+        device = pool.acquire()
+        try:
+            return generation.run_batch(config, batch, device, run_id)
+        finally:
+            pool.release(device)
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise  # maybe passing: retried
+        error = user_error(exc)
+    except XRealError as exc:
+        error = exc
+    _USER_ERROR_RUNS.add(str(task_run.get_id()))
+    return Failed(message=str(error), data=error)
 
 
 def _draw_rounds(config, state, batch_size, execution, runner, progress, logger) -> tuple[list, list[str]]:
@@ -69,9 +93,11 @@ def _draw_rounds(config, state, batch_size, execution, runner, progress, logger)
         while todo and not failed:
             batches = generation.make_batches(todo, batch_size)
             logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), execution.describe())
-            results, failed = _run_round(
+            results, failed, errors = _run_round(
                 config, batches, execution, runner, state.run_id, bar, progress_id, done, total, logger
             )
+            if errors:  # the others would meet it too: stop with it, the committed shards are kept
+                raise errors[0]
             summaries += results
             state.refresh()
             todo = generation.plan(state.requests, state.decisions, max_rounds)
@@ -83,17 +109,21 @@ def _draw_rounds(config, state, batch_size, execution, runner, progress, logger)
     return summaries, failed
 
 
-def _run_round(config, batches, execution, runner, run_id, bar, progress_id, done, total, logger) -> tuple[list, list]:
+def _run_round(config, batches, execution, runner, run_id, bar, progress_id, done, total, logger) -> tuple:
+    """Run one round's batches; returns their summaries, the names of the failed ones and the user errors met."""
     devices = execution.task_devices
     futures = {
         runner.submit(generate_batch, {"config": config, "batch": b, "devices": devices, "run_id": run_id}): b
         for b in batches
     }
-    summaries, failed = [], []
+    summaries, failed, errors = [], [], []
     for future in as_completed(list(futures)):
         batch = futures[future]
         try:
             summary = future.result()
+        except XRealError as exc:  # reported once, by the flow's end
+            failed.append(batch.name)
+            errors.append(exc)
         except Exception as exc:  # the batch failed after its retries; its siblings go on
             failed.append(batch.name)
             logger.error("%s failed after retries: %s", batch.name, exc)
@@ -111,7 +141,7 @@ def _run_round(config, batches, execution, runner, run_id, bar, progress_id, don
         done[0] += len(batch.samples)
         bar.update(len(batch.samples))
         update_progress_artifact(progress_id, progress=min(100.0, 100.0 * done[0] / max(total, 1)))
-    return summaries, failed
+    return summaries, failed, errors
 
 
 @flow(name="generate-dataset", log_prints=True)
@@ -154,23 +184,35 @@ def generate_dataset(
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    execution = Execution(tuple(generation.parse_devices(",".join(devices or ["cpu"]))), dask_workers, dask_address)
-    config = RunConfig(
-        manifest=Path(manifest),
-        out=run_directory(out),
-        model=Path(model),
-        policy=load_policy(policy),
-        formats=formats,
-        keep_rejected=keep_rejected,
-        healthy_twins=healthy_twins,
-        precision=precision,
-        root=Path(root) if root else None,
-    )
-    if dask_address and not PREFECT_API_URL.value():
+    try:
+        execution = Execution(tuple(generation.parse_devices(",".join(devices or ["cpu"]))), dask_workers, dask_address)
+        execution.check_scheduler()
+        config = RunConfig(
+            manifest=Path(manifest),
+            out=run_directory(out),
+            model=Path(model),
+            policy=load_policy(policy),
+            formats=formats,
+            keep_rejected=keep_rejected,
+            healthy_twins=healthy_twins,
+            precision=precision,
+            root=Path(root) if root else None,
+        )
+        return _generate(config, execution, batch_size, progress, started, logger)
+    except (XRealError, OSError) as exc:
+        # The input or the machine needs fixing: a Failed state with the one paragraph that says so, which
+        # the CLI prints (exit 2); raising would have Prefect log a traceback and the message twice.
+        error = user_error(exc)
+        _USER_ERROR_RUNS.add(str(flow_run.get_id()))
+        return Failed(message=str(error), data=error)
+
+
+def _generate(config: RunConfig, execution: Execution, batch_size: int, progress: bool, started: float, logger):
+    if execution.dask_address and not PREFECT_API_URL.value():
         logger.warning(
             "the workers at %s cannot report to this process's embedded Prefect API: they record their "
             "tasks in an API of their own; set PREFECT_API_URL to a server to see them with the run",
-            dask_address,
+            execution.dask_address,
         )
     with generation.run_lock(config.out):  # one writer per run directory
         state = generation.open_run(config)
@@ -179,7 +221,8 @@ def generate_dataset(
             message = f"{config.out}: this run is already complete; nothing to do\n{describe(finished)}"
             logger.info(message)
             return Completed(message=message, data=summary_dict(finished))
-        with execution.task_runner() as runner:
+        with contextlib.ExitStack() as stack:
+            runner = stack.enter_context(execution.start_task_runner())
             summaries, failed = _draw_rounds(config, state, batch_size, execution, runner, progress, logger)
         summary = generation.finalize(
             state,
@@ -194,6 +237,31 @@ def generate_dataset(
         if failed:
             return Failed(message=message, data=summary_dict(summary))
         return Completed(message=message, data=summary_dict(summary))
+
+
+# OS errors that the machine, not the run, must have fixed: retrying a batch does not help.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+
+_ADVICE = {
+    errno.ENOSPC: "free some space there (or use another --out)",
+    errno.EDQUOT: "free some space there or raise the quota (or use another --out)",
+    errno.EROFS: "use a writable --out",
+    errno.EACCES: "check its permissions (or use another --out)",
+    errno.EPERM: "check its permissions (or use another --out)",
+    errno.ENOTDIR: "a file is in the way: move it (or use another --out)",
+    errno.EEXIST: "something is in the way: move it (or use another --out)",
+}
+
+
+def user_error(exc: XRealError | OSError) -> XRealError:
+    """``exc`` as the one paragraph the CLI prints: an :class:`OSError` names its file and what to do."""
+    if isinstance(exc, XRealError):
+        return exc
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    advice = _ADVICE.get(exc.errno, "fix that")
+    text = f"{what}: {where}" if where else what
+    return XRealError(f"{text}; {advice}, then rerun the same command (finished samples are kept)")
 
 
 def run_directory(out: str | Path) -> Path:
@@ -214,33 +282,58 @@ def load_policy(policy: str | Path | dict | None) -> QualityPolicy:
 def run_generation(manifest: Path, out: Path, devices: list[str] | None = None, **options):
     """Run :func:`generate_dataset` in this process; returns the flow run's final state.
 
-    Prefect's embedded API takes seconds to start: it starts in the background
-    while the model and judges load onto each local device, which the batches
-    then reuse (Dask workers load their own copy on their first batch).
+    Prefect's embedded API takes seconds to start: it starts while the model and
+    judges load onto each local device in the background, which the batches then
+    reuse (Dask workers load their own copy on their first batch). The embedded API
+    is tied to this process (:func:`start_embedded_api`).
     """
     devices = devices or ["cpu"]
     model = Path(options.get("model") or DEMO_BUNDLE)
     policy = load_policy(options.get("policy"))
     judges = RunConfig(Path(manifest), Path(out), model=model, policy=policy).judges_source
     precision = options.get("precision", "float32")
-    on_dask = options.get("dask_workers") or options.get("dask_address")
-    with ThreadPoolExecutor(max_workers=2) as pool:  # not the main thread: see generation.worker_models
-        api = pool.submit(_start_embedded_api)
+    dask_workers, dask_address = options.get("dask_workers") or 0, options.get("dask_address")
+    Execution(tuple(devices), dask_workers, dask_address).check_scheduler()  # before seconds of start-up
+    pool = ThreadPoolExecutor(max_workers=2)  # not the main thread: see generation.worker_models
+    try:
         loaded = [
             pool.submit(generation.worker_models, model, judges, device, precision, policy)
-            for device in ([] if on_dask else devices)
+            for device in ([] if dask_workers or dask_address else devices)
         ]
-        for future in [api, *loaded]:
+        start_embedded_api()  # on the main thread: see start_embedded_api
+        for future in loaded:
             future.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # an interrupt does not wait for models still loading
+        raise
+    pool.shutdown()
+    _quiet_repeats_on_the_terminal()
     return generate_dataset(manifest=manifest, out=out, devices=devices, return_state=True, **options)
 
 
-def _start_embedded_api() -> None:
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
+# Runs (flow and task run ids) that ended with a user error: the CLI prints that error as its one paragraph.
+_USER_ERROR_RUNS: set[str] = set()
 
-    SubprocessASGIServer().start()
+
+class _NoRepeatOfUserErrors(logging.Filter):
+    """Keeps Prefect's ``Finished in state Failed('<paragraph>')`` of a run stopped by a user error off the
+    terminal, where the CLI prints the paragraph itself next (the API's logs keep the line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        run = getattr(record, "task_run_id", None) or getattr(record, "flow_run_id", None)
+        return not (
+            str(run) in _USER_ERROR_RUNS and isinstance(record.msg, str) and record.msg.startswith("Finished in state")
+        )
+
+
+def _quiet_repeats_on_the_terminal() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _NoRepeatOfUserErrors) for f in handler.filters
+        ):
+            handler.addFilter(_NoRepeatOfUserErrors())
 
 
 def summary_dict(summary: RunSummary) -> dict:

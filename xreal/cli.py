@@ -11,6 +11,7 @@ import click
 from xreal.errors import XRealError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 class UserError(click.ClickException):
@@ -30,6 +31,9 @@ class _Group(click.Group):
             raise UserError(str(exc)) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             raise UserError(f"{exc.strerror}: {exc.filename}") from None
+        except KeyboardInterrupt:  # Ctrl-C: the shell's status for it (click's own says 1, "Aborted!")
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -329,8 +333,12 @@ def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
 def train_judges_command(out: Path, size: int, seed: int) -> None:
     """Train and calibrate the phantom judge set (classifier, segmenter, realism reference) on phantoms."""
     from xreal.phantom_judges import train_phantom_judges
+    from xreal.records import BUNDLE_FILE, record_bundle_files
 
     click.echo(f"wrote {train_phantom_judges(out, size=size, seed=seed)}")
+    if (out.resolve().parent / BUNDLE_FILE).is_file():  # a bundle's own judge set: its record pins the new files
+        record_bundle_files(out.resolve().parent)
+        click.echo(f"recorded the new judge files in {out.resolve().parent / BUNDLE_FILE}")
 
 
 def _run_options(function):
@@ -391,6 +399,41 @@ def _run_parameters(
     return {**options, **paths, "devices": devices, "dask_address": dask_address, "policy": policy}
 
 
+def _preflight(
+    manifest: Path,
+    out: Path,
+    policy: Path | None,
+    model: Path | None,
+    root: Path | None,
+    formats: str,
+    keep_rejected: bool,
+    healthy_twins: bool,
+    precision: str,
+    **_,
+) -> None:
+    """Every check of a run that needs no Prefect and no model in memory, before either starts: the manifest and
+    its files, --out (a folder, writable, not another run, not locked), the policy, the bundle's and judges'
+    checksums. A refusal then takes about a second instead of Prefect's start-up and the model's loading."""
+    from xreal.policy import QualityPolicy
+    from xreal.records import DEMO_BUNDLE
+    from xreal.run_config import RunConfig, preflight
+
+    if "{date}" in str(out):
+        return  # the scheduled date, and so the folder, is known only inside the flow run
+    config = RunConfig(
+        manifest=manifest,
+        out=out,
+        model=model or DEMO_BUNDLE,
+        policy=QualityPolicy.from_yaml(policy) if policy else QualityPolicy(),
+        formats=formats,
+        keep_rejected=keep_rejected,
+        healthy_twins=healthy_twins,
+        precision=precision,
+        root=root,
+    )
+    preflight(config, check_lock=True)
+
+
 @cli.command(context_settings={"show_default": True})
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
@@ -403,15 +446,19 @@ def generate(manifest_path: Path, out: Path, quiet: bool, **options) -> None:
     $PREFECT_HOME, default ~/.local/state/xreal/prefect), or on the server
     $PREFECT_API_URL names. Batches run on this process's devices, or on a
     Dask cluster with --dask-workers or --dask-address.
-    Exits 0 when every batch ran, 1 when some failed.
+    Exits 0 when every batch ran, 1 when some failed (rerun to resume), 2 on a bad input or environment
+    (one paragraph says what), 130 or 143 when interrupted (rerun to resume).
     """
     from flows import use_project_defaults
 
+    _preflight(manifest_path, out, **options)
     parameters = _run_parameters(**options)
     use_project_defaults()
+    from flows.embedded import exit_on_interrupt
     from flows.generate import run_generation
 
-    state = run_generation(manifest_path, out, progress=not quiet, **parameters)
+    with exit_on_interrupt(out):  # Ctrl-C, SIGTERM: stop within seconds, resumable; exit 130, 143
+        state = run_generation(manifest_path, out, progress=not quiet, **parameters)
     if state.is_failed() or state.is_crashed():
         try:
             state.result()
@@ -579,16 +626,33 @@ def weights_status_command(cache_dir: Path | None, lock: Path | None) -> None:
 )
 @_cache_dir_option
 @click.option("--require-weights", multiple=True, metavar="NAME", help="Weights that must be in the cache.")
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A run directory: check that its model bundle and judge set are, whole, the ones that made it.",
+)
 def verify_command(
-    models: tuple[Path, ...], models_dir: Path | None, cache_dir: Path | None, require_weights: tuple[str, ...]
+    models: tuple[Path, ...],
+    models_dir: Path | None,
+    cache_dir: Path | None,
+    require_weights: tuple[str, ...],
+    runs: tuple[Path, ...],
 ) -> None:
     """Check model bundles, their judges and the weight cache against their sha256 (default: the demo bundle).
 
-    Exits 2 naming every damaged, unrecorded or missing file.
+    Exits 2 naming every damaged, unrecorded or missing file. With --run, the
+    bundle and judge set are checked against the digests the run recorded.
     """
-    from xreal.model import DEMO_BUNDLE
-    from xreal.verify import bundles_in, verify_files
+    from xreal.records import DEMO_BUNDLE
+    from xreal.verify import bundles_in, verify_files, verify_run_models
 
+    for run in runs:
+        for line in verify_run_models(run):
+            click.echo(line)
+    if runs and not (models or models_dir):
+        return
     bundles = [*models, *(bundles_in(models_dir) if models_dir else [])]
     if models_dir and not bundles_in(models_dir):
         raise XRealError(f"{models_dir}: no model bundle in it (a folder with model_index.json)")
@@ -728,7 +792,20 @@ def ingest_mimic_command(
     if limit is not None:
         source = source.slice(0, limit)
     click.echo(report.to_text())
+    _echo_problems(report.problems)
+    if source.num_rows == 0:
+        raise XRealError(
+            f"{root}: the MIMIC-CXR tables list no usable image ({report.to_text()}); check --views and the rows "
+            "named above. Nothing was written."
+        )
     _write_training_set(source, root, out, size, chexmask, "mimic-cxr", min_dice, workers, quiet)
+
+
+def _echo_problems(problems: list[str], shown: int = 20) -> None:
+    for problem in problems[:shown]:
+        click.echo(f"  {problem}")
+    if len(problems) > shown:
+        click.echo(f"  ... and {len(problems) - shown} more")
 
 
 def _write_training_set(source, root, out, size, chexmask, dataset, min_dice, workers, quiet) -> None:
@@ -768,8 +845,7 @@ def ingest_vindr_command(
 
     source, report = vindr_index(root, splits=splits)
     click.echo(report.to_text())
-    for problem in report.problems[:20]:
-        click.echo(f"  {problem}")
+    _echo_problems(report.problems)
     _write_training_set(source, root, out, size, chexmask, "vindr-cxr", min_dice, workers, quiet)
 
 

@@ -159,8 +159,25 @@ def checksum_problems(folder: str | os.PathLike[str], files: Any) -> list[str]:
 
 
 def missing_csv_columns(path: str | os.PathLike[str], columns: Iterable[str]) -> list[str]:
-    """The ``columns`` a CSV file's header lacks (gzip or not); reads only its first block."""
-    import pyarrow.csv as pacsv
+    """The ``columns`` a CSV file's header lacks (gzip or not); reads only its header record.
 
-    header = pacsv.open_csv(path).schema.names
+    Only the header is parsed (by :mod:`csv`, which reads quoted newlines as pyarrow does with
+    ``newlines_in_values``), so rows holding multi-line values, or rows longer than a read block, cannot make the
+    header unreadable. An empty or undecodable file raises ``pyarrow.ArrowInvalid``, as pyarrow's reader would.
+    """
+    import csv
+    import io
+
+    import pyarrow as pa
+
+    with pa.input_stream(os.fspath(path), compression="detect") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        try:
+            header = next(csv.reader(text), None)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise pa.ArrowInvalid(f"CSV header unreadable ({exc})") from None
+        finally:
+            text.detach()
+    if not header:
+        raise pa.ArrowInvalid("Empty CSV file")
     return [name for name in columns if name not in header]

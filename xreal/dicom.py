@@ -213,8 +213,22 @@ def _displayed(ds: Dataset, path: str | os.PathLike[str]) -> DicomImage:
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    return (float(spacing[0]), float(spacing[1])) if spacing else None
+    """Pixel Spacing, else Imager Pixel Spacing, when it is two positive finite numbers; None otherwise.
+
+    Real files record ``0.000\\0.000`` (or leave one value, or text) when the spacing is unknown; such a value is
+    no spacing, and it does not make the image unreadable.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            values = ds.get(keyword)
+            if values is None or isinstance(values, str | bytes) or len(values) != 2:
+                continue
+            rows, columns = float(values[0]), float(values[1])
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if all(np.isfinite(v) and v > 0 for v in (rows, columns)):
+            return rows, columns
+    return None
 
 
 def read_dicom_spacing(path: str | os.PathLike[str]) -> tuple[float, float] | None:

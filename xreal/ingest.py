@@ -8,7 +8,8 @@ keeping the aspect ratio; CheXmask masks and boxes are scaled the same way),
 writes it as a 16-bit PNG with its CheXmask label map and one mask per boxed
 label (the union of its boxes), and writes ``index.parquet`` last, with
 paths relative to the training set. Images are processed by a pool of
-processes; files already written are kept, so an interrupted run resumes.
+processes; files already written are kept, so an interrupted run resumes, and
+a rerun of a finished one writes nothing (not even the index, when unchanged).
 An unreadable image or an unusable mask is reported and left out, not fatal;
 so is a row whose id or path would put a file outside its folder. A run that
 keeps no image at all raises :class:`IngestError` and writes no index.
@@ -131,20 +132,26 @@ def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool, bool]:
         except (TypeError, KeyError) as exc:
             raise XRealError(f"unusable boxes in the index ({type(exc).__name__}: {exc})") from None
         pathology = _pathology_files(image_id, boxes)
-        wanted = [image_rel, *([anatomy_rel] if mask is not None else []), *pathology.values()]
         target = {rel: resolve_under(out, rel) for rel in [image_rel, anatomy_rel, *pathology.values()]}
-        resumed = all(target[rel].is_file() for rel in wanted) and _png_size(target[image_rel]) == (size, size)
-        problem, spacing = None, source_spacing(source) if resumed else None
-        if not resumed:
+        # what an earlier run wrote is kept: the image at this size and its pathology masks; the anatomy map is
+        # made from the mask and the index's size alone, so a missing one (a mask rejected then, or new since) is
+        # retried without touching the image, and a rejected mask leaves a rerun writing nothing
+        done = all(target[rel].is_file() for rel in [image_rel, *pathology.values()])
+        done = done and _png_size(target[image_rel]) == (size, size)
+        problem, spacing = None, source_spacing(source) if done else None
+        if not done:
             image, spacing = _load(source)
             if image.shape != (height, width):
                 raise XRealError(f"the image is {image.shape[0]}x{image.shape[1]}, the index says {height}x{width}")
-            if mask is not None:
-                try:
-                    label_map = anatomy_map(mask, height, width, where=f"{image_id}")
-                    write_mask_file(target[anatomy_rel], resize_label_map(label_map, (size, size)))
-                except ChexmaskError as exc:
-                    problem, mask = str(exc), None
+        resumed = done
+        if mask is not None and not (done and target[anatomy_rel].is_file()):
+            try:
+                label_map = anatomy_map(mask, height, width, where=f"{image_id}")
+                write_mask_file(target[anatomy_rel], resize_label_map(label_map, (size, size)))
+                resumed = False
+            except ChexmaskError as exc:
+                problem, mask = str(exc), None
+        if not done:
             for label, rel in pathology.items():
                 boxed = [_xyxy(b) for b in boxes if b["label"] == label]
                 write_mask_file(target[rel], boxes_to_mask(boxed, size, size))
@@ -155,6 +162,7 @@ def _ingest_one(task: tuple) -> tuple[dict | None, str | None, bool, bool]:
         return None, f"{shown}: {exc}; left out", False, False
     new = dict(row, image_path=image_rel, anatomy_path=anatomy_rel if mask is not None else None, boxes=boxes)
     new.update(height=size, width=size, pathology_masks=[{"label": k, "path": v} for k, v in pathology.items()])
+    spacing = spacing or row.get("pixel_spacing")  # the file's (DICOM), else the table's (NIH), at source size
     if spacing is not None:  # the resized image's spacing
         new["pixel_spacing"] = [spacing[0] * height / size, spacing[1] * width / size]
     return new, problem, resumed, False
@@ -250,7 +258,7 @@ def build_training_set(
             if r["image_id"] not in masks.index
         ]
     frame = pd.DataFrame.from_records(kept, columns=TRAINING_INDEX_SCHEMA.names)
-    return write_training_index(frame, out / INDEX_FILE), report
+    return write_training_index(frame, out / INDEX_FILE, if_changed=True), report  # a rerun writes nothing
 
 
 def _nothing_ingested(rows: list[dict], root: Path, missing: int, report: IngestReport) -> str:

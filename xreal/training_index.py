@@ -27,7 +27,8 @@ from xreal.masks import write_mask_file
 
 TRAINING_INDEX_VERSION = "1"
 INDEX_FILE = "index.parquet"
-OPTIONAL_COLUMNS = ("pixel_spacing",)
+OPTIONAL_COLUMNS = ("pixel_spacing", "annotation")  # added to version 1 later: null when reading older files
+ANNOTATIONS = ("consensus", "readers")  # values of ``annotation``: whose boxes ``boxes`` holds
 _WHOLE = re.compile(r"\s*([+-]?[0-9]{1,30})(\.0*)?\s*")
 
 BOX_TYPE = pa.struct(
@@ -57,6 +58,7 @@ TRAINING_INDEX_SCHEMA = pa.schema(
         pa.field("boxes", pa.list_(BOX_TYPE)),
         pa.field("finding", pa.string()),
         pa.field("pixel_spacing", pa.list_(pa.float32())),  # mm between rows, columns of the index's image
+        pa.field("annotation", pa.string()),  # "consensus" or "readers": whose boxes; null without radiologists' boxes
     ],
     metadata={"xreal.schema": "training-index", "xreal.schema_version": TRAINING_INDEX_VERSION},
 )
@@ -88,16 +90,40 @@ def _whole(value: object) -> int | None:
     return None
 
 
-def write_training_index(rows: list[dict] | pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write rows (dicts with the schema's columns) as a training index, atomically."""
+def write_training_index(
+    rows: list[dict] | pd.DataFrame, path: str | os.PathLike[str], if_changed: bool = False
+) -> Path:
+    """Write rows (dicts with the schema's columns) as a training index, atomically.
+
+    The optional columns (:data:`OPTIONAL_COLUMNS`, added to version 1 later) may be left out: they are null.
+    ``if_changed``: leave an index already at ``path`` with the same rows and schema as it is (a rerun writes nothing).
+    """
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(rows)
+    absent = [name for name in OPTIONAL_COLUMNS if name not in frame.columns]
+    if absent:
+        frame = frame.assign(**dict.fromkeys(absent, None))
     missing = [name for name in TRAINING_INDEX_SCHEMA.names if name not in frame.columns]
     if missing:
         raise XRealError(f"training index rows lack columns: {', '.join(missing)}")
     table = pa.Table.from_pandas(frame[TRAINING_INDEX_SCHEMA.names], schema=TRAINING_INDEX_SCHEMA, preserve_index=False)
+    if if_changed and _same_table(path, table):
+        return Path(path)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def _same_table(path: str | os.PathLike[str], table: pa.Table) -> bool:
+    """Whether the Parquet file at ``path`` holds ``table``: its columns, rows and xreal tags; False if unreadable."""
+    try:
+        written = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return False
+    return written.equals(table) and _tags(written) == _tags(table)
+
+
+def _tags(table: pa.Table) -> dict[bytes, bytes]:
+    return {k: v for k, v in (table.schema.metadata or {}).items() if k.startswith(b"xreal.")}
 
 
 def read_training_index(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -183,6 +209,7 @@ def write_phantom_training_set(
                 ],
                 "finding": case.finding,
                 "pixel_spacing": None,
+                "annotation": None,  # the phantom's boxes are its ground truth, not radiologists'
             }
             row.update({label: float(label in case.labels) for label in CHEXPERT_LABELS})
             rows.append(row)

@@ -2,9 +2,13 @@
 
 VinDr-CXR ships DICOM images (``train/<image_id>.dicom``, ``test/<image_id>.dicom``)
 and box tables (``annotations/annotations_train.csv``, ``annotations_test.csv``)
-with one row per box and reader: ``image_id``, ``rad_id``, ``class_name``,
-``x_min``, ``y_min``, ``x_max``, ``y_max`` in pixels of the DICOM image
-(blank for "No finding"). Several radiologists read each training image.
+with one row per box: ``image_id``, ``class_name``, ``x_min``, ``y_min``,
+``x_max``, ``y_max`` in pixels of the DICOM image (blank for "No finding").
+Three radiologists read each training image, and the training table names the
+reader of each box (``rad_id``); the test images' boxes are the consensus of
+five radiologists, so the test table has no ``rad_id``. Each row of the
+training index records which it holds in ``annotation``: ``readers`` or
+``consensus``.
 
 Merging: a label is positive (1) when any reader boxed a class that maps to it
 and negative (0) otherwise (VinDr's readers marked every finding they saw);
@@ -55,7 +59,8 @@ CLASS_TO_CHEXPERT: dict[str, str | None] = {
     "Enlarged PA": None,
     "Mediastinal shift": None,
 }
-BOX_COLUMNS = ("image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max")
+BOX_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")  # every table has them
+READER_COLUMN = "rad_id"  # the training table's: one row per reader and box; without it, the boxes are a consensus
 SPLITS = {"train": "annotations_train.csv", "test": "annotations_test.csv"}
 
 
@@ -80,14 +85,24 @@ class VindrReport:
 
 
 def read_boxes(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """One of VinDr-CXR's annotation tables, checked: known classes, boxes inside out of order or not."""
+    """One of VinDr-CXR's annotation tables, checked: known classes, boxes inside out of order or not.
+
+    The per-reader table (training) has a ``rad_id`` column, the consensus table (test) has none; see
+    :func:`annotation_of`.
+    """
     path = Path(path)
     if not path.is_file():
         raise VindrError(f"{path}: missing; it comes with VinDr-CXR (annotations/)")
-    frame = pd.read_csv(path, dtype={"image_id": str, "rad_id": str, "class_name": str})
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, READER_COLUMN: str, "class_name": str})
+    except (ValueError, OSError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise VindrError(f"{path}: not a readable CSV table ({exc}); it comes with VinDr-CXR (annotations/)") from None
     absent = [c for c in BOX_COLUMNS if c not in frame.columns]
     if absent:
-        raise VindrError(f"{path}: no column {', '.join(absent)} (columns: {', '.join(frame.columns)})")
+        raise VindrError(
+            f"{path}: no column {', '.join(absent)} (columns: {', '.join(map(str, frame.columns))}); it must be "
+            "VinDr-CXR's annotation table as published"
+        )
     unknown = ~frame["class_name"].isin([*CLASS_TO_CHEXPERT, NO_FINDING])
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
@@ -99,6 +114,11 @@ def read_boxes(path: str | os.PathLike[str]) -> pd.DataFrame:
         row = int(bad[bad].index[0])
         raise VindrError(f"{path}: line {row + 2}: box {coords.loc[row].tolist()} is empty or incomplete")
     return frame
+
+
+def annotation_of(frame: pd.DataFrame) -> str:
+    """``readers`` for a table of each reader's boxes (it names them: ``rad_id``), else ``consensus``."""
+    return "readers" if READER_COLUMN in frame.columns else "consensus"
 
 
 def vindr_index(
@@ -114,6 +134,7 @@ def vindr_index(
     for split in splits:
         path = root / "annotations" / SPLITS[split]
         frame = read_boxes(path)
+        annotation = annotation_of(frame)
         usable = frame["image_id"].map(is_safe_id).astype(bool)
         for line, image_id in _first_lines(frame.loc[~usable, "image_id"]):
             try:
@@ -132,7 +153,7 @@ def vindr_index(
             except XRealError as exc:
                 report.problems.append(f"{image_id}: {exc}")
                 continue
-            rows.append(_merged_row(image_id, rel, split, header, boxes, report))
+            rows.append(_merged_row(image_id, rel, split, header, boxes, report) | {"annotation": annotation})
     report.images = len(rows)
     if not rows:
         raise VindrError(_nothing_usable(root, splits, listed, report))

@@ -136,16 +136,24 @@ def build(spec: Path, out: Path, root: Path | None) -> None:
     "--per-label",
     type=click.IntRange(min=1),
     default=None,
-    help="N images of every label that has boxes to place it by: rare labels as many as common ones.",
+    help="N images of every label that has boxes (or masks) to place it by: rare labels as many as common ones.",
 )
 @click.option("--healthy", type=click.IntRange(min=0), default=0, help="No Finding images.")
 @click.option("--split", "splits", multiple=True, default=("test",), help="Index splits anatomies may come from.")
 @click.option("--seed", type=int, default=0)
 @click.option(
     "--boxes-from",
-    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR|xrv:NAME",
     default=None,
-    help="Another training set whose boxes give pathology locations (e.g. VinDr-CXR's).",
+    help="Where pathology locations come from: another training set (e.g. VinDr-CXR's), or radiologists' boxes "
+    "shipped with torchxrayvision: xrv:nih, xrv:rsna, xrv:vindr, xrv:siim (masks' bounding boxes).",
+)
+@click.option(
+    "--masks-from",
+    metavar="xrv:siim",
+    default=None,
+    help="Place the labels this table annotates (Pneumothorax) by a real annotated mask (SIIM-ACR's, shipped "
+    "with torchxrayvision), written as PNGs in OUT's folder, <stem>-masks/.",
 )
 def from_index(
     index_dir: Path,
@@ -155,11 +163,14 @@ def from_index(
     healthy: int,
     splits: tuple[str, ...],
     seed: int,
-    boxes_from: Path | None,
+    boxes_from: str | None,
+    masks_from: str | None,
 ) -> None:
     """Write a manifest on real anatomies of TRAINING_SET: held-out patients, boxes where each label is seen."""
-    from xreal.index_manifest import manifest_from_index, parse_target
-    from xreal.manifest import validate_manifest, write_manifest
+    import shutil
+
+    from xreal.index_manifest import manifest_from_index, parse_target, write_index_manifest
+    from xreal.manifest import validate_manifest
 
     wanted: dict[tuple[str, ...], int] = {}
     for text in targets:
@@ -167,13 +178,17 @@ def from_index(
         wanted[labels] = wanted.get(labels, 0) + count
     if not wanted and not healthy and not per_label:
         raise XRealError("give at least one --target LABEL=N, --per-label N or --healthy N")
-    rows = manifest_from_index(index_dir, wanted, healthy, splits, seed, boxes_from, per_label)
-    write_manifest(rows, out)
+    rows = manifest_from_index(index_dir, wanted, healthy, splits, seed, boxes_from, per_label, masks_from)
+    _, masks = write_index_manifest(rows, out)
     report = validate_manifest(out)
     if not report.ok:  # a bug, not the user's: keep nothing half-right
         out.unlink()
+        if masks is not None:
+            shutil.rmtree(masks, ignore_errors=True)
         raise XRealError(f"the manifest built from {index_dir} does not validate:\n{report.summary()}")
-    click.echo(f"wrote {out}: {len(rows)} requests on {len({r['tags'][1] for r in rows})} anatomies of {index_dir}")
+    written = f"; {sum(r.get('pathology_mask') is not None for r in rows)} pathology masks in {masks}" if masks else ""
+    anatomies = len({r["tags"][1] for r in rows})
+    click.echo(f"wrote {out}: {len(rows)} requests on {anatomies} anatomies of {index_dir}{written}")
 
 
 @manifest.command()
@@ -847,6 +862,85 @@ def ingest_vindr_command(
     click.echo(report.to_text())
     _echo_problems(report.problems)
     _write_training_set(source, root, out, size, chexmask, "vindr-cxr", min_dice, workers, quiet)
+
+
+@ingest_group.command("chexpert", context_settings={"show_default": True})
+@_ingest_options("CheXpert.csv")
+@click.option("--views", default="PA,AP", help="View positions to keep (AP/PA of frontal images, LATERAL), or 'all'.")
+@click.option(
+    "--split",
+    "splits",
+    type=click.Choice(["train", "valid"]),
+    multiple=True,
+    default=("train", "valid"),
+    help="train.csv, valid.csv (the index's validate split).",
+)
+def ingest_chexpert_command(
+    root: Path,
+    out: Path,
+    size: int,
+    chexmask: Path | None,
+    min_dice: float,
+    views: str,
+    splits: tuple[str, ...],
+    workers: int | None,
+    quiet: bool,
+) -> None:
+    """Make a training set from CheXpert at ROOT (CheXpert-v1.0 or -small): labels as given, resumably.
+
+    ROOT is the dataset folder as unzipped (train.csv, valid.csv, train/patientN/studyN/viewN_*.jpg, valid/),
+    or the folder above it. CheXpert's valid split becomes the index's validate split.
+    """
+    from xreal.chexpert import chexpert_index, read_chexpert_masks
+    from xreal.ingest import build_training_set
+
+    keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
+    source, report = chexpert_index(root, views=keep, splits=splits)
+    click.echo(report.to_text())
+    _echo_problems(report.problems)
+    # CheXmask names CheXpert images by Path, which is not an image id: the join is read_chexpert_masks', so
+    # this is _write_training_set with that one step replaced
+    masks = None
+    if chexmask is not None:
+        masks, mask_report = read_chexpert_masks(chexmask, source, min_dice)
+        click.echo(mask_report.to_text())
+    index, ingested = build_training_set(source, root, out, size=size, masks=masks, workers=workers, progress=not quiet)
+    click.echo(ingested.to_text())
+    click.echo(f"wrote {index}")
+
+
+@ingest_group.command("nih", context_settings={"show_default": True})
+@_ingest_options("ChestX-Ray8.csv")
+@click.option(
+    "--split",
+    "splits",
+    type=click.Choice(["train", "test"]),
+    multiple=True,
+    default=("train", "test"),
+    help="train: train_val_list.txt; test: test_list.txt.",
+)
+def ingest_nih_command(
+    root: Path,
+    out: Path,
+    size: int,
+    chexmask: Path | None,
+    min_dice: float,
+    splits: tuple[str, ...],
+    workers: int | None,
+    quiet: bool,
+) -> None:
+    """Make a training set from NIH ChestX-ray14 at ROOT: findings mapped to CheXpert labels, boxes kept.
+
+    ROOT holds Data_Entry_2017_v2020.csv (or Data_Entry_2017.csv), BBox_List_2017.csv, train_val_list.txt,
+    test_list.txt and the PNGs in images_001/images/ ... images_012/images/ (or one images/ folder), as NIH
+    ships them. The mapping of NIH's findings to CheXpert labels is in manifests/README.md.
+    """
+    from xreal.nih import nih_index
+
+    source, report = nih_index(root, splits=splits)
+    click.echo(report.to_text())
+    _echo_problems(report.problems)
+    _write_training_set(source, root, out, size, chexmask, "chestx-ray8", min_dice, workers, quiet)
 
 
 def main(argv: list[str] | None = None) -> None:

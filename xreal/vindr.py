@@ -44,7 +44,7 @@ CLASS_TO_CHEXPERT: dict[str, str | None] = {
     "Infiltration": "Lung Opacity",
     "Lung Opacity": "Lung Opacity",
     "ILD": "Lung Opacity",
-    "Pulmonary fibrosis": "Lung Opacity",
+    "Pulmonary fibrosis": "Pleural Other",  # as the CheXpert labeler files "fibrosis" (and NIH's Fibrosis here)
     "Nodule/Mass": "Lung Lesion",
     "Lung cavity": "Lung Lesion",
     "Lung cyst": "Lung Lesion",

@@ -4,7 +4,7 @@ Streams a CheXmask-shaped CSV to disk (2 GB by default, in chunks): the publishe
 (``dicom_id``, ``Dice RCA (Mean)``, ``Dice RCA (Max)``, ``Landmarks`` as a printed array over many
 lines, ``Left Lung``, ``Right Lung``, ``Heart`` as RLE of lungs and heart in 900-1200 px images,
 ``Height``, ``Width``), about 20 kB a row as in the real files. Then reads it with
-``xreal.chexmask.read_chexmask`` in a fresh process, for a share of the ids (``--wanted``, plus ids
+``xreal.data.chexmask.read_chexmask`` in a fresh process, for a share of the ids (``--wanted``, plus ids
 the file lacks), and prints seconds, rows/s, MB/s and that process's peak resident memory, next to
 the peak of a process that only imports the same modules. The rows kept stay in memory (their RLE
 text): the peak grows by about their size over the reading's own, which stays bounded by a few blocks.
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from xreal.masks import rle_encode
+from xreal.core.masks import rle_encode
 
 COLUMNS = "dicom_id,Dice RCA (Mean),Dice RCA (Max),Landmarks,Left Lung,Right Lung,Heart,Height,Width"
 TEMPLATES = 24  # distinct anatomies; rows cycle through them with their own ids and scores
 
 CHILD = """
 import resource, sys, time
-from xreal.chexmask import read_chexmask
+from xreal.data.chexmask import read_chexmask
 started = time.perf_counter()
 if sys.argv[1] != "-":
     wanted = open(sys.argv[2]).read().split()

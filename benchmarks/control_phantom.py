@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from xreal import phantom
-from xreal.model import load_pipeline
-from xreal.phantom_judges import (
+from xreal.judges.phantom_judges import (
     STRUCTURES,
     PhantomSegmenter,
     anatomy_dice,
@@ -34,6 +32,8 @@ from xreal.phantom_judges import (
     train_phantom_classifier,
     train_phantom_segmenter,
 )
+from xreal.model.bundle import load_pipeline
+from xreal.phantom import renderer as phantom
 
 HELD_OUT_SEED = 999
 

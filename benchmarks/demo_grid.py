@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xreal import phantom
-from xreal.model import load_pipeline
+from xreal.model.bundle import load_pipeline
+from xreal.phantom import renderer as phantom
 
 COLOURS = np.array([[0, 0, 0], [200, 60, 60], [60, 180, 60], [70, 110, 230]], dtype=np.uint8)
 

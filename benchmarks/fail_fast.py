@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from xreal.generation import run_lock
-from xreal.manifest import write_manifest
-from xreal.records import DEMO_BUNDLE
+from xreal.core.records import DEMO_BUNDLE
+from xreal.manifest.schema import write_manifest
+from xreal.run.generation import run_lock
 
 XREAL = [sys.executable, "-m", "xreal.cli"]
 

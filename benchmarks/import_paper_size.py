@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from xreal.model import reference_scheduler
-from xreal.reference import schedule_buffers
+from xreal.model.bundle import reference_scheduler
+from xreal.model.reference import schedule_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 Writes the three published tables at MIMIC-CXR-JPG 2.0.0's size (377,110 images
 of 227,835 studies of 65,379 subjects, random ids and labels, gzip CSV as
 PhysioNet ships them), then joins them into training-index rows with
-``xreal.mimic.mimic_index`` in a fresh process. Prints seconds, rows/s and the
+``xreal.data.mimic.mimic_index`` in a fresh process. Prints seconds, rows/s and the
 peak resident memory of that process, next to the peak of a process that only
 imports the same modules (so the difference is what the join costs).
 
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xreal.labels import CHEXPERT_LABELS
-from xreal.mimic import CHEXPERT_FILE, METADATA_FILE, SPLIT_FILE
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.data.mimic import CHEXPERT_FILE, METADATA_FILE, SPLIT_FILE
 
 CHILD = """
 import resource, sys, time
-from xreal.mimic import mimic_index
+from xreal.data.mimic import mimic_index
 started = time.perf_counter()
 if sys.argv[1] != "-":
     table, report = mimic_index(sys.argv[1])

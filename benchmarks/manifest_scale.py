@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from xreal.labels import CHEXPERT_LABELS, NO_FINDING
-from xreal.manifest import MANIFEST_SCHEMA, SAMPLE_SCHEMA, expand_manifest, manifest_table, validate_manifest
-from xreal.masks import rle_from_label_map, write_mask_file
+from xreal.core.labels import CHEXPERT_LABELS, NO_FINDING
+from xreal.core.masks import rle_from_label_map, write_mask_file
+from xreal.manifest.schema import MANIFEST_SCHEMA, SAMPLE_SCHEMA, expand_manifest, manifest_table, validate_manifest
 
 CHUNK = 100_000
 

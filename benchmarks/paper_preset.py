@@ -1,6 +1,6 @@
 """The paper preset: images per hour of the batched pipeline against the reference's batch-1 loop, in one run.
 
-The baseline is ``xreal.reference_sampler.reference_sample``: one image at a
+The baseline is ``xreal.model.reference_sampler.reference_sample``: one image at a
 time, float32, classic (non-fused) attention as the reference computes it,
 decode and re-encode between the stages and guidance by two UNet passes. The
 pipeline runs the same sampling batched, with PyTorch's fused attention and,
@@ -22,12 +22,12 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from sampler_throughput import requests, timed
 
-from xreal.labels import Anatomy, prompt_for
-from xreal.masks import resize_label_map, resize_mask
-from xreal.model import build_pipeline
-from xreal.reference import REFERENCE_ANATOMY_LEVELS
-from xreal.reference_sampler import ReferenceParts, reference_sample
-from xreal.sampling import label_map_image
+from xreal.core.labels import Anatomy, prompt_for
+from xreal.core.masks import resize_label_map, resize_mask
+from xreal.model.bundle import build_pipeline
+from xreal.model.reference import REFERENCE_ANATOMY_LEVELS
+from xreal.model.reference_sampler import ReferenceParts, reference_sample
+from xreal.model.sampling import label_map_image
 
 
 def reference_inputs(pipe, anatomy, masks, soft_scale: float = 0.2):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from xreal.phantom import generate
+from xreal.phantom.renderer import generate
 
 
 def measure(count: int, size: int, repeats: int) -> float:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from xreal.generation import RunConfig, make_batches, plan, worker_models
-from xreal.manifest import load_requests, write_manifest
-from xreal.model import DEMO_BUNDLE
-from xreal.policy import QualityPolicy
+from xreal.manifest.schema import load_requests, write_manifest
+from xreal.model.bundle import DEMO_BUNDLE
+from xreal.run.generation import RunConfig, make_batches, plan, worker_models
+from xreal.run.policy import QualityPolicy
 
 DEMO = Path(__file__).resolve().parent.parent / "manifests" / "demo.parquet"
 

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from xreal import phantom
-from xreal.model import build_pipeline, load_pipeline
+from xreal.model.bundle import build_pipeline, load_pipeline
+from xreal.phantom import renderer as phantom
 
 
 def requests(count: int, size: int):

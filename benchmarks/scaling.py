@@ -31,8 +31,8 @@ from pathlib import Path
 
 from pipeline_overhead import scaled_manifest
 
-from xreal.dataset import shard_records
-from xreal.manifest import write_manifest
+from xreal.manifest.schema import write_manifest
+from xreal.run.dataset import shard_records
 
 RUNNERS = {"threads": [], "dask-1": ["--dask-workers", "1"], "dask-2": ["--dask-workers", "2"]}
 

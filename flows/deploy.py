@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from xreal.errors import XRealError
+from xreal.core.errors import XRealError
 
 FLOW_NAME = "generate-dataset"
 DEPLOYMENT_NAME = "generate-dataset"

@@ -8,7 +8,7 @@
   takes the device its name picks from ``XREAL_DEVICES``). On CPUs the cores
   are shared out among the workers.
 - An existing Dask cluster (``dask_address="tcp://..."``): its workers pick
-  their own device (:func:`xreal.generation.worker_device`) and keep their
+  their own device (:func:`xreal.run.generation.worker_device`) and keep their
   models loaded across runs. Start them with ``--nthreads 1`` so a worker
   runs one batch at a time.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from xreal.errors import XRealError
+from xreal.core.errors import XRealError
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from flows.embedded import start_embedded_api
 from flows.execution import Execution
-from xreal import generation
-from xreal.dataset import label_table_markdown
-from xreal.errors import XRealError
-from xreal.generation import Batch, BatchSummary, RunConfig, RunSummary
-from xreal.model import DEMO_BUNDLE
-from xreal.policy import QualityPolicy
+from xreal.core.errors import XRealError
+from xreal.model.bundle import DEMO_BUNDLE
+from xreal.run import generation
+from xreal.run.dataset import label_table_markdown
+from xreal.run.generation import Batch, BatchSummary, RunConfig, RunSummary
+from xreal.run.policy import QualityPolicy
 
 
 def _not_a_user_error(task, task_run, state) -> bool:

@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 from scipy import ndimage
 
-from xreal import annotations
 from xreal.cli import cli
-from xreal.index_manifest import manifest_from_index, write_index_manifest
-from xreal.masks import mask_box, read_binary_mask, resize_mask
-from xreal.training_index import write_phantom_training_set
+from xreal.core.masks import mask_box, read_binary_mask, resize_mask
+from xreal.data.training_index import write_phantom_training_set
+from xreal.manifest import annotations
+from xreal.manifest.from_index import manifest_from_index, write_index_manifest
 
 EXPECTED_LABELS = {
     "nih": {
@@ -192,7 +192,7 @@ def test_a_siim_masked_manifest_generates_end_to_end_on_the_demo_bundle(phantom_
 
     from flows.embedded import stop_embedded_api
     from flows.generate import run_generation
-    from xreal.run_audit import audit_run
+    from xreal.run.audit import audit_run
 
     manifest = tmp_path / "real.parquet"
     rows = manifest_from_index(

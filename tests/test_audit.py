@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from conftest import box_label_map
 
-from xreal.anatomy import anatomy_stats, cardiothoracic_ratio
-from xreal.audit import audit_manifest
-from xreal.errors import MaskError
-from xreal.manifest import write_manifest
-from xreal.masks import write_mask_file
+from xreal.core.errors import MaskError
+from xreal.core.masks import write_mask_file
+from xreal.manifest.audit import audit_manifest
+from xreal.manifest.schema import write_manifest
+from xreal.phantom.anatomy import anatomy_stats, cardiothoracic_ratio
 
 
 @pytest.fixture

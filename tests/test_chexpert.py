@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from conftest import box_label_map
 from PIL import Image
 
-from xreal.chexpert import ChexpertError, chexmask_aliases, chexpert_index, read_chexpert_table
 from xreal.cli import cli
-from xreal.labels import CHEXPERT_LABELS
-from xreal.masks import read_label_map, resize_label_map, rle_from_label_map
-from xreal.training_index import TRAINING_INDEX_SCHEMA, read_training_index
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.core.masks import read_label_map, resize_label_map, rle_from_label_map
+from xreal.data.chexpert import ChexpertError, chexmask_aliases, chexpert_index, read_chexpert_table
+from xreal.data.training_index import TRAINING_INDEX_SCHEMA, read_training_index
 
 COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
 SMALL = (39, 32)  # rows, columns of a small-variant image (CheXpert-v1.0-small keeps the aspect ratio)

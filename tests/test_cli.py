@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from conftest import box_label_map
 
 from xreal.cli import cli
-from xreal.manifest import write_manifest
-from xreal.masks import write_mask_file
+from xreal.core.masks import write_mask_file
+from xreal.manifest.schema import write_manifest
 
 
 def run(*args):

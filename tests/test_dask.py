@@ -11,8 +11,8 @@ import torch
 from test_generate_flow import hashes, manifest
 
 from flows.execution import Execution, local_cluster, start_local_cluster
-from xreal.errors import XRealError
-from xreal.run_audit import audit_run
+from xreal.core.errors import XRealError
+from xreal.run.audit import audit_run
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_an_existing_cluster_keeps_one_model_per_worker_and_survives_a_dead_work
         assert hashes(out) == expected  # the lost batch ran again elsewhere, to the same images
         assert audit_run(out).consistent
 
-        from xreal import generation
+        from xreal.run import generation
 
         loaded = client.run(lambda: len(generation._MODELS))
         assert all(n <= 1 for n in loaded.values()), loaded  # one pipeline per worker process, not per task
@@ -125,7 +125,7 @@ def test_local_workers_share_the_cores_and_keep_glibcs_malloc_defaults():
 
 
 def test_a_worker_finds_its_device(monkeypatch):
-    from xreal import generation
+    from xreal.run import generation
 
     monkeypatch.delenv("XREAL_DEVICE", raising=False)
     monkeypatch.setenv("XREAL_DEVICES", "cuda:0,cuda:1")

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from xreal import phantom
-from xreal.model import DEMO_BUNDLE, load_pipeline, read_bundle_record
-from xreal.phantom_judges import anatomy_dice, train_phantom_segmenter
+from xreal.judges.phantom_judges import anatomy_dice, train_phantom_segmenter
+from xreal.model.bundle import DEMO_BUNDLE, load_pipeline, read_bundle_record
+from xreal.phantom import renderer as phantom
 
 pytestmark = pytest.mark.slow
 STEPS = dict(num_inference_steps=25, anatomy_steps=12)

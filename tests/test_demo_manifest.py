@@ -2,11 +2,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from xreal.audit import audit_manifest
-from xreal.labels import NO_FINDING
-from xreal.manifest import load_requests
-from xreal.manifest_spec import build_manifest
-from xreal.phantom import PHANTOM_PATHOLOGIES
+from xreal.core.labels import NO_FINDING
+from xreal.manifest.audit import audit_manifest
+from xreal.manifest.schema import load_requests
+from xreal.manifest.spec import build_manifest
+from xreal.phantom.renderer import PHANTOM_PATHOLOGIES
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 

@@ -5,8 +5,8 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from xreal.dicom import SYNTHETIC_NOTE, read_dicom_pixels, write_dicom
-from xreal.errors import XRealError
+from xreal.core.errors import XRealError
+from xreal.data.dicom import SYNTHETIC_NOTE, read_dicom_pixels, write_dicom
 
 FIELDS = dict(dataset_id="run-1", sample_id="cardio-r0000", description="model demo@abc123, request cardio, seed 7")
 
@@ -97,7 +97,7 @@ STORED = np.array([[0, 1000, 2048], [3000, 4000, 4095]], dtype=np.uint16)
 
 
 def test_stored_bits_and_monochrome1_are_read_as_displayed(tmp_path):
-    from xreal.dicom import read_dicom_image
+    from xreal.data.dicom import read_dicom_image
 
     plain = read_dicom_image(radiograph(tmp_path / "m2.dcm", STORED, ViewPosition="PA", PixelSpacing=[0.139, 0.14]))
     np.testing.assert_allclose(plain.pixels, STORED / 4095, atol=1e-7)  # 12 bits stored: 4095 is white
@@ -111,7 +111,7 @@ def test_stored_bits_and_monochrome1_are_read_as_displayed(tmp_path):
 
 
 def test_rescale_then_window_follow_the_standards_linear_function(tmp_path):
-    from xreal.dicom import read_dicom_image
+    from xreal.data.dicom import read_dicom_image
 
     path = radiograph(
         tmp_path / "w.dcm", STORED, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=1000, WindowWidth=2001
@@ -125,7 +125,7 @@ def test_a_voi_lut_sequence_wins_over_the_window_and_sets_the_output_depth(tmp_p
     from pydicom.dataelem import DataElement
     from pydicom.dataset import Dataset
 
-    from xreal.dicom import read_dicom_image
+    from xreal.data.dicom import read_dicom_image
 
     lut = (np.arange(4096, dtype=np.uint64) ** 2 // 256).astype(np.uint16)  # a curve, 16-bit entries
     item = Dataset()
@@ -139,7 +139,7 @@ def test_files_that_are_not_grayscale_images_are_named_and_do_not_stop_the_other
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from xreal.dicom import DicomError, read_dicom_image, read_dicom_images
+    from xreal.data.dicom import DicomError, read_dicom_image, read_dicom_images
 
     good = radiograph(tmp_path / "good.dcm", STORED)
     text = tmp_path / "notes.dcm"

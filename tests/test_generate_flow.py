@@ -9,9 +9,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from xreal.dataset import XRealDataset
-from xreal.manifest import write_manifest
-from xreal.run_audit import audit_run
+from xreal.manifest.schema import write_manifest
+from xreal.run.audit import audit_run
+from xreal.run.dataset import XRealDataset
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,7 @@ def no_redraws(tmp_path):
 
 def test_a_failing_batch_does_not_stop_the_others_and_a_rerun_completes(prefect_api, tmp_path, monkeypatch):
     from flows.generate import run_generation
-    from xreal import generation
+    from xreal.run import generation
 
     real_run_batch = generation.run_batch
     attempts = []

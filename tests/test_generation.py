@@ -6,12 +6,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from xreal import dataset, generation
-from xreal.generation import RunConfig, RunConflict, Sample, make_batches, plan
-from xreal.images import to_uint16
-from xreal.manifest import ManifestInvalid, load_requests, write_manifest
-from xreal.policy import QualityPolicy
-from xreal.run_audit import audit_run
+from xreal.core.images import to_uint16
+from xreal.manifest.schema import ManifestInvalid, load_requests, write_manifest
+from xreal.run import dataset, generation
+from xreal.run.audit import audit_run
+from xreal.run.generation import RunConfig, RunConflict, Sample, make_batches, plan
+from xreal.run.policy import QualityPolicy
 
 FAST = {"steps": 6, "anatomy_steps": 3}
 
@@ -182,7 +182,7 @@ def test_sample_seed_follows_the_manifest(tmp_path):
 def test_dicom_files_hold_the_png_pixels_and_say_they_are_synthetic(finished_run):
     import pydicom
 
-    from xreal.dicom import read_dicom_pixels
+    from xreal.data.dicom import read_dicom_pixels
 
     config, *_ = finished_run
     rows = pq.read_table(config.out / "samples.parquet").to_pylist()
@@ -231,7 +231,7 @@ def test_the_dataset_loads_with_hugging_face_imagefolder(finished_run, monkeypat
 def test_devices_are_parsed_and_handed_out_one_batch_at_a_time(monkeypatch):
     import threading
 
-    from xreal.errors import XRealError
+    from xreal.core.errors import XRealError
 
     assert generation.parse_devices("cpu") == ["cpu"]
     monkeypatch.setattr(generation.torch.cuda, "is_available", lambda: True)
@@ -288,7 +288,7 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_directory(tmp_path):
 
 
 def test_the_dataset_relabels_like_a_torchxrayvision_dataset(finished_run):
-    from xreal.weights import import_xrv
+    from xreal.core.weights import import_xrv
 
     xrv = import_xrv()
     config, *_ = finished_run
@@ -312,9 +312,9 @@ def test_the_lock_is_empty_once_released(tmp_path):
 def test_damaged_records_get_errors_that_name_the_file(finished_run, tmp_path):
     import shutil
 
-    from xreal.errors import XRealError
-    from xreal.judging import load_judges
-    from xreal.model import DEMO_BUNDLE, verify_bundle
+    from xreal.core.errors import XRealError
+    from xreal.judges.judging import load_judges
+    from xreal.model.bundle import DEMO_BUNDLE, verify_bundle
 
     config, *_ = finished_run
     copy = tmp_path / "copy"
@@ -337,7 +337,7 @@ def test_damaged_records_get_errors_that_name_the_file(finished_run, tmp_path):
 
 
 def test_an_image_with_nan_pixels_is_rejected_and_recorded_without_a_file(tmp_path):
-    from xreal.policy import Decision
+    from xreal.run.policy import Decision
 
     nan_image = np.full((64, 64), np.nan, dtype=np.float32)
     assert generation.storable(Decision(True, "passed"), nan_image) == Decision(
@@ -374,7 +374,7 @@ def test_an_image_with_nan_pixels_is_rejected_and_recorded_without_a_file(tmp_pa
 def test_the_written_pathology_mask_is_the_one_that_conditioned_the_image(tmp_path):
     from conftest import box_label_map
 
-    from xreal.masks import read_binary_mask, resize_mask, write_mask_file
+    from xreal.core.masks import read_binary_mask, resize_mask, write_mask_file
 
     write_mask_file(tmp_path / "anatomy.png", box_label_map(128, 128))
     lesion = np.zeros((128, 128), bool)
@@ -405,9 +405,9 @@ def test_the_written_pathology_mask_is_the_one_that_conditioned_the_image(tmp_pa
 def test_another_model_under_an_existing_run_is_refused(finished_run, tmp_path):
     import shutil
 
-    from xreal.errors import XRealError
-    from xreal.model import DEMO_BUNDLE, load_pipeline, save_bundle
-    from xreal.records import record_bundle_files, verify_bundle
+    from xreal.core.errors import XRealError
+    from xreal.core.records import record_bundle_files, verify_bundle
+    from xreal.model.bundle import DEMO_BUNDLE, load_pipeline, save_bundle
 
     config, *_ = finished_run
     other = tmp_path / "other-bundle"

@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from xreal import generation
 from xreal.cli import cli
-from xreal.files import check_id, is_safe_id
-from xreal.images import MAX_IMAGE_SIDE
-from xreal.labels import CHEXPERT_LABELS
-from xreal.manifest import load_requests, validate_manifest, write_manifest
-from xreal.masks import write_mask_file
-from xreal.records import DEMO_BUNDLE
+from xreal.core.files import check_id, is_safe_id
+from xreal.core.images import MAX_IMAGE_SIDE
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.core.masks import write_mask_file
+from xreal.core.records import DEMO_BUNDLE
+from xreal.manifest.schema import load_requests, validate_manifest, write_manifest
+from xreal.run import generation
 
 HEALTHY = {"labels": ["No Finding"], "num_samples": 1}
 

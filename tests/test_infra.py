@@ -62,7 +62,7 @@ def entrypoint(models: Path, *command: str) -> subprocess.CompletedProcess:
 
 
 def test_the_entrypoint_verifies_mounted_bundles_before_running_the_command(tmp_path):
-    from xreal.model import DEMO_BUNDLE
+    from xreal.model.bundle import DEMO_BUNDLE
 
     models = tmp_path / "models"
     shutil.copytree(DEMO_BUNDLE, models / "demo")

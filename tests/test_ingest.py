@@ -8,11 +8,11 @@ from conftest import box_label_map
 from PIL import Image
 from test_mimic import IMAGES, write_tables
 
-from xreal.chexmask import ChexmaskError, read_chexmask
 from xreal.cli import cli
-from xreal.masks import read_label_map, resize_label_map, rle_from_label_map
-from xreal.mimic import image_path, mimic_index
-from xreal.training_index import read_training_index
+from xreal.core.masks import read_label_map, resize_label_map, rle_from_label_map
+from xreal.data.chexmask import ChexmaskError, read_chexmask
+from xreal.data.mimic import image_path, mimic_index
+from xreal.data.training_index import read_training_index
 
 SMALL = [(d, s, t, v, rows // 16, columns // 16, split) for d, s, t, v, rows, columns, split in IMAGES]  # fast
 FRONTAL = [i for i in SMALL if i[3] in ("PA", "AP")]
@@ -121,7 +121,7 @@ def test_a_source_index_from_the_tables_has_the_published_paths(tmp_path):
 
 
 def test_an_image_of_another_size_than_its_table_says_is_left_out_and_named(tmp_path):
-    from xreal.ingest import build_training_set
+    from xreal.data.ingest import build_training_set
 
     wrong = FRONTAL[0]
     root = write_mimic(tmp_path / "mimic", wrong_size=wrong[0])
@@ -132,7 +132,7 @@ def test_an_image_of_another_size_than_its_table_says_is_left_out_and_named(tmp_
 
 
 def test_a_rerun_at_another_size_rewrites_what_an_earlier_run_wrote(tmp_path):
-    from xreal.ingest import build_training_set
+    from xreal.data.ingest import build_training_set
 
     root = write_mimic(tmp_path / "mimic")
     source, _ = mimic_index(root)

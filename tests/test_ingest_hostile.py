@@ -25,17 +25,16 @@ from test_ingest import FRONTAL, SMALL, chexmask_rows, gradient, write_mimic
 from test_mimic import write_tables
 from test_vindr import COLUMNS, NONE, SHAPE, TEST, TRAIN, write_vindr
 
-import xreal.chexmask
-from xreal.chexmask import ChexmaskError, anatomy_map, read_chexmask
+import xreal.data.chexmask
 from xreal.cli import cli
-from xreal.dicom import DicomError, read_dicom_header, read_dicom_image
-from xreal.errors import XRealError
-from xreal.files import ID_PATTERN
-from xreal.index_manifest import manifest_from_index
-from xreal.ingest import IngestError, build_training_set
-from xreal.masks import rle_from_label_map, write_mask_file
-from xreal.mimic import METADATA_FILE, image_path, mimic_index, read_reports
-from xreal.training_index import (
+from xreal.core.errors import XRealError
+from xreal.core.files import ID_PATTERN
+from xreal.core.masks import rle_from_label_map, write_mask_file
+from xreal.data.chexmask import ChexmaskError, anatomy_map, read_chexmask
+from xreal.data.dicom import DicomError, read_dicom_header, read_dicom_image
+from xreal.data.ingest import IngestError, build_training_set
+from xreal.data.mimic import METADATA_FILE, image_path, mimic_index, read_reports
+from xreal.data.training_index import (
     INDEX_FILE,
     TRAINING_INDEX_SCHEMA,
     declared_size,
@@ -43,7 +42,8 @@ from xreal.training_index import (
     write_phantom_training_set,
     write_training_index,
 )
-from xreal.vindr import vindr_index
+from xreal.data.vindr import vindr_index
+from xreal.manifest.from_index import manifest_from_index
 
 FRONTAL_IDS = [i[0] for i in FRONTAL]
 HOSTILE_IDS = [
@@ -238,9 +238,9 @@ def test_a_vindr_dicom_header_claiming_50000_rows_is_reported_and_left_out(tmp_p
 
 def test_a_chexmask_size_of_200000_is_reported_and_never_decoded(tmp_path, monkeypatch):
     decoded = []
-    real = xreal.chexmask.label_map_from_rle
+    real = xreal.data.chexmask.label_map_from_rle
     monkeypatch.setattr(
-        xreal.chexmask, "label_map_from_rle", lambda *a: decoded.append(a[3:]) or real(*a)
+        xreal.data.chexmask, "label_map_from_rle", lambda *a: decoded.append(a[3:]) or real(*a)
     )  # records every size that is decoded
     square = chexmask_rows([SMALL[4]])[0]  # a 126x126 image: an aspect a 200000x200000 mask matches
     with pytest.raises(ChexmaskError, match=r"200000x200000 exceeds the 8192 px .*; the mask is not decoded"):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from xreal import phantom
-from xreal.judging import JudgeError, RealismReference, load_judges, sanity_scores
-from xreal.model import DEMO_BUNDLE
-from xreal.policy import QualityPolicy
-from xreal.weights import import_xrv
+from xreal.core.weights import import_xrv
+from xreal.judges.judging import JudgeError, RealismReference, load_judges, sanity_scores
+from xreal.model.bundle import DEMO_BUNDLE
+from xreal.phantom import renderer as phantom
+from xreal.run.policy import QualityPolicy
 
 JUDGES = DEMO_BUNDLE / "judges"
 
@@ -107,7 +107,7 @@ def test_a_damaged_judge_file_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def xrv_cache(tmp_path_factory):
     """A weight cache holding densenet121-res224-all in torchxrayvision's own format (random weights), locked."""
-    from xreal.weights import import_xrv, record_weights, weights_info
+    from xreal.core.weights import import_xrv, record_weights, weights_info
 
     folder = tmp_path_factory.mktemp("xrv-weights")
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def test_torchxrayvision_judges_load_through_the_lock_and_score_any_size(xrv_cac
 
 
 def test_a_tampered_torchxrayvision_file_is_never_unpickled(xrv_cache, tmp_path, monkeypatch):
-    from xreal.weights import WeightsError, weights_info
+    from xreal.core.weights import WeightsError, weights_info
 
     copy = tmp_path / "weights"
     shutil.copytree(xrv_cache, copy)
@@ -146,8 +146,8 @@ def test_a_tampered_torchxrayvision_file_is_never_unpickled(xrv_cache, tmp_path,
 
 
 def test_torchxrayvision_realism_is_the_autoencoders_reconstruction_error(xrv_cache, cases, monkeypatch):
-    from xreal.judging import ReconstructionError
-    from xreal.weights import WeightsError, import_xrv, record_weights, weights_info
+    from xreal.core.weights import WeightsError, import_xrv, record_weights, weights_info
+    from xreal.judges.judging import ReconstructionError
 
     monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(xrv_cache))
     with pytest.raises(WeightsError, match="101-elastic"):  # realism on: its weights are needed too
@@ -171,7 +171,7 @@ def test_torchxrayvision_realism_is_the_autoencoders_reconstruction_error(xrv_ca
 
 
 def test_chestx_det_probabilities_become_an_anatomy_label_map():
-    from xreal.judging import pspnet_label_scores
+    from xreal.judges.judging import pspnet_label_scores
 
     targets = CHESTX_DET_TARGETS
     p = torch.zeros(1, 14, 4, 4)
@@ -186,8 +186,8 @@ def test_chestx_det_probabilities_become_an_anatomy_label_map():
 def test_chestx_det_pspnet_loads_through_the_lock_as_the_anatomy_judge(xrv_cache, tmp_path, monkeypatch):
     from torchxrayvision.baseline_models.chestx_det.ptsemseg.pspnet import pspnet
 
-    from xreal.judging import XRVAnatomySegmenter
-    from xreal.weights import record_weights, weights_info
+    from xreal.core.weights import record_weights, weights_info
+    from xreal.judges.judging import XRVAnatomySegmenter
 
     cache = tmp_path / "weights"
     shutil.copytree(xrv_cache, cache)
@@ -204,7 +204,7 @@ def test_chestx_det_pspnet_loads_through_the_lock_as_the_anatomy_judge(xrv_cache
 
 
 def test_the_pspnet_adapter_turns_network_outputs_into_label_scores():
-    from xreal.judging import XRVAnatomySegmenter
+    from xreal.judges.judging import XRVAnatomySegmenter
 
     class Network(torch.nn.Module):  # stands in for PSPNet's output layout: 14 logits per pixel at 512 px
         targets = CHESTX_DET_TARGETS

@@ -1,7 +1,7 @@
 import pytest
 
-from xreal.errors import LabelError
-from xreal.labels import (
+from xreal.core.errors import LabelError
+from xreal.core.labels import (
     ANATOMY_IDS,
     CHEXPERT_LABELS,
     NO_FINDING,

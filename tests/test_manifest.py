@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xreal.errors import ManifestError
-from xreal.manifest import (
+from xreal.core.errors import ManifestError
+from xreal.core.masks import rle_from_label_map, write_mask_file
+from xreal.manifest.schema import (
     MAX_SAMPLES_PER_REQUEST,
     ManifestInvalid,
     derive_seed,
@@ -17,7 +18,6 @@ from xreal.manifest import (
     validate_manifest,
     write_manifest,
 )
-from xreal.masks import rle_from_label_map, write_mask_file
 
 
 @pytest.fixture

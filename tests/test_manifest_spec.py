@@ -1,10 +1,10 @@
 import pytest
 from conftest import box_label_map
 
-from xreal.errors import ManifestError
-from xreal.manifest import load_requests
-from xreal.manifest_spec import build_manifest
-from xreal.masks import write_mask_file
+from xreal.core.errors import ManifestError
+from xreal.core.masks import write_mask_file
+from xreal.manifest.schema import load_requests
+from xreal.manifest.spec import build_manifest
 
 YAML_SPEC = """
 defaults:

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xreal.errors import MaskError
-from xreal.labels import Anatomy
-from xreal.masks import (
+from xreal.core.errors import MaskError
+from xreal.core.labels import Anatomy
+from xreal.core.masks import (
     area_fraction,
     boxes_to_mask,
     check_binary_mask,

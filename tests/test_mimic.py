@@ -5,9 +5,9 @@ import math
 import pandas as pd
 import pytest
 
-from xreal.labels import CHEXPERT_LABELS
-from xreal.mimic import CHEXPERT_FILE, METADATA_FILE, SPLIT_FILE, MimicError, mimic_index
-from xreal.training_index import TRAINING_INDEX_SCHEMA, read_training_index, write_training_index
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.data.mimic import CHEXPERT_FILE, METADATA_FILE, SPLIT_FILE, MimicError, mimic_index
+from xreal.data.training_index import TRAINING_INDEX_SCHEMA, read_training_index, write_training_index
 
 METADATA_COLUMNS = [
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns",
@@ -140,7 +140,7 @@ REPORT = """                                 FINAL REPORT
 def test_report_text_is_the_findings_and_impression_from_the_zip_or_its_folder(tmp_path):
     import zipfile
 
-    from xreal.mimic import read_reports, report_text
+    from xreal.data.mimic import read_reports, report_text
 
     expected = (
         "There is no focal consolidation, pleural effusion or pneumothorax. Bilateral nodular opacities that most"

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from xreal.errors import XRealError
-from xreal.model import (
+from xreal.core.errors import XRealError
+from xreal.model.bundle import (
     BUNDLE_FILE,
     build_pipeline,
     get_preset,
@@ -103,7 +103,7 @@ def test_tokenizer_is_reproducible_and_falls_back_to_characters():
 def test_model_card_is_written_from_the_record(tiny_bundle, tmp_path):
     import shutil
 
-    from xreal.model import MODEL_CARD, write_model_card
+    from xreal.model.bundle import MODEL_CARD, write_model_card
 
     _, folder = tiny_bundle
     copy = tmp_path / "copy"
@@ -126,7 +126,7 @@ def test_half_precision_bundles_load_as_float32(tmp_path):
 
 
 def test_paper_preset_has_the_reference_architecture():
-    from xreal.model import build_autoencoder, build_text_encoder, build_unet
+    from xreal.model.bundle import build_autoencoder, build_text_encoder, build_unet
 
     paper = get_preset("paper")
     with torch.device("meta"):  # shapes only, no memory

@@ -13,11 +13,11 @@ from PIL import Image
 from test_chexpert import written, xrv_table
 
 from xreal.cli import cli
-from xreal.ingest import scaled_boxes
-from xreal.labels import CHEXPERT_LABELS
-from xreal.masks import boxes_to_mask, read_binary_mask, read_label_map, resize_label_map, rle_from_label_map
-from xreal.nih import LABEL_TO_CHEXPERT, NihError, nih_index, read_bbox_list, read_data_entry
-from xreal.training_index import TRAINING_INDEX_SCHEMA, read_training_index
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.core.masks import boxes_to_mask, read_binary_mask, read_label_map, resize_label_map, rle_from_label_map
+from xreal.data.ingest import scaled_boxes
+from xreal.data.nih import LABEL_TO_CHEXPERT, NihError, nih_index, read_bbox_list, read_data_entry
+from xreal.data.training_index import TRAINING_INDEX_SCHEMA, read_training_index
 
 ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

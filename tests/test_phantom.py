@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from xreal import phantom
-from xreal.anatomy import cardiothoracic_ratio
-from xreal.errors import XRealError
-from xreal.labels import ANATOMY_IDS, CHEXPERT_LABELS, NO_FINDING, Anatomy
-from xreal.phantom import PHANTOM_PATHOLOGIES, generate
+from xreal.core.errors import XRealError
+from xreal.core.labels import ANATOMY_IDS, CHEXPERT_LABELS, NO_FINDING, Anatomy
+from xreal.phantom import renderer as phantom
+from xreal.phantom.anatomy import cardiothoracic_ratio
+from xreal.phantom.renderer import PHANTOM_PATHOLOGIES, generate
 
 LUNG_PATHOLOGIES = [lab for lab in PHANTOM_PATHOLOGIES if lab != "Cardiomegaly"]
 LUNG_IDS = {"right": Anatomy.RIGHT_LUNG, "left": Anatomy.LEFT_LUNG}

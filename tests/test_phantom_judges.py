@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from xreal import phantom
-from xreal.phantom_judges import (
+from xreal.judges.phantom_judges import (
     PhantomSegmenter,
     anatomy_dice,
     classify,
@@ -13,6 +12,7 @@ from xreal.phantom_judges import (
     save_weights,
     train_phantom_segmenter,
 )
+from xreal.phantom import renderer as phantom
 
 
 def test_dice():

@@ -1,6 +1,6 @@
 import pytest
 
-from xreal.policy import PolicyError, QualityPolicy
+from xreal.run.policy import PolicyError, QualityPolicy
 
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Consolidation"]
 

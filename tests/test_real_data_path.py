@@ -9,10 +9,10 @@ from test_ingest import chexmask_rows, write_mimic
 from test_vindr import write_vindr
 
 from xreal.cli import cli
-from xreal.errors import XRealError
-from xreal.index_manifest import box_distribution, manifest_from_index, parse_target
-from xreal.manifest import load_requests
-from xreal.training_index import read_training_index
+from xreal.core.errors import XRealError
+from xreal.data.training_index import read_training_index
+from xreal.manifest.from_index import box_distribution, manifest_from_index, parse_target
+from xreal.manifest.schema import load_requests
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_mimic_cxr_dicom_files_are_ingested_as_displayed(tmp_path):
     from test_ingest import SMALL
     from test_mimic import write_tables
 
-    from xreal.mimic import image_path
+    from xreal.data.mimic import image_path
 
     root = write_tables(tmp_path / "mimic-cxr", images=SMALL)
     for dicom, subject, study, _v, rows, columns, _ in SMALL:

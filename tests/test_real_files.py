@@ -20,11 +20,11 @@ from PIL import Image
 from test_ingest import FRONTAL, chexmask_rows, write_mimic
 from test_vindr import COLUMNS, TEST, TRAIN, write_vindr
 
-from xreal.chexmask import ChexmaskError, anatomy_map, read_chexmask
 from xreal.cli import cli
-from xreal.files import missing_csv_columns
-from xreal.masks import read_label_map, resize_label_map, rle_from_label_map
-from xreal.training_index import TRAINING_INDEX_SCHEMA, read_training_index
+from xreal.core.files import missing_csv_columns
+from xreal.core.masks import read_label_map, resize_label_map, rle_from_label_map
+from xreal.data.chexmask import ChexmaskError, anatomy_map, read_chexmask
+from xreal.data.training_index import TRAINING_INDEX_SCHEMA, read_training_index
 
 # CheXmask's per-dataset CSV, in the published column order
 CHEXMASK_COLUMNS = [
@@ -253,7 +253,7 @@ def regions(image):
 def test_a_real_monochrome1_chest_radiograph_reads_as_displayed(real_cr):
     import pydicom
 
-    from xreal.dicom import read_dicom_header, read_dicom_image
+    from xreal.data.dicom import read_dicom_header, read_dicom_image
 
     ds = pydicom.dcmread(real_cr)
     assert (ds.PhotometricInterpretation, ds.BitsStored, ds.Modality, ds.ViewPosition) == (
@@ -280,8 +280,8 @@ def test_a_real_monochrome1_chest_radiograph_reads_as_displayed(real_cr):
 
 
 def test_a_real_radiograph_resized_keeps_its_brightness_and_anatomy(real_cr):
-    from xreal.dicom import read_dicom_image
-    from xreal.ingest import resize_image
+    from xreal.data.dicom import read_dicom_image
+    from xreal.data.ingest import resize_image
 
     pixels = read_dicom_image(real_cr).pixels
     small = resize_image(pixels, 256)
@@ -295,8 +295,8 @@ def test_a_real_radiograph_resized_keeps_its_brightness_and_anatomy(real_cr):
 
 
 def test_a_real_radiograph_ingests_from_vindrs_layout_end_to_end(real_cr, tmp_path):
-    from xreal.dicom import read_dicom_image
-    from xreal.ingest import resize_image
+    from xreal.data.dicom import read_dicom_image
+    from xreal.data.ingest import resize_image
 
     train_id, test_id = "4d390e07733ba06e5ff07412f09c0a92", "0a8e7e3d1c2b4f5a6978b0c1d2e3f405"
     heart = ("Cardiomegaly", 700.0, 1000.0, 1400.0, 1500.0)  # about where this patient's heart is

@@ -17,8 +17,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from tests import reference_layout as ref
-from xreal.labels import Anatomy
-from xreal.model import (
+from xreal.core.labels import Anatomy
+from xreal.model.bundle import (
     PRESETS,
     build_autoencoder,
     build_text_encoder,
@@ -27,7 +27,7 @@ from xreal.model import (
     reference_scheduler,
     verify_bundle,
 )
-from xreal.reference import (
+from xreal.model.reference import (
     Checkpoint,
     ReferenceImportError,
     autoencoder_state,
@@ -38,7 +38,7 @@ from xreal.reference import (
     text_encoder_state,
     unet_state,
 )
-from xreal.reference_sampler import ReferenceParts, ddim_parameters, reference_sample
+from xreal.model.reference_sampler import ReferenceParts, ddim_parameters, reference_sample
 
 LAYOUT = Path(__file__).parent / "data" / "reference_paper_layout.json"
 WORDS = ["no", "finding", "cardiomegaly", "edema", "pleural", "effusion", "lung", "opacity", "atelectasis"]
@@ -467,7 +467,7 @@ def test_import_and_generate_from_the_command_line(reference, prefect_api, tmp_p
 
     from tests.test_generate_flow import manifest
     from xreal.cli import cli
-    from xreal.model import DEMO_BUNDLE
+    from xreal.model.bundle import DEMO_BUNDLE
 
     folder, out = reference["folder"], tmp_path / "models" / "xreal-reference"
     runner = CliRunner()

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from xreal import phantom
-from xreal.errors import LabelError, XRealError
-from xreal.model import build_pipeline
+from xreal.core.errors import LabelError, XRealError
+from xreal.model.bundle import build_pipeline
+from xreal.phantom import renderer as phantom
 
 STEPS = dict(num_inference_steps=6, anatomy_steps=3)
 

@@ -13,7 +13,7 @@ import pytest
 from servers import BIN, postgres, postgres_bin, prefect_server, start, stop, wait_for
 from test_generate_flow import manifest
 
-from xreal.run_audit import audit_run
+from xreal.run.audit import audit_run
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from test_generate_flow import manifest, no_redraws
 
 from xreal.cli import cli
-from xreal.run_audit import audit_run
+from xreal.run.audit import audit_run
 
 ROOT = Path(__file__).resolve().parents[1]
 XREAL = [sys.executable, "-m", "xreal.cli"]
@@ -192,7 +192,7 @@ def _fake_disk_error(setup, tmp_path, where: str, code: int) -> subprocess.Compl
     """`xreal generate` whose ``where`` (``run_batch`` or ``open_run``) meets OSError ``code`` on --out."""
     out = tmp_path / "out"
     bootstrap = (
-        "import os, sys, xreal.generation as g\n"
+        "import os, sys, xreal.run.generation as g\n"
         f"def broken(config, *args): raise OSError({code}, os.strerror({code}), str(config.out / 'shards'))\n"
         f"g.{where} = broken\n"
         "from xreal.cli import main\n"

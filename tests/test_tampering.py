@@ -16,17 +16,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xreal import dataset, generation
-from xreal.dataset import DatasetError, XRealDataset
-from xreal.errors import XRealError
-from xreal.files import write_json
-from xreal.generation import RunConfig, RunConflict, make_batches, plan
-from xreal.manifest import InputChanged, write_manifest
-from xreal.masks import write_mask_file
-from xreal.policy import QualityPolicy
-from xreal.records import DEMO_BUNDLE, JudgeError, record_bundle_files, verify_bundle, verify_judge_set
-from xreal.run_audit import audit_run
-from xreal.verify import verify_files, verify_run_models
+from xreal.core.errors import XRealError
+from xreal.core.files import write_json
+from xreal.core.masks import write_mask_file
+from xreal.core.records import DEMO_BUNDLE, JudgeError, record_bundle_files, verify_bundle, verify_judge_set
+from xreal.manifest.schema import InputChanged, write_manifest
+from xreal.run import dataset, generation
+from xreal.run.audit import audit_run
+from xreal.run.dataset import DatasetError, XRealDataset
+from xreal.run.generation import RunConfig, RunConflict, make_batches, plan
+from xreal.run.policy import QualityPolicy
+from xreal.run.verify import verify_files, verify_run_models
 
 FAST = {"steps": 4, "anatomy_steps": 2}
 
@@ -272,7 +272,7 @@ def test_sigkill_inside_finalize_and_inside_a_shard_write_then_resume(prefect_ap
     assert _generate(None, manifest, reference, env).returncode == 0
 
     in_finalize = tmp_path / "finalize"
-    killed = _generate({"module": "xreal.dataset", "function": "write_card", "condition": "True"},
+    killed = _generate({"module": "xreal.run.dataset", "function": "write_card", "condition": "True"},
                        manifest, in_finalize, env)  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     assert (in_finalize / "README.md").is_file() and not (in_finalize / "dataset.json").exists()
@@ -306,7 +306,7 @@ def test_a_checkpoint_naming_a_code_running_function_is_named_and_never_loaded(t
 
     import torch
 
-    from xreal.reference import ReferenceImportError, read_checkpoint
+    from xreal.model.reference import ReferenceImportError, read_checkpoint
 
     class Command:
         def __reduce__(self):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from xreal.model import build_autoencoder, get_preset
-from xreal.training import TrainingRun, load_training_set, train_autoencoder, train_backbone
-from xreal.training_index import write_phantom_training_set
+from xreal.data.training_index import write_phantom_training_set
+from xreal.model.bundle import build_autoencoder, get_preset
+from xreal.model.training import TrainingRun, load_training_set, train_autoencoder, train_backbone
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     from click.testing import CliRunner
 
     from xreal.cli import cli
-    from xreal.model import load_pipeline
+    from xreal.model.bundle import load_pipeline
 
     write_phantom_training_set(tmp_path / "set", count=12, size=64, seed=3)
     common = ["--index", tmp_path / "set", "--preset", "tiny", "--steps", "2", "--batch-size", "2"]

@@ -2,17 +2,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from xreal.errors import XRealError
-from xreal.images import read_image
-from xreal.labels import CHEXPERT_LABELS, NO_FINDING
-from xreal.masks import read_binary_mask, read_label_map
-from xreal.phantom import PHANTOM_PATHOLOGIES, generate
-from xreal.training_index import (
+from xreal.core.errors import XRealError
+from xreal.core.images import read_image
+from xreal.core.labels import CHEXPERT_LABELS, NO_FINDING
+from xreal.core.masks import read_binary_mask, read_label_map
+from xreal.data.training_index import (
     TRAINING_INDEX_SCHEMA,
     read_training_index,
     write_phantom_training_set,
     write_training_index,
 )
+from xreal.phantom.renderer import PHANTOM_PATHOLOGIES, generate
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_an_index_written_before_pixel_spacing_existed_still_reads(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from xreal.training_index import TRAINING_INDEX_SCHEMA, read_training_index
+    from xreal.data.training_index import TRAINING_INDEX_SCHEMA, read_training_index
 
     older = pa.schema(
         [f for f in TRAINING_INDEX_SCHEMA if f.name != "pixel_spacing"], metadata=TRAINING_INDEX_SCHEMA.metadata

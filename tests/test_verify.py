@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from xreal.errors import XRealError
-from xreal.model import DEMO_BUNDLE
-from xreal.verify import bundles_in, verify_files
-from xreal.weights import record_weights, weights_info
+from xreal.core.errors import XRealError
+from xreal.core.weights import record_weights, weights_info
+from xreal.model.bundle import DEMO_BUNDLE
+from xreal.run.verify import bundles_in, verify_files
 
 
 def test_a_good_bundle_and_recorded_weights_pass_and_each_problem_is_named(tmp_path):

@@ -7,10 +7,10 @@ from click.testing import CliRunner
 from test_dicom import radiograph
 
 from xreal.cli import cli
-from xreal.ingest import scaled_boxes
-from xreal.masks import boxes_to_mask, read_binary_mask
-from xreal.training_index import read_training_index
-from xreal.vindr import VindrError, vindr_index
+from xreal.core.masks import boxes_to_mask, read_binary_mask
+from xreal.data.ingest import scaled_boxes
+from xreal.data.training_index import read_training_index
+from xreal.data.vindr import VindrError, vindr_index
 
 SHAPE = (96, 80)  # rows, columns of every fixture image
 NONE = (None, None, None, None)

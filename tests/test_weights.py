@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from xreal.cli import cli
-from xreal.weights import (
+from xreal.core.weights import (
     LOCK_NAME,
     PROJECT_WEIGHTS,
     PSPNET_URL,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from xreal.errors import XRealError
+from xreal.core.errors import XRealError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

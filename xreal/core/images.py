@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from xreal.errors import XRealError
-from xreal.files import atomic_path
+from xreal.core.errors import XRealError
+from xreal.core.files import atomic_path
 
 # The largest image side xreal reads or allocates (declared sizes in manifests, tables and file headers included):
 # above any chest radiograph detector (about 4,300 px), far below what would exhaust memory.

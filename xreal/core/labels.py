@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import IntEnum
 
-from xreal.errors import LabelError
+from xreal.core.errors import LabelError
 
 NO_FINDING = "No Finding"
 

@@ -2,13 +2,13 @@
 
 Two kinds of mask travel through the project:
 
-- an *anatomy label map*: a 2-D ``uint8`` array of :class:`~xreal.labels.Anatomy`
+- an *anatomy label map*: a 2-D ``uint8`` array of :class:`~xreal.core.labels.Anatomy`
   ids (0 background, 1 right lung, 2 left lung, 3 heart), stored as an 8-bit
   PNG holding the ids themselves, or as ``.npy``;
 - a *pathology mask*: a 2-D ``bool`` array, stored as a PNG with two values
   (0 and 1, 255 or 65535) or as ``.npy``.
 
-Every reader validates what it reads and raises :class:`~xreal.errors.MaskError`
+Every reader validates what it reads and raises :class:`~xreal.core.errors.MaskError`
 naming the file and the problem.
 """
 
@@ -24,10 +24,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from xreal.errors import MaskError, XRealError
-from xreal.files import atomic_path
-from xreal.images import MAX_IMAGE_SIDE, check_image_size, open_image
-from xreal.labels import ANATOMY_IDS, Anatomy
+from xreal.core.errors import MaskError, XRealError
+from xreal.core.files import atomic_path
+from xreal.core.images import MAX_IMAGE_SIDE, check_image_size, open_image
+from xreal.core.labels import ANATOMY_IDS, Anatomy
 
 Size = int | tuple[int, int]
 Box = Sequence[float]
@@ -119,7 +119,7 @@ def write_mask_file(path: str | os.PathLike[str], mask: np.ndarray) -> Path:
 def check_label_map(label_map: np.ndarray, where: str = "label map") -> np.ndarray:
     """Validate an anatomy label map and return it as ``uint8``.
 
-    Values must be :class:`~xreal.labels.Anatomy` ids, and both lungs and the
+    Values must be :class:`~xreal.core.labels.Anatomy` ids, and both lungs and the
     heart must be present.
     """
     label_map = np.asarray(label_map)

@@ -4,7 +4,7 @@ A bundle's ``xreal_bundle.json`` and a judge set's ``judges.json`` list every
 file with its sha256, besides what the files mean (labels, sizes, thresholds).
 The digest of such a record pins both, so a run and a dataset can name exactly
 which model and judges made it. Nothing here imports torch: a run checks
-these before it loads any model (:func:`xreal.run_config.preflight`).
+these before it loads any model (:func:`xreal.run.config.preflight`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xreal.errors import XRealError
-from xreal.files import checksum_problems, read_json, record_digest, sha256_file, write_json
+from xreal.core.errors import XRealError
+from xreal.core.files import checksum_problems, read_json, record_digest, sha256_file, write_json
 
 BUNDLE_FILE = "xreal_bundle.json"
 MODEL_CARD = "MODEL_CARD.md"
-DEMO_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "demo"
 JUDGES_FILE = "judges.json"
 
 
@@ -145,7 +145,7 @@ def xrv_judge_files(
     lock: str | os.PathLike[str] | None = None,
 ) -> dict[str, str]:
     """The weight files torchxrayvision judges need and their sha256, each checked against the lock."""
-    from xreal import weights
+    from xreal.core import weights
 
     names = xrv_weight_names(classifier, anatomy, realism)
     return {p.name: sha256_file(p) for p in (weights.verify_weights(n, cache_dir=cache_dir, lock=lock) for n in names)}

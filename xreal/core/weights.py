@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from xreal.errors import XRealError
-from xreal.files import atomic_path, sha256_file
+from xreal.core.errors import XRealError
+from xreal.core.files import atomic_path, sha256_file
 
 LOCK_NAME = "xreal-weights.lock.json"
 LOCK_VERSION = 1

@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from xreal.errors import XRealError
-from xreal.files import missing_csv_columns
-from xreal.masks import MaskError, label_map_from_rle
-from xreal.training_index import declared_size
+from xreal.core.errors import XRealError
+from xreal.core.files import missing_csv_columns
+from xreal.core.masks import MaskError, label_map_from_rle
+from xreal.data.training_index import declared_size
 
 ID_COLUMNS = {
     "mimic-cxr": "dicom_id",

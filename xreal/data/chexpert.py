@@ -25,7 +25,7 @@ dataset folder in front, computed on the original (full-size) images:
 :func:`read_chexpert_masks` matches them by the part from ``train/`` or
 ``valid/`` on, so the small variant joins as well. Its masks are in the
 original image's ``Height`` x ``Width``; the small images keep the aspect ratio,
-which is what :func:`xreal.chexmask.anatomy_map` checks, and the mask is decoded
+which is what :func:`xreal.data.chexmask.anatomy_map` checks, and the mask is decoded
 at its own size and resized to the training size like the image.
 
 torchxrayvision's ``CheX_Dataset`` reads the same tables but is not used here:
@@ -50,12 +50,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from xreal.chexmask import ID_COLUMNS, ChexmaskError, ChexmaskReport, read_chexmask
-from xreal.errors import XRealError
-from xreal.files import PathError, missing_csv_columns, resolve_under
-from xreal.images import open_image
-from xreal.labels import CHEXPERT_LABELS
-from xreal.training_index import TRAINING_INDEX_SCHEMA
+from xreal.core.errors import XRealError
+from xreal.core.files import PathError, missing_csv_columns, resolve_under
+from xreal.core.images import open_image
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.data.chexmask import ID_COLUMNS, ChexmaskError, ChexmaskReport, read_chexmask
+from xreal.data.training_index import TRAINING_INDEX_SCHEMA
 
 SOURCE = "chexpert"
 DATASET_FOLDERS = ("CheXpert-v1.0", "CheXpert-v1.0-small")

@@ -1,8 +1,8 @@
 """Real images into a training set: source rows in, resized images and anatomy maps at the training size out.
 
 A *source index* is a training-index table whose ``image_path`` points into a
-dataset's own folder (``xreal.mimic.mimic_index`` makes one). :func:`build_training_set`
-reads each image (JPEG/PNG, or DICOM through ``xreal.dicom.read_dicom_image``),
+dataset's own folder (``xreal.data.mimic.mimic_index`` makes one). :func:`build_training_set`
+reads each image (JPEG/PNG, or DICOM through ``xreal.data.dicom.read_dicom_image``),
 resizes it to ``size`` x ``size`` (as the reference implementation does, without
 keeping the aspect ratio; CheXmask masks and boxes are scaled the same way),
 writes it as a 16-bit PNG with its CheXmask label map and one mask per boxed
@@ -29,14 +29,14 @@ import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
-from xreal.chexmask import ChexmaskError, anatomy_map
-from xreal.dicom import read_dicom_image, read_dicom_spacing
-from xreal.errors import XRealError
-from xreal.files import check_id, is_safe_id, resolve_under
-from xreal.images import open_image, read_image, write_png16
-from xreal.labels import slug
-from xreal.masks import boxes_to_mask, resize_label_map, write_mask_file
-from xreal.training_index import INDEX_FILE, TRAINING_INDEX_SCHEMA, declared_size, write_training_index
+from xreal.core.errors import XRealError
+from xreal.core.files import check_id, is_safe_id, resolve_under
+from xreal.core.images import open_image, read_image, write_png16
+from xreal.core.labels import slug
+from xreal.core.masks import boxes_to_mask, resize_label_map, write_mask_file
+from xreal.data.chexmask import ChexmaskError, anatomy_map
+from xreal.data.dicom import read_dicom_image, read_dicom_spacing
+from xreal.data.training_index import INDEX_FILE, TRAINING_INDEX_SCHEMA, declared_size, write_training_index
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -209,7 +209,7 @@ def build_training_set(
         root: the folder the source's image paths are relative to.
         out: the training set folder; rerunning into it resumes.
         size: the training resolution (square).
-        masks: CheXmask rows indexed by image id (:func:`xreal.chexmask.read_chexmask`); None: no anatomy.
+        masks: CheXmask rows indexed by image id (:func:`xreal.data.chexmask.read_chexmask`); None: no anatomy.
         workers: processes (default: every core; 1: in this process).
         progress: show a progress bar.
     """

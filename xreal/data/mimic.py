@@ -33,11 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from xreal.errors import XRealError
-from xreal.files import ID_PATTERN, PathError, check_id, missing_csv_columns, resolve_under
-from xreal.images import MAX_IMAGE_SIDE
-from xreal.labels import CHEXPERT_LABELS
-from xreal.training_index import TRAINING_INDEX_SCHEMA, declared_size
+from xreal.core.errors import XRealError
+from xreal.core.files import ID_PATTERN, PathError, check_id, missing_csv_columns, resolve_under
+from xreal.core.images import MAX_IMAGE_SIDE
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.data.training_index import TRAINING_INDEX_SCHEMA, declared_size
 
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv.gz"
 SPLIT_FILE = "mimic-cxr-2.0.0-split.csv.gz"
@@ -87,7 +87,7 @@ def check_number(value: object, what: str) -> str:
 def image_path(subject_id: str, study_id: str, dicom_id: str, suffix: str = ".jpg") -> str:
     """Where MIMIC-CXR-JPG keeps an image (MIMIC-CXR: the DICOM, ``suffix=".dcm"``), relative to its root.
 
-    The ids are checked (digits; :data:`xreal.files.ID_PATTERN`), so the path cannot leave the root.
+    The ids are checked (digits; :data:`xreal.core.files.ID_PATTERN`), so the path cannot leave the root.
     """
     subject_id, study_id = check_number(subject_id, "subject_id"), check_number(study_id, "study_id")
     return _image_path(subject_id, study_id, check_id(dicom_id, "dicom_id"), suffix)

@@ -52,10 +52,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from xreal.errors import XRealError
-from xreal.files import PathError, is_safe_id, missing_csv_columns, resolve_under
-from xreal.labels import CHEXPERT_LABELS, NO_FINDING
-from xreal.training_index import TRAINING_INDEX_SCHEMA
+from xreal.core.errors import XRealError
+from xreal.core.files import PathError, is_safe_id, missing_csv_columns, resolve_under
+from xreal.core.labels import CHEXPERT_LABELS, NO_FINDING
+from xreal.data.training_index import TRAINING_INDEX_SCHEMA
 
 SOURCE = "chestx-ray14"
 DATA_ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")  # the first found is read

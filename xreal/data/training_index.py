@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from xreal.errors import XRealError
-from xreal.files import PathError, atomic_path, resolve_under
-from xreal.images import check_image_size, write_png16
-from xreal.labels import CHEXPERT_LABELS, slug
-from xreal.masks import write_mask_file
+from xreal.core.errors import XRealError
+from xreal.core.files import PathError, atomic_path, resolve_under
+from xreal.core.images import check_image_size, write_png16
+from xreal.core.labels import CHEXPERT_LABELS, slug
+from xreal.core.masks import write_mask_file
 
 TRAINING_INDEX_VERSION = "1"
 INDEX_FILE = "index.parquet"
@@ -67,7 +67,7 @@ TRAINING_INDEX_SCHEMA = pa.schema(
 def declared_size(height: object, width: object, where: str) -> tuple[int, int]:
     """A size a table or header declares (ints, whole floats or digit strings) as ints, refused unless readable.
 
-    Anything else (blank, negative, fractional, text, or above :data:`xreal.images.MAX_IMAGE_SIDE`) raises
+    Anything else (blank, negative, fractional, text, or above :data:`xreal.core.images.MAX_IMAGE_SIDE`) raises
     :class:`XRealError` naming ``where``, before any pixel buffer of that size is made.
     """
     values = (_whole(height), _whole(width))
@@ -171,7 +171,7 @@ def write_phantom_training_set(
     ``pathology/<id>_<label>.png`` (binary masks) and ``index.parquet``. The
     index is written last, so a folder with an index is complete.
     """
-    from xreal import phantom
+    from xreal.phantom import renderer as phantom
 
     if count < 1:
         raise XRealError(f"--count must be at least 1, got {count}")

@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from xreal.dicom import DicomHeader, read_dicom_header
-from xreal.errors import XRealError
-from xreal.files import PathError, check_id, is_safe_id, resolve_under
-from xreal.labels import CHEXPERT_LABELS
-from xreal.training_index import TRAINING_INDEX_SCHEMA
+from xreal.core.errors import XRealError
+from xreal.core.files import PathError, check_id, is_safe_id, resolve_under
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.data.dicom import DicomHeader, read_dicom_header
+from xreal.data.training_index import TRAINING_INDEX_SCHEMA
 
 SOURCE = "vindr-cxr"
 NO_FINDING = "No finding"

@@ -15,7 +15,7 @@ Sanity checks (NaN, blank, constant, saturated) need no model.
 Two judge sets exist: ``phantom`` (trained here on phantoms, shipped inside the
 demo bundle, safetensors only) and ``torchxrayvision`` (pretrained
 torchxrayvision models from a local weight cache, hash-checked before loading;
-see :mod:`xreal.weights`).
+see :mod:`xreal.core.weights`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from xreal.errors import XRealError
-from xreal.files import sha256_file, write_json
-from xreal.labels import CHEXPERT_LABELS, STRUCTURES, canonical_label, score_key
-from xreal.masks import resize_label_map, resize_mask
-from xreal.records import (  # noqa: F401 - the judge set's record, re-exported where it was
+from xreal.core.errors import XRealError
+from xreal.core.files import sha256_file, write_json
+from xreal.core.labels import CHEXPERT_LABELS, STRUCTURES, canonical_label, score_key
+from xreal.core.masks import resize_label_map, resize_mask
+from xreal.core.records import (  # noqa: F401 - the judge set's record, re-exported where it was
     JUDGES_FILE,
     XRV_AUTOENCODER,
     XRV_CLASSIFIER,
@@ -48,7 +48,7 @@ from xreal.records import (  # noqa: F401 - the judge set's record, re-exported 
     xrv_judge_files,
     xrv_weight_names,
 )
-from xreal.weights import import_xrv
+from xreal.core.weights import import_xrv
 
 JUDGES_VERSION = 1
 XRV_NAMES = {"Effusion": "Pleural Effusion"}
@@ -131,7 +131,7 @@ def pspnet_label_scores(probabilities: torch.Tensor, targets: Sequence[str]) -> 
 
     A pixel is background unless a lung or the heart passes 0.5; the heart wins
     where it overlaps a lung, as in the project's label maps. ChestX-Det names
-    sides as the patient's, like :class:`~xreal.labels.Anatomy`.
+    sides as the patient's, like :class:`~xreal.core.labels.Anatomy`.
     """
     names = list(targets)
     right, left, heart = (probabilities[:, names.index(n)] for n in ("Right Lung", "Left Lung", "Heart"))
@@ -342,7 +342,7 @@ def judges_card(folder: str | os.PathLike[str]) -> str:
 
 def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> JudgeSet:
     """Load a phantom judge set, every file checked against its recorded sha256 first."""
-    from xreal.phantom_judges import PhantomSegmenter
+    from xreal.judges.phantom_segmenter import PhantomSegmenter
 
     folder = Path(folder)
     record = verify_judge_set(folder)
@@ -374,7 +374,7 @@ def load_xrv_judges(
     adds the ChestX-Det PSPNet (lungs and heart), ``realism`` the ResNetAE
     reconstruction error; their weight files must then be in the cache too.
     """
-    from xreal import weights
+    from xreal.core import weights
 
     model = weights.load_classifier(classifier, cache_dir=cache_dir, lock=lock)
     segmenter = XRVAnatomySegmenter(weights.load_segmenter(cache_dir=cache_dir, lock=lock)) if anatomy else None

@@ -2,7 +2,7 @@
 
 The torchxrayvision wheel carries, in ``torchxrayvision/data/``, the annotation
 tables of four public chest X-ray collections. They say where radiologists saw
-each finding, which is all :mod:`xreal.index_manifest` needs to place
+each finding, which is all :mod:`xreal.manifest.from_index` needs to place
 pathologies on real anatomies:
 
 ============  ===========================================  ========================================
@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xreal.errors import XRealError
-from xreal.nih import LABEL_TO_CHEXPERT
-from xreal.vindr import CLASS_TO_CHEXPERT, NO_FINDING
+from xreal.core.errors import XRealError
+from xreal.data.nih import LABEL_TO_CHEXPERT
+from xreal.data.vindr import CLASS_TO_CHEXPERT, NO_FINDING
 
 PREFIX = "xrv:"
 FRAME_COLUMNS = ("label", "x_min", "y_min", "x_max", "y_max", "mask_rle", "height", "width", "source", "image_id")

@@ -9,16 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from xreal.anatomy import anatomy_stats
-from xreal.errors import MaskError
-from xreal.labels import CHEXPERT_LABELS, NO_FINDING, Anatomy
-from xreal.manifest import ManifestIssue, Request, iter_requests, open_manifest
-from xreal.masks import (
+from xreal.core.errors import MaskError
+from xreal.core.labels import CHEXPERT_LABELS, NO_FINDING, Anatomy
+from xreal.core.masks import (
     boxes_to_mask,
     read_binary_mask,
     resize_label_map,
     resize_mask,
 )
+from xreal.manifest.schema import ManifestIssue, Request, iter_requests, open_manifest
+from xreal.phantom.anatomy import anatomy_stats
 
 GRID = 64  # resolution at which locations are compared
 TEMPLATE_SIZE = 128  # resolution at which templates are measured

@@ -7,7 +7,7 @@ used), and gives each request a label or label combination from ``targets``
 and, for each label, a box drawn from where that label's boxes lie in the
 index (VinDr-CXR's, say, or another index's: ``boxes_from``), or in a table of
 radiologists' annotations shipped with torchxrayvision (``boxes_from="xrv:nih"``,
-``xrv:rsna``, ``xrv:vindr``, ``xrv:siim``: :mod:`xreal.annotations`). With
+``xrv:rsna``, ``xrv:vindr``, ``xrv:siim``: :mod:`xreal.manifest.annotations`). With
 ``masks_from="xrv:siim"`` a label that table annotates (Pneumothorax) is placed
 by a real annotated mask instead, resized to the anatomy; the mask goes with the
 row as an array (``pathology_mask``) until :func:`write_index_manifest` writes
@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xreal import annotations
-from xreal.errors import XRealError
-from xreal.files import atomic_directory, resolve_under
-from xreal.labels import canonical_labels, slug
-from xreal.manifest import write_manifest
-from xreal.masks import boxes_to_mask, read_label_map, resize_mask, rle_from_label_map, write_mask_file
-from xreal.training_index import read_training_index
+from xreal.core.errors import XRealError
+from xreal.core.files import atomic_directory, resolve_under
+from xreal.core.labels import canonical_labels, slug
+from xreal.core.masks import boxes_to_mask, read_label_map, resize_mask, rle_from_label_map, write_mask_file
+from xreal.data.training_index import read_training_index
+from xreal.manifest import annotations
+from xreal.manifest.schema import write_manifest
 
 HEALTHY = ("No Finding",)
 MASK_KEY = "pathology_mask"  # a row's mask array, until write_index_manifest writes it

@@ -26,12 +26,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xreal.anatomy import template_label_map, template_seed
-from xreal.errors import LabelError, ManifestError, MaskError, XRealError
-from xreal.files import ID_RULE, PathError, atomic_path, is_safe_id, resolve_under, sha256_file
-from xreal.images import check_image_size
-from xreal.labels import NO_FINDING, canonical_label, canonical_labels
-from xreal.masks import (
+from xreal.core.errors import LabelError, ManifestError, MaskError, XRealError
+from xreal.core.files import ID_RULE, PathError, atomic_path, is_safe_id, resolve_under, sha256_file
+from xreal.core.images import check_image_size
+from xreal.core.labels import NO_FINDING, canonical_label, canonical_labels
+from xreal.core.masks import (
     boxes_to_mask,
     check_box,
     check_rle,
@@ -39,7 +38,8 @@ from xreal.masks import (
     read_binary_mask,
     read_label_map,
 )
-from xreal.settings import DEFAULT_SETTINGS, SamplerSettings
+from xreal.core.settings import DEFAULT_SETTINGS, SamplerSettings
+from xreal.phantom.templates import template_label_map, template_seed
 
 MANIFEST_VERSION = "1"
 VERSION_KEY = b"xreal.manifest_version"

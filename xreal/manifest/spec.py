@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from xreal.errors import ManifestError
-from xreal.labels import NO_FINDING
-from xreal.manifest import MANIFEST_SCHEMA, ValidationReport, validate_manifest, write_manifest
+from xreal.core.errors import ManifestError
+from xreal.core.labels import NO_FINDING
+from xreal.manifest.schema import MANIFEST_SCHEMA, ValidationReport, validate_manifest, write_manifest
 
 PATH_COLUMNS = ("anatomy_path", "pathology_mask_path")
 INT_COLUMNS = ("num_samples", "seed", "steps", "anatomy_steps")

@@ -19,9 +19,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
-from xreal.errors import XRealError
-from xreal.files import atomic_path, sha256_file, write_json
-from xreal.records import (  # noqa: F401 - the bundle's record, re-exported where it was
+from xreal.core.errors import XRealError
+from xreal.core.files import atomic_path, sha256_file, write_json
+from xreal.core.records import (  # noqa: F401 - the bundle's record, re-exported where it was
     BUNDLE_FILE,
     DEMO_BUNDLE,
     MODEL_CARD,
@@ -141,7 +141,7 @@ def build_text_encoder(preset: Preset, vocab_size: int) -> XRealTextEncoder:
 
 def build_pipeline(preset: str | Preset, texts: list[str] | None = None, **metadata: Any):
     """A freshly initialised XReal pipeline at a preset (untrained, for training or tests)."""
-    from xreal.sampling import XRealPipeline
+    from xreal.model.sampling import XRealPipeline
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     tokenizer = build_tokenizer(texts or [], preset.max_tokens)
@@ -206,7 +206,7 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
     if metrics:
         lines += ["", "## Measured", "", metrics.strip()]
     if (folder / "judges" / "judges.json").is_file():
-        from xreal.judging import judges_card
+        from xreal.judges.judging import judges_card
 
         lines += ["", "## Judges", "", judges_card(folder / "judges")]
     path = folder / MODEL_CARD
@@ -261,7 +261,7 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
 ):
     """Load a model bundle (the bundled demo model by default), checksums verified first."""
-    from xreal.sampling import XRealPipeline
+    from xreal.model.sampling import XRealPipeline
 
     folder = Path(folder) if folder is not None else DEMO_BUNDLE
     if verify:

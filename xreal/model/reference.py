@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from xreal.errors import XRealError
-from xreal.files import atomic_directory, sha256_file
-from xreal.labels import Anatomy
-from xreal.model import (
+from xreal.core.errors import XRealError
+from xreal.core.files import atomic_directory, sha256_file
+from xreal.core.labels import Anatomy
+from xreal.model.bundle import (
     PRESETS,
     SD_SCALE_FACTOR,
     Preset,
@@ -586,7 +586,7 @@ def import_reference(
     command: str = "",
 ) -> ImportResult:
     """Build a model bundle at ``out`` from the reference checkpoints (``out`` must not exist yet)."""
-    from xreal.sampling import XRealPipeline
+    from xreal.model.sampling import XRealPipeline
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xreal.errors import XRealError
+from xreal.core.errors import XRealError
 
 
 @dataclass

@@ -18,10 +18,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from scipy import ndimage
 from transformers import PreTrainedTokenizerFast
 
-from xreal.errors import XRealError
-from xreal.labels import CHEXPERT_LABELS, NO_FINDING, Anatomy, prompt_for
-from xreal.masks import check_binary_mask, check_label_map, resize_label_map, resize_mask
-from xreal.settings import DEFAULT_SETTINGS
+from xreal.core.errors import XRealError
+from xreal.core.labels import CHEXPERT_LABELS, NO_FINDING, Anatomy, prompt_for
+from xreal.core.masks import check_binary_mask, check_label_map, resize_label_map, resize_mask
+from xreal.core.settings import DEFAULT_SETTINGS
 from xreal.text import XRealTextEncoder
 
 

@@ -35,14 +35,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from xreal.errors import XRealError
-from xreal.files import resolve_under
-from xreal.images import read_image
-from xreal.labels import CHEXPERT_LABELS, prompt_for
-from xreal.masks import read_label_map, resize_label_map
-from xreal.model import build_autoencoder, build_pipeline, get_preset, save_bundle, write_model_card
-from xreal.sampling import label_map_image
-from xreal.training_index import read_training_index
+from xreal.core.errors import XRealError
+from xreal.core.files import resolve_under
+from xreal.core.images import read_image
+from xreal.core.labels import CHEXPERT_LABELS, prompt_for
+from xreal.core.masks import read_label_map, resize_label_map
+from xreal.data.training_index import read_training_index
+from xreal.model.bundle import build_autoencoder, build_pipeline, get_preset, save_bundle, write_model_card
+from xreal.model.sampling import label_map_image
 
 KL_WEIGHT = 1e-6
 PROMPT_DROPOUT = 0.1
@@ -331,7 +331,7 @@ def train_backbone(
 
     @torch.no_grad()
     def preview(modules):
-        from xreal.sampling import XRealPipeline
+        from xreal.model.sampling import XRealPipeline
 
         parts = {**pipeline.components, "unet": modules["unet"], "text_encoder": modules["text_encoder"]}
         sampler = XRealPipeline(**parts, preset=preset, image_size=pipeline.config.image_size)

@@ -1,32 +1,13 @@
-"""Where target anatomies come from (files, CheXmask RLE, built-in templates) and what they measure."""
+"""What a target anatomy measures: lung and heart areas and the cardiothoracic ratio of a label map."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from xreal.errors import MaskError
-from xreal.labels import Anatomy
-
-TEMPLATE_PATTERN = re.compile(r"phantom-(\d{1,9})")  # full match: no surrounding space or newline
-TEMPLATE_HELP = "built-in templates are named 'phantom-<n>' with n a whole number (the phantom anatomy of seed n)"
-
-
-def template_seed(name: str) -> int:
-    """The phantom seed of a built-in template name such as ``"phantom-12"``."""
-    match = TEMPLATE_PATTERN.fullmatch(name) if isinstance(name, str) else None
-    if not match:
-        raise MaskError(f"unknown anatomy template {name!r}; {TEMPLATE_HELP}")
-    return int(match.group(1))
-
-
-def template_label_map(name: str, size: int) -> np.ndarray:
-    """Render the label map of a built-in template at ``size`` x ``size``."""
-    from xreal import phantom
-
-    return phantom.anatomy_template(template_seed(name), size)
+from xreal.core.errors import MaskError
+from xreal.core.labels import Anatomy
 
 
 @dataclass(frozen=True)

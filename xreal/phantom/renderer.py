@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from xreal.anatomy import cardiothoracic_ratio
-from xreal.errors import LabelError, XRealError
-from xreal.labels import NO_FINDING, Anatomy, canonical_labels
-from xreal.masks import mask_box
+from xreal.core.errors import LabelError, XRealError
+from xreal.core.labels import NO_FINDING, Anatomy, canonical_labels
+from xreal.core.masks import mask_box
+from xreal.phantom.anatomy import cardiothoracic_ratio
 
 PHANTOM_PATHOLOGIES: tuple[str, ...] = (
     "Cardiomegaly",

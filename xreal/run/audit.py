@@ -15,12 +15,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xreal import dataset
-from xreal.errors import XRealError
-from xreal.files import PathError, read_json, resolve_under, sha256_file
-from xreal.generation import RUN_FILE
-from xreal.labels import CHEXPERT_LABELS
-from xreal.manifest import load_requests, sample_id
+from xreal.core.errors import XRealError
+from xreal.core.files import PathError, read_json, resolve_under, sha256_file
+from xreal.core.labels import CHEXPERT_LABELS
+from xreal.manifest.schema import load_requests, sample_id
+from xreal.run import dataset
+from xreal.run.generation import RUN_FILE
 
 MAX_LISTED = 20
 

@@ -4,7 +4,7 @@ A run is pinned by content, not paths: the manifest, every file it names, the
 model bundle's and the judge set's whole records, the policy and the output
 options (:meth:`RunConfig.identity`, kept in ``run.json``). :func:`preflight`
 checks all of it and the output folder without writing anything; ``xreal
-generate`` calls it before Prefect starts, :func:`xreal.generation.open_run`
+generate`` calls it before Prefect starts, :func:`xreal.run.generation.open_run`
 before it pins the run.
 """
 
@@ -17,11 +17,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from xreal.errors import XRealError
-from xreal.files import read_json, record_digest, sha256_file
-from xreal.manifest import Request, load_requests, manifest_root, pin_inputs
-from xreal.policy import QualityPolicy
-from xreal.records import DEMO_BUNDLE, bundle_digest, judge_files, judges_digest
+from xreal.core.errors import XRealError
+from xreal.core.files import read_json, record_digest, sha256_file
+from xreal.core.records import DEMO_BUNDLE, bundle_digest, judge_files, judges_digest
+from xreal.manifest.schema import Request, load_requests, manifest_root, pin_inputs
+from xreal.run.policy import QualityPolicy
 
 FORMATS = ("png", "dicom", "both")
 LOCK_FILE = ".lock"
@@ -79,7 +79,7 @@ class RunConfig:
     def identity(self, inputs: dict[str, str]) -> dict[str, Any]:
         """What makes two runs the same run: content hashes, not paths.
 
-        ``inputs``: the files the manifest names and their sha256 (:func:`xreal.manifest.pin_inputs`).
+        ``inputs``: the files the manifest names and their sha256 (:func:`xreal.manifest.schema.pin_inputs`).
         The bundle's and the judge set's files are checked against their records here.
         """
         return {

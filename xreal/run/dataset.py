@@ -34,14 +34,14 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from xreal.dicom import write_dicom
-from xreal.errors import XRealError
-from xreal.files import atomic_path, resolve_under, sha256_file
-from xreal.images import read_image, to_uint16, write_png16
-from xreal.labels import CHEXPERT_LABELS, NO_FINDING
-from xreal.manifest import BOX_TYPE
-from xreal.masks import mask_box, write_mask_file
-from xreal.run_config import FORMATS
+from xreal.core.errors import XRealError
+from xreal.core.files import atomic_path, resolve_under, sha256_file
+from xreal.core.images import read_image, to_uint16, write_png16
+from xreal.core.labels import CHEXPERT_LABELS, NO_FINDING
+from xreal.core.masks import mask_box, write_mask_file
+from xreal.data.dicom import write_dicom
+from xreal.manifest.schema import BOX_TYPE
+from xreal.run.config import FORMATS
 
 SAMPLES_FILE = "samples.parquet"
 DATASET_FILE = "dataset.json"
@@ -241,7 +241,7 @@ def write_shard(
 
 
 def is_temporary(path: Path) -> bool:
-    """A file :func:`xreal.files.atomic_path` was writing when its process died (``.NAME.XXXX.part.SUFFIX``)."""
+    """A file :func:`xreal.core.files.atomic_path` was writing when its process died (``.NAME.XXXX.part.SUFFIX``)."""
     return path.name.startswith(".") and ".part" in path.name
 
 
@@ -563,7 +563,7 @@ class XRealDataset(torch.utils.data.Dataset):
         if isinstance(row["image_path"], str):
             image = read_image(resolve_under(self.root, row["image_path"]))
         else:
-            from xreal.dicom import read_dicom_pixels
+            from xreal.data.dicom import read_dicom_pixels
 
             image = read_dicom_pixels(resolve_under(self.root, row["dicom_path"])).astype(np.float32) / 65535.0
         img = (image * 2048.0 - 1024.0)[None].astype(np.float32)

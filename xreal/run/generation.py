@@ -39,14 +39,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from xreal import dataset
-from xreal.errors import XRealError
-from xreal.files import read_json, write_json
-from xreal.judging import JudgeSet, judges_digest, load_judges
-from xreal.manifest import Request, sample_id
-from xreal.model import bundle_digest, load_pipeline, read_bundle_record
-from xreal.policy import Decision, QualityPolicy
-from xreal.run_config import (  # noqa: F401 - the run's identity and checks, re-exported where they were
+from xreal.core.errors import XRealError
+from xreal.core.files import read_json, write_json
+from xreal.core.settings import DEFAULT_SETTINGS
+from xreal.judges.judging import JudgeSet, judges_digest, load_judges
+from xreal.manifest.schema import Request, sample_id
+from xreal.model.bundle import bundle_digest, load_pipeline, read_bundle_record
+from xreal.run import dataset
+from xreal.run.config import (  # noqa: F401 - the run's identity and checks, re-exported where they were
     LOCK_FILE,
     PRECISIONS,
     RUN_FILE,
@@ -57,7 +57,7 @@ from xreal.run_config import (  # noqa: F401 - the run's identity and checks, re
     check_out_directory,
     preflight,
 )
-from xreal.settings import DEFAULT_SETTINGS
+from xreal.run.policy import Decision, QualityPolicy
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from xreal.errors import XRealError
-from xreal.labels import NO_FINDING, STRUCTURES, canonical_label, score_key
+from xreal.core.errors import XRealError
+from xreal.core.labels import NO_FINDING, STRUCTURES, canonical_label, score_key
 
 POLICY_VERSION = 1
 

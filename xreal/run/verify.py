@@ -11,10 +11,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from xreal.errors import XRealError
-from xreal.files import read_json, record_digest
-from xreal.records import bundle_digest, judges_digest, verify_bundle, verify_judge_set
-from xreal.weights import weights_status
+from xreal.core.errors import XRealError
+from xreal.core.files import read_json, record_digest
+from xreal.core.records import bundle_digest, judges_digest, verify_bundle, verify_judge_set
+from xreal.core.weights import weights_status
 
 
 def bundles_in(folder: str | os.PathLike[str]) -> list[Path]:

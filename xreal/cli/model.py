@@ -1,0 +1,215 @@
+"""The ``train`` commands and ``import-reference``: model bundles and judge sets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from xreal.cli.base import _Group, cli
+
+
+@cli.group(cls=_Group)
+def train() -> None:
+    """Train the autoencoder, the Anatomy Controller and the backbone from a training index."""
+
+
+def _training_options(function):
+    options = [
+        click.option(
+            "--index",
+            type=click.Path(file_okay=False, path_type=Path),
+            required=True,
+            help="Training set folder (with index.parquet).",
+        ),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False, path_type=Path),
+            required=True,
+            help="Run folder: checkpoints, the trained component; a rerun resumes.",
+        ),
+        click.option("--preset", type=click.Choice(["demo", "paper", "tiny"]), default="demo", show_default=True),
+        click.option("--steps", type=click.IntRange(min=1), required=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--lr", "learning_rate", type=float, default=2e-4, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True),
+        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _run_and_data(index, out, preset, steps, batch_size, learning_rate, seed, checkpoint_every, mixed_precision):
+    from xreal.model.bundle import get_preset
+    from xreal.model.training import TrainingRun, load_training_set
+
+    data = load_training_set(index, get_preset(preset).image_size)
+    run = TrainingRun(
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        mixed_precision=mixed_precision,
+    )
+    return run, data
+
+
+@train.command("autoencoder")
+@_training_options
+def train_autoencoder_command(**options) -> None:
+    """Train the first-stage autoencoder; saves OUT/model."""
+    from xreal.model.training import train_autoencoder
+
+    run, data = _run_and_data(**options)
+    train_autoencoder(data, run, preset=options["preset"]).save_pretrained(run.out / "model")
+    click.echo(f"wrote {run.out / 'model'} ({run.log['seconds']} s)")
+
+
+@train.command("anatomy-controller")
+@_training_options
+def train_anatomy_controller_command(**options) -> None:
+    """Train the Anatomy Controller (image or anatomy map in, image out); saves OUT/model."""
+    from xreal.model.training import train_autoencoder
+
+    run, data = _run_and_data(**options)
+    train_autoencoder(data, run, preset=options["preset"], anatomy_controller=True).save_pretrained(run.out / "model")
+    click.echo(f"wrote {run.out / 'model'} ({run.log['seconds']} s)")
+
+
+@train.command("backbone")
+@_training_options
+@click.option(
+    "--autoencoder",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run folder of `xreal train autoencoder`.",
+)
+@click.option(
+    "--anatomy-controller",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run folder of `xreal train anatomy-controller`.",
+)
+def train_backbone_command(autoencoder: Path, anatomy_controller: Path, **options) -> None:
+    """Train UNet and text encoder on the frozen autoencoder; saves the model bundle OUT/bundle."""
+    from diffusers import AutoencoderKL
+
+    from xreal.model.bundle import save_bundle, write_model_card
+    from xreal.model.training import train_backbone
+
+    run, data = _run_and_data(**options)
+    vae = AutoencoderKL.from_pretrained(autoencoder / "model", use_safetensors=True)
+    controller = AutoencoderKL.from_pretrained(anatomy_controller / "model", use_safetensors=True)
+    pipeline = train_backbone(data, run, vae, controller, preset=options["preset"])
+    training = {
+        "data": f"{len(data)} training images from {options['index']}",
+        "command": " ".join(sys.argv),
+        "runs": {"backbone": {**run.log, "batch_size": run.batch_size}},
+        "autoencoder": str(autoencoder),
+        "anatomy_controller": str(anatomy_controller),
+    }
+    bundle = save_bundle(pipeline, run.out / "bundle", training=training)
+    write_model_card(bundle)
+    click.echo(f"wrote {bundle}")
+
+
+@train.command("demo")
+@click.option(
+    "--index", type=click.Path(file_okay=False, path_type=Path), required=True, help="Phantom training set folder."
+)
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the three training runs (a rerun resumes).",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle to write.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
+    """Train the demo bundle end to end with the demo schedule (CPU-sized)."""
+    from xreal.model.training import train_demo_bundle
+
+    click.echo(f"wrote {train_demo_bundle(index, work, out, seed=seed, command=' '.join(sys.argv))}")
+
+
+@train.command("judges")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Judge set folder.")
+@click.option("--size", type=click.IntRange(64, 512), default=64, show_default=True, help="Image side in pixels.")
+@click.option("--seed", type=int, default=2024, show_default=True)
+def train_judges_command(out: Path, size: int, seed: int) -> None:
+    """Train and calibrate the phantom judge set (classifier, segmenter, realism reference) on phantoms."""
+    from xreal.core.records import BUNDLE_FILE, record_bundle_files
+    from xreal.judges.phantom_judges import train_phantom_judges
+
+    click.echo(f"wrote {train_phantom_judges(out, size=size, seed=seed)}")
+    if (out.resolve().parent / BUNDLE_FILE).is_file():  # a bundle's own judge set: its record pins the new files
+        record_bundle_files(out.resolve().parent)
+        click.echo(f"recorded the new judge files in {out.resolve().parent / BUNDLE_FILE}")
+
+
+
+_CHECKPOINT = click.Path(dir_okay=False, path_type=Path)
+
+
+@cli.command("import-reference")
+@click.option("--backbone", type=_CHECKPOINT, required=True, help="The reference backbone.pth.")
+@click.option("--anatomy-controller", type=_CHECKPOINT, required=True, help="The reference anatomy_controller.pth.")
+@click.option(
+    "--autoencoder",
+    type=_CHECKPOINT,
+    default=None,
+    help="ldm_ae.pth: needed only when the backbone holds no first-stage autoencoder (checked against it otherwise).",
+)
+@click.option(
+    "--tokenizer",
+    default="bert-base-uncased",
+    show_default=True,
+    help="A folder with the bert-base-uncased tokenizer (vocab.txt or tokenizer.json), or its hub name when online.",
+)
+@click.option("--ema", is_flag=True, help="Import the UNet's EMA weights instead of the live ones the reference uses.")
+@click.option(
+    "--image-size", type=click.IntRange(min=8), default=256, show_default=True, help="The reference's image size."
+)
+@click.option("--half", is_flag=True, help="Store the weights as float16 (half the size; loads as float32).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New bundle folder.")
+def import_reference_command(
+    backbone: Path,
+    anatomy_controller: Path,
+    autoencoder: Path | None,
+    tokenizer: str,
+    ema: bool,
+    image_size: int,
+    half: bool,
+    out: Path,
+) -> None:
+    """Make a model bundle from the published XReal reference checkpoints (weights licensed CC BY-NC 4.0).
+
+    The .pth files are read with torch.load(weights_only=True), so nothing in them runs. Every key is used or
+    reported; a missing, unknown or wrongly shaped one stops the import and nothing is written.
+    """
+    import torch
+
+    from xreal.model.reference import import_reference
+
+    result = import_reference(
+        backbone,
+        anatomy_controller,
+        out,
+        autoencoder=autoencoder,
+        tokenizer=tokenizer,
+        ema=ema,
+        image_size=image_size,
+        weights_dtype=torch.float16 if half else None,
+        command=" ".join(["xreal", *sys.argv[1:]]),
+    )
+    click.echo(result.summary())
+    click.echo(
+        f"The weights are licensed {result.licence}: non-commercial use, with attribution. Generate with: "
+        f"xreal generate MANIFEST --model {out} --policy POLICY (judges: torchxrayvision)"
+    )
+

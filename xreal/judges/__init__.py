@@ -1,0 +1,10 @@
+"""Quality judges: the networks that score a generated image before a run keeps it.
+
+It owns the judge set (``judging``: torchxrayvision's classifier, anatomy
+segmenter and reconstruction error, sanity scores, Dice, the realism reference,
+saving, loading and describing a judge set), the phantom anatomy segmenter network
+(``phantom_segmenter``) and the training of the phantom judge set on rendered
+phantoms (``phantom_judges``). It may import ``xreal.core`` and ``xreal.phantom``.
+It sits below the model because a model card describes the bundle's judges;
+what a run does with the scores is ``xreal.run.policy``.
+"""

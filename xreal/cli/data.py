@@ -24,7 +24,6 @@ def phantom(count: int, size: int, seed: int, out: Path, overwrite: bool) -> Non
     click.echo(f"wrote {count} phantom images and {index}")
 
 
-
 @cli.group("ingest", cls=_Group)
 def ingest_group() -> None:
     """Bring real datasets in as training sets (images and anatomy at the training size, and an index)."""
@@ -91,8 +90,7 @@ def ingest_mimic_command(
     """
     from xreal.data.mimic import mimic_index
 
-    keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
-    source, report = mimic_index(root, views=keep, reports=reports, dicom=dicom)
+    source, report = mimic_index(root, views=_views(views), reports=reports, dicom=dicom)
     if limit is not None:
         source = source.slice(0, limit)
     click.echo(report.to_text())
@@ -112,13 +110,25 @@ def _echo_problems(problems: list[str], shown: int = 20) -> None:
         click.echo(f"  ... and {len(problems) - shown} more")
 
 
-def _write_training_set(source, root, out, size, chexmask, dataset, min_dice, workers, quiet) -> None:
-    """The shared end of `xreal ingest ...`: CheXmask masks for the source's images, then the training set."""
+def _views(views: str) -> tuple[str, ...] | None:
+    """``--views``: a comma-separated list, or ``all`` (None)."""
+    return None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
+
+
+def _write_training_set(source, root, out, size, chexmask, dataset, min_dice, workers, quiet, read_masks=None) -> None:
+    """The shared end of `xreal ingest ...`: CheXmask masks for the source's images, then the training set.
+
+    ``read_masks(chexmask, source, min_dice)`` replaces the join by image id where a dataset's CheXmask file
+    names its images otherwise (CheXpert: by path).
+    """
     from xreal.data.chexmask import ID_COLUMNS, read_chexmask
     from xreal.data.ingest import build_training_set
 
     masks = None
-    if chexmask is not None:
+    if chexmask is not None and read_masks is not None:
+        masks, mask_report = read_masks(chexmask, source, min_dice)
+        click.echo(mask_report.to_text())
+    elif chexmask is not None:
         ids = source.column("image_id").to_pylist()
         masks, mask_report = read_chexmask(chexmask, ids, id_column=ID_COLUMNS[dataset], min_dice=min_dice)
         click.echo(mask_report.to_text())
@@ -181,21 +191,13 @@ def ingest_chexpert_command(
     or the folder above it. CheXpert's valid split becomes the index's validate split.
     """
     from xreal.data.chexpert import chexpert_index, read_chexpert_masks
-    from xreal.data.ingest import build_training_set
 
-    keep = None if views.strip().lower() == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
-    source, report = chexpert_index(root, views=keep, splits=splits)
+    source, report = chexpert_index(root, views=_views(views), splits=splits)
     click.echo(report.to_text())
     _echo_problems(report.problems)
-    # CheXmask names CheXpert images by Path, which is not an image id: the join is read_chexpert_masks', so
-    # this is _write_training_set with that one step replaced
-    masks = None
-    if chexmask is not None:
-        masks, mask_report = read_chexpert_masks(chexmask, source, min_dice)
-        click.echo(mask_report.to_text())
-    index, ingested = build_training_set(source, root, out, size=size, masks=masks, workers=workers, progress=not quiet)
-    click.echo(ingested.to_text())
-    click.echo(f"wrote {index}")
+    _write_training_set(
+        source, root, out, size, chexmask, "chexpert", min_dice, workers, quiet, read_masks=read_chexpert_masks
+    )
 
 
 @ingest_group.command("nih", context_settings={"show_default": True})
@@ -230,4 +232,3 @@ def ingest_nih_command(
     click.echo(report.to_text())
     _echo_problems(report.problems)
     _write_training_set(source, root, out, size, chexmask, "chestx-ray8", min_dice, workers, quiet)
-

@@ -187,6 +187,40 @@ class JudgeSet:
         """The CheXpert labels this set judges (classifier outputs outside that vocabulary are scored only)."""
         return [name for name in map(chexpert_name, self.classifier.pathologies) if name in CHEXPERT_LABELS]
 
+    def classifier_inputs(self, images: np.ndarray) -> torch.Tensor:
+        """Images ``[B, H, W]`` in [0, 1] -> the classifier's input on its device: [-1024, 1024] at its size."""
+        clean = np.nan_to_num(np.asarray(images, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, 1.0)
+        inputs = classifier_input(clean).to(next(self.classifier.parameters()).device)
+        if inputs.shape[-1] != self.image_size:
+            mode = "area" if inputs.shape[-1] > self.image_size else "bilinear"
+            inputs = F.interpolate(inputs, size=(self.image_size, self.image_size), mode=mode)
+        return inputs
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The classifier's ``features2`` of images ``[B, H, W]`` in [0, 1], float32 ``[B, D]``.
+
+        This is the FXD convention (torchxrayvision DenseNet ``features2`` on
+        inputs in [-1024, 1024] at the classifier's size), the space every
+        fidelity and memorisation figure of ``xreal evaluate`` is measured in.
+        """
+        return self.classifier.features2(self.classifier_inputs(images)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def segment(self, images: np.ndarray) -> np.ndarray:
+        """Anatomy label maps ``[B, S, S]`` (uint8, S the judges' size) of images ``[B, H, W]`` in [0, 1]."""
+        if self.segmenter is None:
+            raise JudgeError(f"the {self.kind} judge set has no anatomy segmenter")
+        inputs = self.classifier_inputs(images)
+        return self.segmenter((inputs + 1024.0) / 2048.0).argmax(1).cpu().numpy().astype(np.uint8)
+
+    @property
+    def feature_size(self) -> int:
+        """Length of a :meth:`features` vector."""
+        with torch.no_grad():
+            probe = np.zeros((1, self.image_size, self.image_size), dtype=np.float32)
+            return int(self.features(probe).shape[1])
+
     @torch.no_grad()
     def score(
         self,
@@ -205,12 +239,7 @@ class JudgeSet:
         """
         images = np.asarray(images, dtype=np.float32)
         rows = [sanity_scores(image) for image in images]
-        clean = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, 1.0)
-        device = next(self.classifier.parameters()).device
-        inputs = classifier_input(clean).to(device)
-        if inputs.shape[-1] != self.image_size:
-            mode = "area" if inputs.shape[-1] > self.image_size else "bilinear"
-            inputs = F.interpolate(inputs, size=(self.image_size, self.image_size), mode=mode)
+        inputs = self.classifier_inputs(images)
         probabilities = self.classifier(inputs).float().cpu().numpy()
         for row, p in zip(rows, probabilities, strict=True):
             row.update(
@@ -228,7 +257,7 @@ class JudgeSet:
             for row, d in zip(rows, distances, strict=True):
                 row["realism_distance"] = float(d)
         if self.segmenter is not None and anatomy is not None:
-            found = self.segmenter((inputs + 1024.0) / 2048.0).argmax(1).cpu().numpy().astype(np.uint8)
+            found = self.segment(images)
             masks = pathology if pathology is not None else [None] * len(found)
             for row, requested, segmented, mask in zip(rows, anatomy, found, masks, strict=True):
                 size = segmented.shape[0]

@@ -1,7 +1,8 @@
 """What a generation run is, and every check it makes before it starts (no torch, no Prefect).
 
 A run is pinned by content, not paths: the manifest, every file it names, the
-model bundle's and the judge set's whole records, the policy and the output
+model bundle's and the judge set's whole records, the feature bank of the
+memorisation rule (when the policy enables it), the policy and the output
 options (:meth:`RunConfig.identity`, kept in ``run.json``). :func:`preflight`
 checks all of it and the output folder without writing anything; ``xreal
 generate`` calls it before Prefect starts, :func:`xreal.run.generation.open_run`
@@ -20,6 +21,7 @@ from typing import Any
 from xreal.core.errors import XRealError
 from xreal.core.files import read_json, record_digest, sha256_file
 from xreal.core.records import DEMO_BUNDLE, bundle_digest, judge_files, judges_digest
+from xreal.judges.memorisation import bank_judges_digest, feature_bank_digest
 from xreal.manifest.schema import Request, load_requests, manifest_root, pin_inputs
 from xreal.run.policy import QualityPolicy
 
@@ -73,6 +75,19 @@ class RunConfig:
         return judge_files(self.judges_source, self.policy.anatomy.enabled, self.policy.realism.enabled)
 
     @property
+    def memorisation_bank(self) -> Path | None:
+        """The feature bank folder the policy's memorisation rule judges with; None when the rule is off."""
+        rule = self.policy.memorisation
+        return Path(rule.bank) if rule.enabled and rule.bank else None
+
+    def memorisation_digest(self) -> str | None:
+        """The feature bank's digest, its files checked and its judge set this run's (None when the rule is off)."""
+        if self.memorisation_bank is None:
+            return None
+        source = self.judges_source
+        return feature_bank_digest(self.memorisation_bank, bank_judges_digest(source), source)
+
+    @property
     def manifest_root(self) -> Path:
         return manifest_root(self.manifest, self.root)
 
@@ -80,7 +95,7 @@ class RunConfig:
         """What makes two runs the same run: content hashes, not paths.
 
         ``inputs``: the files the manifest names and their sha256 (:func:`xreal.manifest.schema.pin_inputs`).
-        The bundle's and the judge set's files are checked against their records here.
+        The bundle's, the judge set's and the feature bank's files are checked against their records here.
         """
         return {
             "manifest_sha256": sha256_file(self.manifest),
@@ -88,6 +103,7 @@ class RunConfig:
             "model_digest": bundle_digest(self.model),
             "judges": judges_digest(self.judges_source, self.policy.anatomy.enabled, self.policy.realism.enabled),
             "policy_digest": self.policy.digest(),
+            "memorisation_bank": self.memorisation_digest(),
             "formats": self.formats,
             "keep_rejected": self.keep_rejected,
             "healthy_twins": self.healthy_twins,
@@ -131,7 +147,8 @@ class Preflight:
 
 def preflight(config: RunConfig, check_lock: bool = False) -> Preflight:
     """Every check a run makes before it starts, writing nothing: the output folder, the manifest and the files
-    it names, the bundle's and judge set's checksums, and (for an existing run) that it is the same run.
+    it names, the bundle's, judge set's and feature bank's checksums (the bank built with the run's judge set),
+    and (for an existing run) that it is the same run.
 
     ``xreal generate`` calls it before Prefect starts, so a refusal takes about a second.
     """

@@ -10,7 +10,8 @@
   is committed, so a resumed run draws exactly what an uninterrupted one would.
 - :func:`make_batches` groups samples that can share a sampler call.
 - :func:`run_batch` samples, judges and writes one batch on a worker that keeps
-  its model and judges loaded (:func:`worker_models`).
+  its model, judges and (for the memorisation rule) feature bank loaded
+  (:func:`worker_models`, :func:`worker_bank`).
 - :func:`finalize` merges the shards into the dataset and its records.
 """
 
@@ -40,9 +41,16 @@ import pyarrow.parquet as pq
 import torch
 
 from xreal.core.errors import XRealError
-from xreal.core.files import read_json, write_json
+from xreal.core.files import read_json, record_digest, write_json
 from xreal.core.settings import DEFAULT_SETTINGS
 from xreal.judges.judging import JudgeSet, judges_digest, load_judges
+from xreal.judges.memorisation import (
+    BANK_RECORD,
+    FeatureBank,
+    bank_judges_digest,
+    bank_provenance,
+    load_feature_bank,
+)
 from xreal.manifest.schema import Request, sample_id
 from xreal.model.bundle import bundle_digest, load_pipeline, read_bundle_record
 from xreal.run import dataset
@@ -153,6 +161,8 @@ def open_run(config: RunConfig) -> RunState:
             "identity": checked.identity,
             "inputs": checked.inputs,
         }
+        if config.memorisation_bank is not None:
+            record["memorisation"] = bank_provenance(config.memorisation_bank)
         write_json(config.out / RUN_FILE, record)
     state = RunState(config, checked.requests, record)
     state.refresh()
@@ -207,6 +217,7 @@ def make_batches(samples: Sequence[Sample], batch_size: int) -> list[Batch]:
 # --- workers ----------------------------------------------------------------------
 
 _MODELS: dict[tuple, tuple[Any, JudgeSet, dict[str, str]]] = {}
+_BANKS: dict[tuple[str, str, str | None], FeatureBank] = {}
 _MODELS_LOCK = threading.Lock()
 
 
@@ -222,6 +233,8 @@ def worker_models(
 
     ``expected``: a run's identity; the bundle and judge set must still have
     the digests it pinned (a file edited since the run opened is refused).
+    When the policy enables the memorisation rule, its feature bank is loaded
+    and kept too (:func:`worker_bank`).
 
     Load them off the main thread: torch work on the main thread (building a
     model included) leaves an OpenMP thread team there that competes with the
@@ -249,7 +262,33 @@ def worker_models(
             f"{what} changed since this run started (its digest differs from run.json's); restore it to resume, "
             "or start a new run with another --out"
         )
+    if policy.memorisation.enabled and policy.memorisation.bank:
+        worker_bank(Path(policy.memorisation.bank), judges, expected)
     return pipeline, loaded
+
+
+def worker_bank(folder: Path, judges: str, expected: dict[str, Any] | None = None) -> FeatureBank:
+    """The memorisation rule's feature bank in this process, loaded once and kept.
+
+    It must have been built with the judge set ``judges``, and (given a run's
+    identity, ``expected``) still be the bank the run pinned.
+    """
+    folder = Path(folder)
+    try:  # a bank rebuilt in place since this process loaded it is a new bank: keyed by its record's digest
+        current = record_digest(read_json(folder / BANK_RECORD, "feature bank record"))
+    except (OSError, XRealError):
+        current = None  # loading says what is wrong
+    key = (str(folder.resolve()), str(judges), current)
+    with _MODELS_LOCK:
+        if key not in _BANKS:
+            _BANKS[key] = load_feature_bank(folder, bank_judges_digest(judges), str(judges))
+        bank = _BANKS[key]
+    if expected is not None and expected.get("memorisation_bank") != bank.digest:
+        raise RunConflict(
+            f"the feature bank {folder} changed since this run started (its digest differs from run.json's); "
+            "restore it to resume, or start a new run with another --out"
+        )
+    return bank
 
 
 def worker_device() -> str:
@@ -338,6 +377,7 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
     pipeline, judges = worker_models(
         config.model, config.judges_source, device, config.precision, config.policy, expected=pinned
     )
+    bank = worker_bank(config.memorisation_bank, config.judges_source, pinned) if config.memorisation_bank else None
     size = pipeline.config.image_size
     samples = batch.samples
     started = time.perf_counter()
@@ -359,9 +399,23 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
     )
     sampled = time.perf_counter()
     scores = judges.score(output.images, np.stack([pipeline.conditioning_anatomy(a) for a in anatomy]), masks)
+    nearest: list[str | None] = [None] * len(samples)
+    if bank is not None:  # the nearest training image's id is named in a near-copy reason; the table is numeric
+        nearest, similarity = bank.nearest(judges.features(output.images))
+        for row, value in zip(scores, similarity, strict=True):
+            row["memorisation_similarity"] = float(value)
     decisions = [
-        storable(config.policy.decide(row, s.request.labels, judges.labels, judges.realism_threshold), image)
-        for row, s, image in zip(scores, samples, output.images, strict=True)
+        storable(
+            config.policy.decide(
+                {**row, "memorisation_nearest": near} if near is not None else row,
+                s.request.labels,
+                judges.labels,
+                judges.realism_threshold,
+                bank.tau if bank is not None else None,
+            ),
+            image,
+        )
+        for row, near, s, image in zip(scores, nearest, samples, output.images, strict=True)
     ]
     judged = time.perf_counter()
     generated = [
@@ -538,6 +592,7 @@ def finalize(
             "digest": state.record["identity"]["judges"],
             "files": config.judge_files,
         },
+        "memorisation": state.record.get("memorisation"),  # the feature bank: path, digest, tau, count
         "inputs": state.record.get("inputs", {}),
         "policy": config.policy.to_dict(),
         "policy_digest": config.policy.digest(),

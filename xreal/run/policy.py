@@ -10,6 +10,8 @@ A policy is a small YAML file; every key is optional and defaults are below
                  labels: {Lung Lesion: {present: 0.4}}}    # per-label overrides
     anatomy:    {enabled: true, min_dice: {right lung: 0.7, left lung: 0.7, heart: 0.6}}
     realism:    {enabled: true, max_distance: null}       # null: the judge set's calibrated threshold
+    memorisation: {enabled: false, bank: null, max_similarity: null}  # bank: a feature bank folder;
+                                                          # null max_similarity: the bank's tau
     retries:    {max_rounds: 3}                           # 1 = no redraws
 
 Classifier scores are calibrated so that 0.5 is each label's operating point
@@ -17,6 +19,12 @@ Classifier scores are calibrated so that 0.5 is each label's operating point
 ``present``; every other label the classifier knows must stay below ``absent``,
 except broader labels a requested one implies (Lung Opacity under
 Consolidation, Enlarged Cardiomediastinum under Cardiomegaly).
+
+The memorisation rule (off by default) rejects a likely copy of a training
+image: one whose cosine similarity to the nearest image of a feature bank
+(:mod:`xreal.judges.memorisation`, ``xreal evaluate bank``) reaches
+``max_similarity``, by default the bank's data-driven tau. It catches exact and
+near-exact copies, not every near-duplicate: an audit, not a privacy guarantee.
 """
 
 from __future__ import annotations
@@ -91,6 +99,20 @@ class RealismRule:
 
 
 @dataclass(frozen=True)
+class MemorisationRule:
+    enabled: bool = False
+    bank: str | None = None  # a feature bank folder
+    max_similarity: float | None = None  # None: the bank's tau
+
+    def __post_init__(self):
+        if self.enabled and not self.bank:
+            raise PolicyError(
+                "memorisation.bank: the memorisation rule is enabled but names no feature bank; set it to a bank "
+                "folder (build one with `xreal evaluate bank TRAINING_SET --out DIR`)"
+            )
+
+
+@dataclass(frozen=True)
 class Retries:
     max_rounds: int = 3
 
@@ -110,6 +132,7 @@ class QualityPolicy:
     classifier: ClassifierRule = ClassifierRule()
     anatomy: AnatomyRule = AnatomyRule()
     realism: RealismRule = RealismRule()
+    memorisation: MemorisationRule = MemorisationRule()
     retries: Retries = Retries()
 
     @classmethod
@@ -134,15 +157,31 @@ class QualityPolicy:
         return cls.from_dict(raw, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": POLICY_VERSION, **dataclasses.asdict(self)}
+        """The policy as a mapping :meth:`from_dict` reads back; the memorisation section only when it is not the
+        default, so policies written before it existed keep their digest (and their runs resume)."""
+        values = dataclasses.asdict(self)
+        if self.memorisation == MemorisationRule():
+            del values["memorisation"]
+        return {"version": POLICY_VERSION, **values}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def decide(
-        self, scores: Mapping[str, float], labels: Sequence[str], judge_labels: Sequence[str], realism_threshold=None
+        self,
+        scores: Mapping[str, Any],
+        labels: Sequence[str],
+        judge_labels: Sequence[str],
+        realism_threshold=None,
+        memorisation_threshold=None,
     ) -> Decision:
-        """Accept or reject one image from its judge scores and the labels it was asked to show."""
+        """Accept or reject one image from its judge scores and the labels it was asked to show.
+
+        ``scores`` are floats, except ``memorisation_nearest``: the id of the
+        training image nearest to it, which a near-copy reason names.
+        ``realism_threshold`` and ``memorisation_threshold`` (a bank's tau) apply
+        where the policy sets no limit of its own.
+        """
         failures: list[str] = []
         notes: list[str] = []
         if self.sanity.enabled:
@@ -167,6 +206,14 @@ class QualityPolicy:
             limit = self.realism.max_distance if self.realism.max_distance is not None else realism_threshold
             if limit is not None and not scores["realism_distance"] <= limit:
                 failures.append(f"unlike real images (realism distance {scores['realism_distance']:.3g} > {limit:.3g})")
+        if self.memorisation.enabled and "memorisation_similarity" in scores:
+            limit = self.memorisation.max_similarity
+            limit = limit if limit is not None else memorisation_threshold
+            similarity = scores["memorisation_similarity"]
+            if limit is not None and similarity >= limit:
+                nearest = scores.get("memorisation_nearest")
+                image = f"training image {nearest}" if nearest is not None else "a training image"
+                failures.append(f"near copy of {image} (similarity {similarity:.3f} >= {limit:.3f})")
         if failures:
             return Decision(False, "; ".join(failures))
         return Decision(True, "; ".join(["passed", *notes]))
@@ -222,6 +269,10 @@ def _scalar(value: Any, default: Any, name: str, key: str):
         if value is not None and not isinstance(value, str):
             raise PolicyError(f"{key}: expected a judge set folder or 'torchxrayvision', got {value!r}")
         return value
+    if name == "bank":
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise PolicyError(f"{key}: expected a feature bank folder, got {value!r}")
+        return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise PolicyError(f"{key}: expected true or false, got {value!r}")
@@ -234,7 +285,7 @@ def _scalar(value: Any, default: Any, name: str, key: str):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise PolicyError(f"{key}: expected a non-negative number, got {value!r}")
-    if name in ("present", "absent", "max_saturated") and value > 1:
+    if name in ("present", "absent", "max_saturated", "max_similarity") and value > 1:
         raise PolicyError(f"{key}: expected a number in [0, 1], got {value!r}")
     return float(value)
 

@@ -61,12 +61,26 @@ def validate(path: Path, root: Path | None, as_json: bool) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @_root_option
 @click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON.")
-def manifest_audit_command(path: Path, root: Path | None, as_json: bool) -> None:
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write a self-contained HTML page drawing the audit: pathology-location heatmaps per label over "
+    "the mean anatomy, anatomy overlays, cardiothoracic-ratio and label histograms, flagged requests.",
+)
+def manifest_audit_command(path: Path, root: Path | None, as_json: bool, html_path: Path | None) -> None:
     """Summarise what a manifest asks for: labels, anatomy, duplicates, missing files, cost."""
     from xreal.manifest.audit import audit_manifest
 
     report = audit_manifest(path, root)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.to_text())
+    if html_path is not None:
+        from xreal.manifest.audit_html import write_audit_html
+
+        write_audit_html(path, html_path, root, report=report)
+        click.echo(f"wrote {html_path}", err=as_json)  # stdout stays pure JSON with --json
 
 
 @manifest.command()
@@ -168,4 +182,3 @@ def expand(path: Path, out: Path, root: Path | None) -> None:
             writer.write_batch(batch)
             total += batch.num_rows
     click.echo(f"wrote {out}: {total} samples")
-

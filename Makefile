@@ -20,14 +20,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	rm -rf demo-output/dataset
+# The demo run, audited, then evaluated against the demo model's training phantoms (seed 11) with held-out
+# phantoms (seed 12) for the memorisation threshold: demo-output/report/report.html.
+demo: $(STAMP) build/demo-phantom/index.parquet build/held-out-phantom/index.parquet
+	rm -rf demo-output/dataset demo-output/report
 	$(VENV)/bin/xreal generate manifests/demo.parquet --out demo-output/dataset --format both --keep-rejected
 	$(VENV)/bin/xreal audit run demo-output/dataset
+	$(VENV)/bin/xreal evaluate demo-output/dataset --reference build/demo-phantom --test build/held-out-phantom \
+		--out demo-output/report
+
+build/demo-phantom/index.parquet: | $(STAMP)
+	$(VENV)/bin/xreal phantom --count 3000 --size 64 --seed 11 --out build/demo-phantom --overwrite
+
+build/held-out-phantom/index.parquet: | $(STAMP)
+	$(VENV)/bin/xreal phantom --count 500 --size 64 --seed 12 --out build/held-out-phantom --overwrite
 
 # Retrain the bundled demo model from phantoms on CPU (about 40 min on 2 cores; a rerun resumes).
-demo-model: $(STAMP)
-	$(VENV)/bin/xreal phantom --count 3000 --size 64 --seed 11 --out build/demo-phantom --overwrite
+demo-model: $(STAMP) build/demo-phantom/index.parquet
 	$(VENV)/bin/xreal train demo --index build/demo-phantom --work build/demo-train --out xreal/bundles/demo
 
 # Retrain the demo bundle's judges (classifier, segmenter, realism reference) on phantoms (about 3 min).

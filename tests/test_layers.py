@@ -31,6 +31,7 @@ LAYERS = (
     "xreal.judges",
     "xreal.model",
     "xreal.run",
+    "xreal.evaluate",
     "flows",
     "xreal.cli",
     "xreal (old paths)",

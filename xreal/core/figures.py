@@ -19,7 +19,8 @@ PAGE_STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
 h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
 table{border-collapse:collapse;margin:.6rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}td{white-space:nowrap}
+td.text{white-space:normal;text-align:left}
 figure{margin:1rem 0}figcaption{font-size:.9rem;color:#555;max-width:900px}img{max-width:100%}
 .warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.5rem 1rem}
 .note{background:#eef5ff;border-left:4px solid #4a80d0;padding:.5rem 1rem}
@@ -74,7 +75,12 @@ def table_html(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
         return html.escape(str(value))
 
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+
+    def td(value: Any) -> str:  # prose wraps and reads left to right; figures stay on one line
+        prose = isinstance(value, str) and len(value) > 40
+        return f'<td class="text">{cell(value)}</td>' if prose else f"<td>{cell(value)}</td>"
+
+    body = "".join("<tr>" + "".join(td(v) for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

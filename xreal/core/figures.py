@@ -77,7 +77,7 @@ def table_html(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
 
     def td(value: Any) -> str:  # prose wraps and reads left to right; figures stay on one line
-        prose = isinstance(value, str) and len(value) > 40
+        prose = isinstance(value, str) and len(value) > 20 and value[:1].isalpha()
         return f'<td class="text">{cell(value)}</td>' if prose else f"<td>{cell(value)}</td>"
 
     body = "".join("<tr>" + "".join(td(v) for v in row) + "</tr>" for row in rows)

@@ -4,7 +4,9 @@
 exit status 2; ``data`` the ``phantom`` and ``ingest`` commands (training sets
 in); ``manifest`` the ``manifest`` group; ``model`` the ``train`` group and
 ``import-reference``; ``run`` ``generate``, ``serve``, ``submit`` and ``audit run``;
-``weights`` the ``weights`` group and ``verify``; ``app`` puts them together and
+``evaluate`` the ``evaluate`` group (a run's report, feature banks, usefulness);
+``export`` the ``export`` group (CheXGenBench); ``weights`` the ``weights`` group and
+``verify``; ``app`` puts them together and
 is the console script's entry point (``xreal.cli:main``). It may import anything in
 xreal and ``flows/`` (it starts flows for runs); nothing imports it.
 """

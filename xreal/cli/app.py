@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xreal.cli import data, manifest, model, run, weights  # noqa: F401 - importing a command group registers it
+from xreal.cli import data, evaluate, export, manifest, model, run, weights  # noqa: F401 - importing a command group registers it
 from xreal.cli.base import cli
 
 

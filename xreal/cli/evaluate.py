@@ -130,14 +130,15 @@ def bank(training_set, out, judges_source, held_out, batch_size) -> None:
     "--real-count", default=200, show_default=True, type=click.IntRange(1), help="Real images used (scarce setting)."
 )
 @click.option("--size", default=64, show_default=True, type=click.IntRange(16, 1024))
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(1), help="Optimisation steps per phase.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def utility(real, synthetic, test, out, real_count, size, seed) -> None:
+def utility(real, synthetic, test, out, real_count, size, steps, seed) -> None:
     """Does the synthetic data help? A classifier trained on real, real + synthetic, synthetic then real."""
     from xreal.core.files import write_json
     from xreal.evaluate.html import UTILITY_FILE
     from xreal.evaluate.utility import run_utility, utility_table
 
-    result = run_utility(real, synthetic, test, size=size, real_count=real_count, seed=seed)
+    result = run_utility(real, synthetic, test, size=size, real_count=real_count, steps=steps, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / UTILITY_FILE, result)
     click.echo(utility_table(result))

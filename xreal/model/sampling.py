@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+)
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from scipy import ndimage
@@ -55,6 +61,22 @@ def _per_item(name: str, value, n: int) -> np.ndarray:
     if values.shape != (n,) or not np.all(np.isfinite(values)):
         raise XRealError(f"{name}: expected one finite number or one per item ({n}), got {value!r}")
     return values.astype(np.float64)
+
+
+SAMPLERS = {
+    # name: (scheduler class, options over the pipeline's own scheduler config)
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmsolver++-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+}
+# UniPC is not offered yet: its corrector rebuilds the current sample from the previous one and so undoes a
+# mask blend made before the step; it needs its own blending (issue 17).
+
+
+def check_sampler(sampler: str) -> str:
+    if sampler not in SAMPLERS:
+        raise XRealError(f"sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return sampler
 
 
 def feathered(mask: np.ndarray, latent_size: int) -> np.ndarray:
@@ -181,26 +203,67 @@ class XRealPipeline(DiffusionPipeline):
     def _noise(self, generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
         return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
 
+    def make_scheduler(self, sampler: str, num_inference_steps: int):
+        """A fresh scheduler of ``sampler`` (see ``SAMPLERS``), built from the pipeline's scheduler config and
+        set to ``num_inference_steps``; the pipeline's own ``scheduler`` is left untouched."""
+        cls, options = SAMPLERS[check_sampler(sampler)]
+        scheduler = cls.from_config(self.scheduler.config, **options)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            # Multistep solvers: add_noise then finds the noise level by the solver's step counter, the level
+            # of the sample about to enter the next step, rather than by looking the timestep value up.
+            scheduler.set_begin_index(0)
+        return scheduler
+
     def _denoise(
-        self, latents, z0, keep, blend_steps, context, uncond, guidance_scale, eta, generators, stage, callback
+        self,
+        latents,
+        z0,
+        keep,
+        blend_steps,
+        context,
+        uncond,
+        guidance_scale,
+        eta,
+        generators,
+        stage,
+        callback,
+        scheduler=None,
     ):
-        """DDIM from ``latents``; before each of the first ``blend_steps`` steps, the region where
-        ``keep`` is 1 is replaced by ``z0`` noised to the current step (soft where keep is fractional)."""
+        """Sample from ``latents`` with ``scheduler`` (default: the pipeline's DDIM); before each of the first
+        ``blend_steps`` steps, the region where ``keep`` is 1 is replaced by ``z0`` noised to the current step
+        (soft where keep is fractional).
+
+        Blending before step i at ``timesteps[i]`` is the reference's order, and the same as diffusers'
+        inpainting pipelines, which blend after step i at ``timesteps[i + 1]`` and leave the last step's output
+        unblended; ``add_noise`` takes the level from the scheduler's own bookkeeping (its step counter for the
+        multistep solvers). ``eta`` applies to DDIM only; the SDE solver draws its noise from the items' own
+        generators.
+        """
+        scheduler = self.scheduler if scheduler is None else scheduler
         guided = uncond is not None and bool((guidance_scale > 1.0).any())
         scale = guidance_scale.clamp(min=1.0).view(-1, 1, 1, 1).to(latents) if guided else None
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+        is_ddim = isinstance(scheduler, DDIMScheduler)
+        stochastic = getattr(scheduler.config, "algorithm_type", "").startswith("sde-")
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             if i < blend_steps:
-                known = self.scheduler.add_noise(z0, self._noise(generators, z0), t.repeat(len(z0)))
+                known = scheduler.add_noise(z0, self._noise(generators, z0), t.repeat(len(z0)))
                 latents = keep * known + (1.0 - keep) * latents
+            model_input = latents if is_ddim else scheduler.scale_model_input(latents, t)
             if guided:
                 eps_uncond, eps_cond = self.unet(
-                    torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, context])
+                    torch.cat([model_input, model_input]), t, encoder_hidden_states=torch.cat([uncond, context])
                 ).sample.chunk(2)
                 eps = eps_uncond + scale * (eps_cond - eps_uncond)
             else:
-                eps = self.unet(latents, t, encoder_hidden_states=context).sample
-            noise = self._noise(generators, latents) if eta > 0 else None
-            latents = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=noise).prev_sample
+                eps = self.unet(model_input, t, encoder_hidden_states=context).sample
+            if is_ddim:
+                noise = self._noise(generators, latents) if eta > 0 else None
+                latents = scheduler.step(eps, t, latents, eta=eta, variance_noise=noise).prev_sample
+            elif stochastic:
+                latents = scheduler.step(eps, t, latents, variance_noise=self._noise(generators, latents)).prev_sample
+            else:
+                latents = scheduler.step(eps, t, latents).prev_sample
             if callback is not None:
                 latents = (callback(self, i, t, {"latents": latents, "stage": stage}) or {}).get("latents", latents)
         return latents
@@ -219,6 +282,7 @@ class XRealPipeline(DiffusionPipeline):
         soft_scale: float | Sequence[float] = DEFAULT_SETTINGS.soft_scale,
         guidance_scale: float | Sequence[float] = DEFAULT_SETTINGS.guidance_scale,
         eta: float | Sequence[float] = DEFAULT_SETTINGS.eta,
+        sampler: str = "ddim",
         latent_handoff: bool = False,
         restore_outside: bool = True,
         autocast_dtype: torch.dtype | None = None,
@@ -232,11 +296,15 @@ class XRealPipeline(DiffusionPipeline):
                 asks for a healthy image and skips stage 2.
             seeds: one seed per item; all of an item's noise comes from its own generator.
             pathology_masks: per item, a binary mask of where the pathology goes (None for healthy items).
-            num_inference_steps: DDIM steps of each stage.
+            num_inference_steps: sampler steps of each stage.
             anatomy_steps: stage-1 steps that blend in the Anatomy Controller's latent.
             soft_scale: weight of that blend outside the anatomy (1 inside); one value or one per item.
             guidance_scale: classifier-free guidance of stage 2 (<= 1 turns it off); one value or one per item.
-            eta: DDIM eta (1.0 is the reference's stochastic DDIM).
+            eta: DDIM eta (1.0 is the reference's stochastic DDIM); ignored by the other samplers.
+            sampler: the scheduler of both stages, built from the pipeline's scheduler config for each call:
+                ``"ddim"`` (the reference's sampler), ``"dpmsolver++"`` (DPM-Solver++ 2M)
+                or ``"dpmsolver++-sde"`` (SDE-DPM-Solver++ 2M, the stochastic analogue of eta = 1; its noise
+                comes from each item's own generator).
             Steps, anatomy steps and eta may also be given per item, but must then be equal: a batch
             shares one scheduler.
             latent_handoff: give stage 2 the stage-1 latent instead of decoding and re-encoding it.
@@ -244,10 +312,11 @@ class XRealPipeline(DiffusionPipeline):
                 blended in through the mask widened by one latent cell and feathered. The decoder's group
                 norms otherwise shift the whole image a little; False gives the reference's output.
             autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
-            callback_on_step_end: called after every DDIM step as ``(pipeline, step, timestep, kwargs)`` with
+            callback_on_step_end: called after every sampler step as ``(pipeline, step, timestep, kwargs)`` with
                 ``kwargs = {"latents": ..., "stage": 1 or 2}`` (stage 2 holds only the items with a pathology);
                 it may return ``{"latents": ...}`` to replace them.
         """
+        check_sampler(sampler)
         n = len(anatomy)
         num_inference_steps = _shared("num_inference_steps", num_inference_steps, n)
         anatomy_steps = _shared("anatomy_steps", anatomy_steps, n)
@@ -261,6 +330,7 @@ class XRealPipeline(DiffusionPipeline):
             num_inference_steps=num_inference_steps,
             anatomy_steps=anatomy_steps,
             eta=eta,
+            sampler=sampler,
             latent_handoff=latent_handoff,
             restore_outside=restore_outside,
             autocast_dtype=autocast_dtype,
@@ -330,6 +400,7 @@ class XRealPipeline(DiffusionPipeline):
         num_inference_steps,
         anatomy_steps,
         eta,
+        sampler="ddim",
         latent_handoff,
         restore_outside,
         autocast_dtype,
@@ -339,7 +410,7 @@ class XRealPipeline(DiffusionPipeline):
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         latent_size = self.unet.config.sample_size
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            scheduler = self.make_scheduler(sampler, num_inference_steps)
             dtype = self.unet.dtype
 
             # Stage 1: anatomy control, empty prompt, no guidance.
@@ -348,10 +419,10 @@ class XRealPipeline(DiffusionPipeline):
             soft = np.stack([self.anatomy_blend(m, s) for m, s in zip(label_maps, soft_scales, strict=True)])
             soft = torch.from_numpy(soft).to(device=device, dtype=dtype)[:, None]
             empty = self.encode_prompt([""] * len(texts)).to(dtype)
-            start = self._noise(generators, z_anatomy) * self.scheduler.init_noise_sigma
+            start = self._noise(generators, z_anatomy) * scheduler.init_noise_sigma
             no_guidance = torch.ones(len(texts))
             healthy_latents = self._denoise(
-                start, z_anatomy, soft, anatomy_steps, empty, None, no_guidance, eta, generators, 1, callback
+                start, z_anatomy, soft, anatomy_steps, empty, None, no_guidance, eta, generators, 1, callback, scheduler
             )
             healthy = self.decode(healthy_latents)
 
@@ -368,7 +439,8 @@ class XRealPipeline(DiffusionPipeline):
                 masks = np.stack([resize_mask(pathology[i], latent_size) for i in todo])
                 keep = 1.0 - torch.from_numpy(masks).to(device=device, dtype=dtype)[:, None]
                 context = self.encode_prompt([texts[i] for i in todo]).to(dtype)
-                start = self._noise(sub_generators, z_healthy) * self.scheduler.init_noise_sigma
+                scheduler = self.make_scheduler(sampler, num_inference_steps)  # a multistep solver starts afresh
+                start = self._noise(sub_generators, z_healthy) * scheduler.init_noise_sigma
                 latents = self._denoise(
                     start,
                     z_healthy.to(dtype),
@@ -381,6 +453,7 @@ class XRealPipeline(DiffusionPipeline):
                     sub_generators,
                     2,
                     callback,
+                    scheduler,
                 )
                 generated = self.decode(latents).to(final.dtype)
                 if restore_outside:

@@ -1,0 +1,166 @@
+"""Samplers of XRealPipeline: DDIM (unchanged), DPM-Solver++ 2M and its SDE variant."""
+
+import numpy as np
+import pytest
+import torch
+
+from xreal.core.errors import XRealError
+from xreal.model import sampling
+from xreal.model.bundle import load_pipeline
+from xreal.phantom import renderer as phantom
+
+SAMPLERS = ["ddim", "dpmsolver++", "dpmsolver++-sde"]
+STEPS = dict(num_inference_steps=8, anatomy_steps=4)
+SEEDS = [5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = load_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def requests():
+    cases = phantom.generate(4, 64, seed=7, pathologies=[["Lung Lesion"], [], ["Cardiomegaly"], ["Edema"]])
+    masks = [case.pathology_masks[case.labels[0]] if case.pathology_masks else None for case in cases]
+    return cases.anatomy, [list(case.labels) for case in cases], SEEDS, masks
+
+
+@pytest.fixture(scope="module")
+def outputs(pipe, requests):
+    return {name: pipe(*requests, **STEPS, sampler=name) for name in SAMPLERS}
+
+
+def _old_denoise(self, latents, z0, keep, blend_steps, context, uncond, guidance_scale, eta, generators, stage, cb):
+    """XRealPipeline._denoise as it was before the sampler option (DDIM on the pipeline's scheduler)."""
+    guided = uncond is not None and bool((guidance_scale > 1.0).any())
+    scale = guidance_scale.clamp(min=1.0).view(-1, 1, 1, 1).to(latents) if guided else None
+    for i, t in enumerate(self.scheduler.timesteps):
+        if i < blend_steps:
+            known = self.scheduler.add_noise(z0, self._noise(generators, z0), t.repeat(len(z0)))
+            latents = keep * known + (1.0 - keep) * latents
+        if guided:
+            eps_uncond, eps_cond = self.unet(
+                torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, context])
+            ).sample.chunk(2)
+            eps = eps_uncond + scale * (eps_cond - eps_uncond)
+        else:
+            eps = self.unet(latents, t, encoder_hidden_states=context).sample
+        noise = self._noise(generators, latents) if eta > 0 else None
+        latents = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=noise).prev_sample
+    return latents
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_ddim_default_is_unchanged(pipe, requests, outputs, monkeypatch, eta):
+    new = outputs["ddim"] if eta == 1.0 else pipe(*requests, **STEPS, eta=eta)
+    assert np.array_equal(pipe(*requests, **STEPS, eta=eta).images, new.images)  # the default is ddim
+
+    def old(self, *args):
+        self.scheduler.set_timesteps(STEPS["num_inference_steps"])
+        return _old_denoise(self, *args[:11])
+
+    monkeypatch.setattr(sampling.XRealPipeline, "_denoise", old)
+    before = pipe(*requests, **STEPS, eta=eta)
+    assert np.array_equal(before.images, new.images) and np.array_equal(before.healthy_images, new.healthy_images)
+
+
+def test_pipeline_scheduler_is_left_alone(pipe, requests):
+    config = dict(pipe.scheduler.config)
+    timesteps = None if pipe.scheduler.num_inference_steps is None else pipe.scheduler.timesteps.clone()
+    pipe(*requests, **STEPS, sampler="dpmsolver++")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and dict(pipe.scheduler.config) == config
+    assert (timesteps is None and pipe.scheduler.num_inference_steps is None) or torch.equal(
+        timesteps, pipe.scheduler.timesteps
+    )
+
+
+def test_unknown_sampler(pipe, requests):
+    with pytest.raises(XRealError, match=r"sampler.*'euler'.*ddim, dpmsolver\+\+, dpmsolver\+\+-sde"):
+        pipe(*requests, **STEPS, sampler="euler")
+
+
+@pytest.fixture(scope="module")
+def stage_two(pipe):
+    """Inputs of a stage-2 _denoise call for two items."""
+    anatomy = np.stack([phantom.anatomy_template(seed, 64) for seed in (1, 2)])
+    maps = torch.from_numpy(np.stack([pipe.conditioning_anatomy(a) for a in anatomy]))
+    with torch.no_grad():
+        z0 = pipe.encode(pipe.vae, pipe.anatomy_prior(maps))
+        return z0, pipe.encode_prompt(["Cardiomegaly", "Edema"]), pipe.encode_prompt(["", ""])
+
+
+def _denoise(pipe, stage_two, sampler, keep, blend_steps, steps=8, eta=1.0):
+    z0, context, uncond = stage_two
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    scheduler = pipe.make_scheduler(sampler, steps)
+    start = pipe._noise(generators, z0) * scheduler.init_noise_sigma
+    guidance = torch.full((2,), 7.0)
+    with torch.no_grad():
+        return pipe._denoise(
+            start, z0, keep, blend_steps, context, uncond, guidance, eta, generators, 2, None, scheduler
+        ), scheduler
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_all_keep_returns_the_known_latent(pipe, stage_two, sampler):
+    """With keep = 1 everywhere and blending at every step, the output is the known latent up to the UNet's
+    error at the noise level of the last step's (blended, unblended-after) input. That level differs by grid:
+    DDIM's ends at t = 1 (noise std 0.055); the multistep solvers' 8-step grid ends at t = 112 (std 0.47) and
+    jumps to sigma 0 in one first-order step. Measured at 8 steps: mean |latents - z0| is 0.037 for DDIM and
+    0.18-0.20 for the solvers, against 0.38-0.48 for plain sampling (z0 is the anatomy prior here)."""
+    z0 = stage_two[0]
+    latents, scheduler = _denoise(pipe, stage_two, sampler, torch.ones_like(z0[:, :1]), 8)
+    free, _ = _denoise(pipe, stage_two, sampler, torch.zeros_like(z0[:, :1]), 0)
+    level = (1.0 - pipe.scheduler.alphas_cumprod[int(scheduler.timesteps[-1])]).sqrt().item()
+    error = (latents - z0).abs().mean().item()
+    assert error < level
+    assert error < (free - z0).abs().mean().item()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_all_free_equals_plain_sampling(pipe, stage_two, sampler, monkeypatch):
+    """keep = 0 leaves the sample alone. Each blended step still draws its known latent's noise from the items'
+    generators, so for the stochastic samplers (ddim with eta 1, the SDE solver) the noise is set to zero to
+    compare the same trajectories; deterministic ones are compared with real noise."""
+    z0 = stage_two[0]
+    eta = 0.0
+    if sampler in ("ddim", "dpmsolver++-sde"):
+        monkeypatch.setattr(type(pipe), "_noise", lambda self, generators, like: torch.zeros_like(like))
+        eta = 1.0
+    free, _ = _denoise(pipe, stage_two, sampler, torch.zeros_like(z0[:, :1]), 8, eta=eta)
+    plain, _ = _denoise(pipe, stage_two, sampler, torch.zeros_like(z0[:, :1]), 0, eta=eta)
+    assert torch.equal(free, plain)
+    if sampler == "ddim":  # and deterministic DDIM with real noise
+        monkeypatch.undo()
+        free, _ = _denoise(pipe, stage_two, sampler, torch.zeros_like(z0[:, :1]), 8, eta=0.0)
+        plain, _ = _denoise(pipe, stage_two, sampler, torch.zeros_like(z0[:, :1]), 0, eta=0.0)
+        assert torch.equal(free, plain)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_batch_invariance(pipe, requests, outputs, sampler):
+    anatomy, prompts, seeds, masks = requests
+    together = outputs[sampler]
+    for i in range(4):
+        alone = pipe(
+            anatomy[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], masks[i : i + 1], **STEPS, sampler=sampler
+        )
+        np.testing.assert_allclose(alone.images[0], together.images[i], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(alone.healthy_images[0], together.healthy_images[i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_outputs_valid_reproducible_and_distinct(pipe, requests, outputs, sampler):
+    out = outputs[sampler]
+    assert out.images.shape == (4, 64, 64) and out.images.dtype == np.float32
+    for images in (out.images, out.healthy_images):
+        assert np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0
+    again = pipe(*requests, **STEPS, sampler=sampler)
+    assert np.array_equal(again.images, out.images) and np.array_equal(again.healthy_images, out.healthy_images)
+    for other in SAMPLERS:
+        if other != sampler:
+            assert not np.allclose(outputs[other].images, out.images, atol=1e-3)
+            assert not np.allclose(outputs[other].healthy_images, out.healthy_images, atol=1e-3)

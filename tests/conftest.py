@@ -37,3 +37,13 @@ def box_label_map(height: int = 64, width: int = 64, heart_width: int = 16) -> n
 @pytest.fixture
 def label_map() -> np.ndarray:
     return box_label_map()
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    """The bundled demo pipeline, loaded once (calls leave its own scheduler untouched)."""
+    from xreal.model.bundle import load_pipeline
+
+    pipeline = load_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

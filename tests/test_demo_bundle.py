@@ -4,18 +4,11 @@ import numpy as np
 import pytest
 
 from xreal.judges.phantom_judges import anatomy_dice, train_phantom_segmenter
-from xreal.model.bundle import DEMO_BUNDLE, load_pipeline, read_bundle_record
+from xreal.model.bundle import DEMO_BUNDLE, read_bundle_record
 from xreal.phantom import renderer as phantom
 
 pytestmark = pytest.mark.slow
 STEPS = dict(num_inference_steps=25, anatomy_steps=12)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipeline = load_pipeline()
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,11 @@ import torch
 
 from xreal.core.errors import XRealError
 from xreal.model import sampling
-from xreal.model.bundle import load_pipeline
 from xreal.phantom import renderer as phantom
 
 SAMPLERS = ["ddim", "dpmsolver++", "dpmsolver++-sde"]
 STEPS = dict(num_inference_steps=8, anatomy_steps=4)
 SEEDS = [5, 6, 7, 8]
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipeline = load_pipeline()
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="module")

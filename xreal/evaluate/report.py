@@ -141,9 +141,9 @@ def evaluate_run(
     ref = read_training_set(reference, "--reference", size)
     held = read_training_set(test, "--test", size) if test is not None else None
     source = resolve_judges(judges, finished)
-    judge_set = load_judges(source)
     chosen = _chosen_labels(finished, ref, labels)
     loaded_bank = load_feature_bank(bank, judges_digest=bank_judges_digest(source)) if bank is not None else None
+    judge_set = load_judges(source)  # last: every input above is checked before a model loads
     rng = np.random.default_rng(settings.seed)
 
     drawn = finished.samples[finished.samples["image_path"].notna()].reset_index(drop=True)
@@ -641,13 +641,3 @@ def _software() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
-
-
-def read_report(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """A report written by :func:`evaluate_run`."""
-    from xreal.core.files import read_json
-
-    path = Path(folder) / REPORT_FILE
-    if not path.is_file():
-        raise EvaluationError(f"{folder}: no {REPORT_FILE}; run `xreal evaluate RUN --reference ... --out {folder}`")
-    return read_json(path, "evaluation report", keys=("report_format", "fidelity"))

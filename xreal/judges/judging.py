@@ -211,7 +211,10 @@ class JudgeSet:
         """Anatomy label maps ``[B, S, S]`` (uint8, S the judges' size) of images ``[B, H, W]`` in [0, 1]."""
         if self.segmenter is None:
             raise JudgeError(f"the {self.kind} judge set has no anatomy segmenter")
-        inputs = self.classifier_inputs(images)
+        return self._segment(self.classifier_inputs(images))
+
+    def _segment(self, inputs: torch.Tensor) -> np.ndarray:
+        """Label maps of classifier inputs (the segmenter reads [0, 1] at the judges' size)."""
         return self.segmenter((inputs + 1024.0) / 2048.0).argmax(1).cpu().numpy().astype(np.uint8)
 
     @property
@@ -257,7 +260,7 @@ class JudgeSet:
             for row, d in zip(rows, distances, strict=True):
                 row["realism_distance"] = float(d)
         if self.segmenter is not None and anatomy is not None:
-            found = self.segment(images)
+            found = self._segment(inputs)
             masks = pathology if pathology is not None else [None] * len(found)
             for row, requested, segmented, mask in zip(rows, anatomy, found, masks, strict=True):
                 size = segmented.shape[0]

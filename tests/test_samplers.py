@@ -1,4 +1,5 @@
-"""Samplers of XRealPipeline: DDIM (unchanged), DPM-Solver++ 2M and its SDE variant."""
+"""Samplers of XRealPipeline: DDIM (unchanged), DPM-Solver++ 2M, its SDE variant and UniPC; step grids and the
+guidance interval."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from xreal.core.errors import XRealError
 from xreal.model import sampling
 from xreal.phantom import renderer as phantom
 
-SAMPLERS = ["ddim", "dpmsolver++", "dpmsolver++-sde"]
+SAMPLERS = ["ddim", "dpmsolver++", "dpmsolver++-sde", "unipc"]
 STEPS = dict(num_inference_steps=8, anatomy_steps=4)
 SEEDS = [5, 6, 7, 8]
 
@@ -69,8 +70,14 @@ def test_pipeline_scheduler_is_left_alone(pipe, requests):
     )
 
 
+def test_every_sampler_name_has_a_scheduler():
+    from xreal.core.settings import SAMPLER_NAMES
+
+    assert tuple(sampling.SAMPLERS) == SAMPLER_NAMES == tuple(SAMPLERS)
+
+
 def test_unknown_sampler(pipe, requests):
-    with pytest.raises(XRealError, match=r"sampler.*'euler'.*ddim, dpmsolver\+\+, dpmsolver\+\+-sde"):
+    with pytest.raises(XRealError, match=r"sampler.*'euler'.*ddim, dpmsolver\+\+, dpmsolver\+\+-sde, unipc"):
         pipe(*requests, **STEPS, sampler="euler")
 
 
@@ -156,3 +163,81 @@ def test_outputs_valid_reproducible_and_distinct(pipe, requests, outputs, sample
         if other != sampler:
             assert not np.allclose(outputs[other].images, out.images, atol=1e-3)
             assert not np.allclose(outputs[other].healthy_images, out.healthy_images, atol=1e-3)
+
+
+@pytest.mark.parametrize("corrector_off", [True, False])
+def test_unipc_predicts_from_each_blended_sample(pipe, stage_two, corrector_off, monkeypatch):
+    """UniPC's corrector replaces the sample entering a step by one rebuilt from the sample before it, which would
+    undo the blend made before the step. With the corrector off on blended steps (sampling.step_from_blend), the
+    solver steps from exactly the blended sample; left on, it does not (the reason it is off)."""
+    if not corrector_off:
+        monkeypatch.setattr(sampling, "step_from_blend", lambda scheduler, step: None)
+    z0 = stage_two[0]
+    keep = torch.zeros_like(z0[:, :1])
+    keep[..., :8, :] = 1.0  # the top half known
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    scheduler = pipe.make_scheduler("unipc", 8)
+    step, entering, kept = scheduler.step, [], []
+
+    def recording(model_output, timestep, sample, **kwargs):
+        entering.append(sample.clone())
+        out = step(model_output, timestep, sample, **kwargs)
+        kept.append(scheduler.last_sample.clone())  # what the predictor stepped from
+        return out
+
+    scheduler.step = recording
+    start = pipe._noise(generators, z0) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        pipe._denoise(start, z0, keep, 8, *stage_two[1:], torch.full((2,), 7.0), 1.0, generators, 2, None, scheduler)
+    same = [torch.equal(a, b) for a, b in zip(entering, kept, strict=True)]
+    assert same[0]  # step 0 has nothing to correct
+    assert all(same) if corrector_off else not any(same[1:])
+
+
+def test_guidance_interval(pipe, requests, outputs):
+    """The full interval is the default; a shorter one skips the unconditional pass outside it, and changes the
+    image. Counted UNet evaluations match SamplerSettings.unet_evaluations."""
+    from xreal.core.settings import SamplerSettings
+
+    full = pipe(*requests, **STEPS, guidance_interval=(0.0, 1.0))
+    assert np.array_equal(full.images, outputs["ddim"].images)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    try:
+        half = pipe(*requests, **STEPS, guidance_interval=(0.0, 0.5))
+    finally:
+        hook.remove()
+    assert np.array_equal(half.healthy_images, full.healthy_images)
+    pathology = [m is not None for m in requests[3]]
+    assert not np.allclose(half.images[pathology], full.images[pathology], atol=1e-3)
+    settings = SamplerSettings(steps=8, anatomy_steps=4, guidance_interval=(0.0, 0.5))
+    assert sum(calls) == sum(settings.unet_evaluations(p) for p in pathology) == 4 * 8 + 3 * (8 + 4)
+    with pytest.raises(XRealError, match="guidance_interval"):
+        pipe(*requests, **STEPS, guidance_interval=(0.5, 0.5))
+
+
+@pytest.mark.parametrize("steps, expected", [(30, 31), (60, 63), (100, 100), (8, 8)])
+def test_reference_step_grid(pipe, steps, expected):
+    """The reference's DDIM grid: every 1000 // steps from t = 1; DDIM's own step then goes back the same way."""
+    from xreal.core.settings import SamplerSettings
+
+    scheduler = pipe.make_scheduler("ddim", steps, step_grid="reference")
+    ratio = 1000 // steps
+    assert scheduler.timesteps.tolist() == list(range(1 + ratio * (expected - 1), 0, -ratio))
+    assert scheduler.config.num_train_timesteps // scheduler.num_inference_steps == ratio
+    assert SamplerSettings(steps=steps, anatomy_steps=0, step_grid="reference").steps_run == expected
+    exact = pipe.make_scheduler("ddim", steps)
+    assert len(exact.timesteps) == steps
+    with pytest.raises(XRealError, match=r"reference step grid.*DDIM"):
+        pipe.make_scheduler("unipc", steps, step_grid="reference")
+
+
+@pytest.mark.parametrize("steps", [3, 9, 37])
+def test_a_reference_grid_past_the_last_training_step_is_refused(pipe, steps):
+    """At 3 steps the reference's grid is 1, 334, 667, 1000: t = 1000 has no noise level (the reference fails)."""
+    from xreal.core.settings import SamplerSettings
+
+    with pytest.raises(XRealError, match=f"reference step grid at {steps} steps reaches t = 1000"):
+        pipe.make_scheduler("ddim", steps, step_grid="reference")
+    with pytest.raises(XRealError, match="reaches t = 1000"):
+        SamplerSettings(steps=steps, anatomy_steps=0, step_grid="reference").check()

@@ -1,28 +1,120 @@
-"""Sampler settings shared by the manifest, the audit and the sampler."""
+"""Sampler settings shared by the manifest, the audit, the run and the sampler."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from xreal.core.errors import XRealError
+
+NUM_TRAIN_TIMESTEPS = 1000
+# The schedulers XRealPipeline can sample with (xreal.model.sampling.SAMPLERS builds them).
+SAMPLER_NAMES = ("ddim", "dpmsolver++", "dpmsolver++-sde", "unipc")
+# "exact": exactly ``steps`` steps, spaced by the scheduler. "reference": the reference implementation's DDIM grid,
+# every 1000 // steps from t = 1 up, which is more than ``steps`` steps when ``steps`` does not divide 1000
+# (30 gives 31 steps from t = 991, 60 gives 63).
+STEP_GRIDS = ("exact", "reference")
+
+
+def reference_grid(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, offset: int = 1) -> list[int]:
+    """The reference implementation's DDIM timesteps for ``steps``, noisiest first."""
+    return [t + offset for t in reversed(range(0, num_train_timesteps, num_train_timesteps // steps))]
+
+
+def check_reference_grid(steps: int, where: str = "step grid") -> None:
+    """Refuse step counts whose reference grid passes the last training step (3, 9, 37, ... reach t = 1000, where
+    the reference itself fails)."""
+    last = reference_grid(steps)[0]
+    if last >= NUM_TRAIN_TIMESTEPS:
+        raise XRealError(
+            f"{where}: the reference step grid at {steps} steps reaches t = {last}, past the last training step "
+            f"({NUM_TRAIN_TIMESTEPS - 1}; the reference fails there too); choose another number of steps"
+        )
+
+
+def guided_step(interval: tuple[float, float], step: int, steps: int) -> bool:
+    """Whether step ``step`` (from 0) of ``steps`` lies in the guidance interval ``[start, stop)``."""
+    start, stop = interval
+    return start <= step / steps < stop
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Two-stage XReal sampling settings; defaults are the reference implementation's."""
+    """Two-stage XReal sampling settings; defaults are the reference implementation's.
+
+    ``guidance_interval``: the part of stage 2's steps, as fractions ``[start, stop)`` of the step sequence
+    (noisiest first), where classifier-free guidance runs; outside it each step costs one UNet evaluation.
+    """
 
     steps: int = 100
     anatomy_steps: int = 50
     guidance_scale: float = 7.0
     soft_scale: float = 0.2
     eta: float = 1.0
+    sampler: str = "ddim"
+    step_grid: str = "exact"
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
-    def with_overrides(self, **overrides: float | int | None) -> SamplerSettings:
+    def with_overrides(self, **overrides: Any) -> SamplerSettings:
         """A copy with the non-None overrides applied."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        changed = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(changed) - set(self.__dataclass_fields__))
+        if unknown:
+            raise XRealError(
+                f"unknown sampler setting {', '.join(map(repr, unknown))}; the settings are "
+                f"{', '.join(self.__dataclass_fields__)}"
+            )
+        if "guidance_interval" in changed:
+            changed["guidance_interval"] = tuple(float(x) for x in changed["guidance_interval"])
+        return replace(self, **changed)
+
+    def check(self, where: str = "sampler settings") -> SamplerSettings:
+        """These settings, or an error naming the setting that is wrong and ``where`` it came from."""
+        if self.sampler not in SAMPLER_NAMES:
+            raise XRealError(f"{where}: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+        if self.step_grid not in STEP_GRIDS:
+            raise XRealError(f"{where}: unknown step grid {self.step_grid!r}; choose one of {', '.join(STEP_GRIDS)}")
+        if self.step_grid == "reference" and self.sampler != "ddim":
+            raise XRealError(f"{where}: the reference step grid is the reference's DDIM grid; use it with ddim")
+        if not 1 <= self.steps <= NUM_TRAIN_TIMESTEPS:
+            raise XRealError(f"{where}: steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {self.steps}")
+        if self.step_grid == "reference":
+            check_reference_grid(self.steps, where)
+        if not 0 <= self.anatomy_steps <= self.steps:
+            raise XRealError(
+                f"{where}: anatomy steps must be between 0 and steps ({self.steps}), got {self.anatomy_steps}"
+            )
+        start, stop = self.guidance_interval
+        if not 0.0 <= start < stop <= 1.0:
+            raise XRealError(
+                f"{where}: the guidance interval must be two fractions 0 <= start < stop <= 1, got {start}, {stop}"
+            )
+        return self
+
+    @property
+    def steps_run(self) -> int:
+        """Sampler steps per stage: ``steps``, or the reference grid's count."""
+        return len(reference_grid(self.steps)) if self.step_grid == "reference" else self.steps
 
     def unet_evaluations(self, has_pathology: bool) -> int:
-        """UNet calls for one sample: stage 1, plus stage 2 (doubled by guidance) unless No Finding."""
-        stage2 = self.steps * (2 if self.guidance_scale > 1.0 else 1) if has_pathology else 0
-        return self.steps + stage2
+        """UNet evaluations (per image) for one sample: stage 1, plus stage 2 unless No Finding, where every
+        guided step costs two."""
+        if not has_pathology:
+            return self.steps_run
+        n = self.steps_run
+        guided = sum(guided_step(self.guidance_interval, i, n) for i in range(n)) if self.guidance_scale > 1.0 else 0
+        return 2 * n + guided
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (the guidance interval as a list), as run records pin it."""
+        return {**asdict(self), "guidance_interval": list(self.guidance_interval)}
 
 
 DEFAULT_SETTINGS = SamplerSettings()
+
+# Named presets for ``xreal generate --speed``. "fast" was chosen by benchmarks/sampler_quality.py: the cheapest
+# setting whose xreal evaluate control and fidelity figures stay within the reference settings' intervals (README).
+SPEEDS = {
+    "reference": DEFAULT_SETTINGS,
+    "fast": SamplerSettings(sampler="dpmsolver++", steps=10, anatomy_steps=5),
+}

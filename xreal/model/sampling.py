@@ -18,6 +18,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -27,7 +28,7 @@ from transformers import PreTrainedTokenizerFast
 from xreal.core.errors import XRealError
 from xreal.core.labels import CHEXPERT_LABELS, NO_FINDING, Anatomy, prompt_for
 from xreal.core.masks import check_binary_mask, check_label_map, resize_label_map, resize_mask
-from xreal.core.settings import DEFAULT_SETTINGS
+from xreal.core.settings import DEFAULT_SETTINGS, STEP_GRIDS, check_reference_grid, guided_step, reference_grid
 from xreal.text import XRealTextEncoder
 
 
@@ -63,20 +64,36 @@ def _per_item(name: str, value, n: int) -> np.ndarray:
     return values.astype(np.float64)
 
 
+# The solvers step over "trailing" timesteps (the first at t = 999, pure noise, as they assume); DDIM keeps the
+# bundle's "leading" spacing, the reference's.
+_SOLVER = {"timestep_spacing": "trailing"}
 SAMPLERS = {
-    # name: (scheduler class, options over the pipeline's own scheduler config)
+    # name (xreal.core.settings.SAMPLER_NAMES): (scheduler class, options over the pipeline's scheduler config)
     "ddim": (DDIMScheduler, {}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmsolver++-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, **_SOLVER}),
+    "dpmsolver++-sde": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, **_SOLVER},
+    ),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 2, **_SOLVER}),
 }
-# UniPC is not offered yet: its corrector rebuilds the current sample from the previous one and so undoes a
-# mask blend made before the step; it needs its own blending (issue 17).
 
 
 def check_sampler(sampler: str) -> str:
     if sampler not in SAMPLERS:
         raise XRealError(f"sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     return sampler
+
+
+def step_from_blend(scheduler, step: int) -> None:
+    """Make ``scheduler`` step from the sample just blended before step ``step``.
+
+    UniPC's corrector would replace that sample by one rebuilt from the sample before it, undoing the blend; it is
+    turned off for that step alone (diffusers checks ``step_index - 1`` against ``disable_corrector``). The other
+    samplers step from the sample they are given.
+    """
+    if isinstance(scheduler, UniPCMultistepScheduler) and step > 0:
+        scheduler.disable_corrector = [*scheduler.disable_corrector, step - 1]  # a new list: the default is shared
 
 
 def feathered(mask: np.ndarray, latent_size: int) -> np.ndarray:
@@ -203,12 +220,26 @@ class XRealPipeline(DiffusionPipeline):
     def _noise(self, generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
         return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
 
-    def make_scheduler(self, sampler: str, num_inference_steps: int):
+    def make_scheduler(self, sampler: str, num_inference_steps: int, step_grid: str = "exact"):
         """A fresh scheduler of ``sampler`` (see ``SAMPLERS``), built from the pipeline's scheduler config and
-        set to ``num_inference_steps``; the pipeline's own ``scheduler`` is left untouched."""
+        set to ``num_inference_steps``; the pipeline's own ``scheduler`` is left untouched.
+
+        ``step_grid="reference"``: DDIM over the reference's grid, every ``1000 // num_inference_steps``
+        timesteps (see ``xreal.core.settings.STEP_GRIDS``).
+        """
         cls, options = SAMPLERS[check_sampler(sampler)]
         scheduler = cls.from_config(self.scheduler.config, **options)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if step_grid == "reference":
+            if cls is not DDIMScheduler:
+                raise XRealError(f"the reference step grid is the reference's DDIM grid; the sampler is {sampler}")
+            # DDIM's step goes back 1000 // num_inference_steps from each timestep, which is this grid's spacing.
+            check_reference_grid(num_inference_steps)
+            config = scheduler.config
+            grid = reference_grid(num_inference_steps, config.num_train_timesteps, config.steps_offset)
+            scheduler.timesteps = torch.tensor(grid, device=self.device)
+        elif step_grid != "exact":
+            raise XRealError(f"step grid: unknown grid {step_grid!r}; choose exact or reference")
         if hasattr(scheduler, "set_begin_index"):
             # Multistep solvers: add_noise then finds the noise level by the solver's step counter, the level
             # of the sample about to enter the next step, rather than by looking the timestep value up.
@@ -229,6 +260,7 @@ class XRealPipeline(DiffusionPipeline):
         stage,
         callback,
         scheduler=None,
+        guidance_interval=(0.0, 1.0),
     ):
         """Sample from ``latents`` with ``scheduler`` (default: the pipeline's DDIM); before each of the first
         ``blend_steps`` steps, the region where ``keep`` is 1 is replaced by ``z0`` noised to the current step
@@ -238,19 +270,24 @@ class XRealPipeline(DiffusionPipeline):
         inpainting pipelines, which blend after step i at ``timesteps[i + 1]`` and leave the last step's output
         unblended; ``add_noise`` takes the level from the scheduler's own bookkeeping (its step counter for the
         multistep solvers). ``eta`` applies to DDIM only; the SDE solver draws its noise from the items' own
-        generators.
+        generators. Guidance runs in the steps whose place in the sequence, as a fraction, lies in
+        ``guidance_interval`` ``[start, stop)``; the others take the conditional pass alone.
         """
         scheduler = self.scheduler if scheduler is None else scheduler
+        steps = len(scheduler.timesteps)
         guided = uncond is not None and bool((guidance_scale > 1.0).any())
         scale = guidance_scale.clamp(min=1.0).view(-1, 1, 1, 1).to(latents) if guided else None
         is_ddim = isinstance(scheduler, DDIMScheduler)
         stochastic = getattr(scheduler.config, "algorithm_type", "").startswith("sde-")
+        blends = bool(keep.any())
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             if i < blend_steps:
                 known = scheduler.add_noise(z0, self._noise(generators, z0), t.repeat(len(z0)))
                 latents = keep * known + (1.0 - keep) * latents
+                if blends:
+                    step_from_blend(scheduler, i)
             model_input = latents if is_ddim else scheduler.scale_model_input(latents, t)
-            if guided:
+            if guided and guided_step(guidance_interval, i, steps):
                 eps_uncond, eps_cond = self.unet(
                     torch.cat([model_input, model_input]), t, encoder_hidden_states=torch.cat([uncond, context])
                 ).sample.chunk(2)
@@ -282,7 +319,9 @@ class XRealPipeline(DiffusionPipeline):
         soft_scale: float | Sequence[float] = DEFAULT_SETTINGS.soft_scale,
         guidance_scale: float | Sequence[float] = DEFAULT_SETTINGS.guidance_scale,
         eta: float | Sequence[float] = DEFAULT_SETTINGS.eta,
-        sampler: str = "ddim",
+        sampler: str = DEFAULT_SETTINGS.sampler,
+        step_grid: str = DEFAULT_SETTINGS.step_grid,
+        guidance_interval: tuple[float, float] = DEFAULT_SETTINGS.guidance_interval,
         latent_handoff: bool = False,
         restore_outside: bool = True,
         autocast_dtype: torch.dtype | None = None,
@@ -302,9 +341,13 @@ class XRealPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance of stage 2 (<= 1 turns it off); one value or one per item.
             eta: DDIM eta (1.0 is the reference's stochastic DDIM); ignored by the other samplers.
             sampler: the scheduler of both stages, built from the pipeline's scheduler config for each call:
-                ``"ddim"`` (the reference's sampler), ``"dpmsolver++"`` (DPM-Solver++ 2M)
-                or ``"dpmsolver++-sde"`` (SDE-DPM-Solver++ 2M, the stochastic analogue of eta = 1; its noise
-                comes from each item's own generator).
+                ``"ddim"`` (the reference's sampler), ``"dpmsolver++"`` (DPM-Solver++ 2M),
+                ``"dpmsolver++-sde"`` (SDE-DPM-Solver++ 2M, the stochastic analogue of eta = 1; its noise
+                comes from each item's own generator) or ``"unipc"`` (UniPC-2, its corrector off on blended steps).
+            step_grid: ``"exact"`` (``num_inference_steps`` steps) or ``"reference"`` (DDIM only: the reference's
+                grid, every 1000 // ``num_inference_steps`` timesteps, e.g. 31 steps for 30).
+            guidance_interval: ``(start, stop)``, the fractions of stage 2's steps (noisiest first) where guidance
+                runs; elsewhere a step costs one UNet evaluation. ``(0, 1)``: every step, as the reference.
             Steps, anatomy steps and eta may also be given per item, but must then be equal: a batch
             shares one scheduler.
             latent_handoff: give stage 2 the stage-1 latent instead of decoding and re-encoding it.
@@ -317,6 +360,11 @@ class XRealPipeline(DiffusionPipeline):
                 it may return ``{"latents": ...}`` to replace them.
         """
         check_sampler(sampler)
+        if step_grid not in STEP_GRIDS:
+            raise XRealError(f"step_grid: unknown grid {step_grid!r}; choose one of {', '.join(STEP_GRIDS)}")
+        start, stop = (float(x) for x in guidance_interval)
+        if not 0.0 <= start < stop <= 1.0:
+            raise XRealError(f"guidance_interval: expected 0 <= start < stop <= 1, got {guidance_interval!r}")
         n = len(anatomy)
         num_inference_steps = _shared("num_inference_steps", num_inference_steps, n)
         anatomy_steps = _shared("anatomy_steps", anatomy_steps, n)
@@ -331,6 +379,8 @@ class XRealPipeline(DiffusionPipeline):
             anatomy_steps=anatomy_steps,
             eta=eta,
             sampler=sampler,
+            step_grid=step_grid,
+            guidance_interval=(start, stop),
             latent_handoff=latent_handoff,
             restore_outside=restore_outside,
             autocast_dtype=autocast_dtype,
@@ -401,6 +451,8 @@ class XRealPipeline(DiffusionPipeline):
         anatomy_steps,
         eta,
         sampler="ddim",
+        step_grid="exact",
+        guidance_interval=(0.0, 1.0),
         latent_handoff,
         restore_outside,
         autocast_dtype,
@@ -410,7 +462,7 @@ class XRealPipeline(DiffusionPipeline):
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         latent_size = self.unet.config.sample_size
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            scheduler = self.make_scheduler(sampler, num_inference_steps)
+            scheduler = self.make_scheduler(sampler, num_inference_steps, step_grid)
             dtype = self.unet.dtype
 
             # Stage 1: anatomy control, empty prompt, no guidance.
@@ -439,13 +491,13 @@ class XRealPipeline(DiffusionPipeline):
                 masks = np.stack([resize_mask(pathology[i], latent_size) for i in todo])
                 keep = 1.0 - torch.from_numpy(masks).to(device=device, dtype=dtype)[:, None]
                 context = self.encode_prompt([texts[i] for i in todo]).to(dtype)
-                scheduler = self.make_scheduler(sampler, num_inference_steps)  # a multistep solver starts afresh
+                scheduler = self.make_scheduler(sampler, num_inference_steps, step_grid)  # solvers start afresh
                 start = self._noise(sub_generators, z_healthy) * scheduler.init_noise_sigma
                 latents = self._denoise(
                     start,
                     z_healthy.to(dtype),
                     keep,
-                    num_inference_steps,
+                    len(scheduler.timesteps),
                     context,
                     empty[index],
                     torch.from_numpy(guidance_scales[todo]),
@@ -454,6 +506,7 @@ class XRealPipeline(DiffusionPipeline):
                     2,
                     callback,
                     scheduler,
+                    guidance_interval,
                 )
                 generated = self.decode(latents).to(final.dtype)
                 if restore_outside:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from flows.embedded import start_embedded_api
 from flows.execution import Execution
 from xreal.core.errors import XRealError
+from xreal.core.settings import DEFAULT_SETTINGS
 from xreal.model.bundle import DEMO_BUNDLE
 from xreal.run import generation
 from xreal.run.dataset import label_table_markdown
@@ -91,7 +92,7 @@ def _draw_rounds(config, state, batch_size, execution, runner, progress, logger)
     done = [0]
     with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
         while todo and not failed:
-            batches = generation.make_batches(todo, batch_size)
+            batches = generation.make_batches(todo, batch_size, config.sampler)
             logger.info("round of %d samples in %d batches on %s", len(todo), len(batches), execution.describe())
             results, failed, errors = _run_round(
                 config, batches, execution, runner, state.run_id, bar, progress_id, done, total, logger
@@ -160,6 +161,7 @@ def generate_dataset(
     progress: bool = True,
     dask_workers: int = 0,
     dask_address: str | None = None,
+    sampler: dict | None = None,
 ):
     """Generate the labelled, filtered dataset a manifest asks for into ``out`` (resuming what is there).
 
@@ -181,6 +183,8 @@ def generate_dataset(
         progress: show a progress bar in the terminal.
         dask_workers: run the batches on a local Dask cluster of this many worker processes.
         dask_address: run the batches on the Dask cluster whose scheduler is at this address.
+        sampler: the run's sampler settings over the reference's (``SamplerSettings`` fields, e.g.
+            ``{"sampler": "dpmsolver++", "steps": 10, "anatomy_steps": 5}``); a manifest row's own columns win.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -197,6 +201,7 @@ def generate_dataset(
             healthy_twins=healthy_twins,
             precision=precision,
             root=Path(root) if root else None,
+            sampler=DEFAULT_SETTINGS.with_overrides(**(sampler or {})),
         )
         return _generate(config, execution, batch_size, progress, started, logger)
     except (XRealError, OSError) as exc:

@@ -10,6 +10,7 @@ from conftest import box_label_map
 
 from xreal.cli import cli
 from xreal.core.masks import write_mask_file
+from xreal.core.settings import SamplerSettings
 from xreal.manifest.schema import write_manifest
 
 
@@ -143,6 +144,55 @@ def test_run_options_that_contradict_each_other_or_need_a_server_exit_2_before_a
     assert scheduled.exit_code == 2 and "a schedule needs --manifest and --out" in scheduled.output
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sampler", "euler"], "Invalid value for '--sampler': 'euler' is not one of 'ddim', 'dpmsolver++'"),
+        (["--steps", "0"], "Invalid value for '--steps'"),
+        (["--anatomy-steps", "-1"], "Invalid value for '--anatomy-steps'"),
+        (["--steps", "10", "--anatomy-steps", "11"], "--anatomy-steps 11 is more than the 10 steps"),
+        (["--speed", "fast", "--anatomy-steps", "500"], "--anatomy-steps 500 is more than the"),
+        (["--sampler", "unipc", "--step-grid", "reference"], "--step-grid reference is the reference's DDIM grid"),
+        (["--guidance-interval", "0.5", "0.2"], "--guidance-interval: START must be below STOP"),
+        (["--speed", "slow"], "Invalid value for '--speed'"),
+    ],
+)
+def test_bad_sampler_options_exit_2_naming_the_option_and_write_nothing(manifest, tmp_path, options, message):
+    out = tmp_path / "out"
+    result = run("generate", manifest, "--out", out, *options)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_a_row_whose_anatomy_steps_exceed_the_runs_steps_is_refused_before_anything_starts(tmp_path):
+    write_mask_file(tmp_path / "anatomy.png", box_label_map())
+    rows = [{"request_id": "a", "labels": ["No Finding"], "num_samples": 1, "anatomy_path": "anatomy.png"}]
+    rows.append({**rows[0], "request_id": "b", "anatomy_steps": 40})
+    path = write_manifest(rows, tmp_path / "m.parquet")
+    result = run("generate", path, "--out", tmp_path / "out", "--steps", "20")
+    assert result.exit_code == 2 and "request 'b'" in result.output
+    assert "between 0 and steps (20), got 40" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_sampler_options_become_the_runs_sampler_settings(manifest, tmp_path, monkeypatch):
+    """The preset with the options given over it; --steps alone keeps the preset's share of anatomy steps."""
+    from xreal.cli import run as run_commands
+    from xreal.core.settings import SPEEDS
+
+    seen = []
+    monkeypatch.setattr(run_commands, "_preflight", lambda *args, sampler, **kwargs: seen.append(sampler))
+    monkeypatch.setattr(run_commands, "_run_parameters", lambda **kwargs: (_ for _ in ()).throw(SystemExit(0)))
+    run("generate", manifest, "--out", tmp_path / "o", "--speed", "fast")
+    run("generate", manifest, "--out", tmp_path / "o", "--steps", "30")
+    run("generate", manifest, "--out", tmp_path / "o", "--sampler", "unipc", "--steps", "12", "--anatomy-steps", "3")
+    run("generate", manifest, "--out", tmp_path / "o", "--guidance-interval", "0", "0.5")
+    assert seen[0] == SPEEDS["fast"]
+    assert (seen[1].sampler, seen[1].steps, seen[1].anatomy_steps) == ("ddim", 30, 15)
+    assert (seen[2].sampler, seen[2].steps, seen[2].anatomy_steps) == ("unipc", 12, 3)
+    assert seen[3].guidance_interval == (0.0, 0.5) and seen[3].steps == 100
+
+
 def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_path, monkeypatch):
     import flows.deploy
 
@@ -160,3 +210,8 @@ def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_pat
     # cuda:1 is the serving machine's business, not this one's; the rest keep the deployment's defaults
     assert sent["parameters"] == {"devices": ["cuda:1"], "policy": str(policy.resolve()), "batch_size": 4}
     assert sent["deployment"] == "generate-dataset"
+    result = run("submit", manifest, "--out", "o", "--sampler", "dpmsolver++", "--steps", "10")
+    assert result.exit_code == 0, result.output
+    assert sent["parameters"] == {
+        "sampler": {**SamplerSettings().to_dict(), "sampler": "dpmsolver++", "steps": 10, "anatomy_steps": 5}
+    }

@@ -93,18 +93,39 @@ def test_flow_writes_a_filtered_dataset_that_the_audit_accepts(prefect_api, tmp_
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before  # a finished run is a no-op
 
 
-def test_images_do_not_depend_on_batch_size(prefect_api, tmp_path):
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "dpmsolver++-sde", "unipc"])
+def test_images_do_not_depend_on_batch_size_or_on_a_resume(prefect_api, tmp_path, monkeypatch, sampler):
+    """For every sampler, float64: one image per batch, and four per batch with a batch that fails until a rerun
+    resumes it, write the same images (content hashes), and the samples record the sampler."""
     from flows.generate import run_generation
+    from xreal.run import generation
 
     path = manifest(tmp_path / "m.parquet")
-    policy = {"retries": {"max_rounds": 1}}
-    for size in (1, 4):
-        state = run_generation(
-            path, tmp_path / f"bs{size}", batch_size=size, precision="float64", policy=policy, progress=False
-        )
-        assert state.is_completed(), state.message
+    options = dict(precision="float64", policy={"retries": {"max_rounds": 1}}, progress=False)
+    options["sampler"] = {"sampler": sampler}
+    state = run_generation(path, tmp_path / "bs1", batch_size=1, **options)
+    assert state.is_completed(), state.message
+
+    real_run_batch = generation.run_batch
+
+    def fails_on_effusion(config, batch, device, run_id):
+        if any(s.request.request_id == "effusion" for s in batch.samples):
+            raise OSError("disk went away")
+        return real_run_batch(config, batch, device, run_id)
+
+    monkeypatch.setattr(generation, "run_batch", fails_on_effusion)
+    assert run_generation(path, tmp_path / "bs4", batch_size=4, **options).is_failed()
+    monkeypatch.setattr(generation, "run_batch", real_run_batch)
+    assert run_generation(path, tmp_path / "bs4", batch_size=4, **options).is_completed()
+
     one, four = hashes(tmp_path / "bs1"), hashes(tmp_path / "bs4")
     assert len(one) == 6 and one == four
+    table = pq.read_table(tmp_path / "bs4" / "samples.parquet").to_pandas()
+    assert set(table["sampler"]) == {sampler} and set(table["steps"]) == {8}
+    # stage 1 only for No Finding; stage 2 guided at every step
+    assert dict(zip(table["request_id"], table["unet_evaluations"], strict=True)) == {
+        "cardio": 24, "effusion": 24, "healthy": 8
+    }  # fmt: skip
 
 
 def test_a_killed_run_resumes_to_exactly_the_requested_samples(prefect_api, tmp_path):

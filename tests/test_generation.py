@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from xreal.core.images import to_uint16
+from xreal.core.settings import SamplerSettings
 from xreal.manifest.schema import ManifestInvalid, load_requests, write_manifest
 from xreal.run import dataset, generation
 from xreal.run.audit import audit_run
@@ -140,6 +141,11 @@ def test_rerun_is_a_no_op_and_changed_inputs_are_refused(finished_run, tmp_path)
         strict = QualityPolicy.from_dict({"classifier": {"present": 0.9}})
         generation.open_run(
             RunConfig(manifest=config.manifest, out=config.out, formats="both", keep_rejected=True, policy=strict)
+        )
+    with pytest.raises(RunConflict, match=r"different sampler \(sampler settings: sampler ddim -> unipc\)"):
+        other_sampler = SamplerSettings(sampler="unipc")
+        generation.open_run(
+            RunConfig(config.manifest, config.out, formats="both", keep_rejected=True, sampler=other_sampler)
         )
     assert sorted(p.name for p in config.out.rglob("*")) == before
 

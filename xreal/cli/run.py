@@ -10,6 +10,9 @@ import click
 
 from xreal.cli.base import _Group, cli
 from xreal.core.errors import XRealError
+from xreal.core.settings import SAMPLER_NAMES, SPEEDS, STEP_GRIDS, SamplerSettings
+
+SAMPLER_OPTIONS = ("speed", "sampler", "steps", "anatomy_steps", "step_grid", "guidance_interval")
 
 
 def _run_options(function):
@@ -42,14 +45,67 @@ def _run_options(function):
             help="float64: identical images at any batch size and thread count (slower); bfloat16: GPU autocast.",
         ),
         click.option("--root", type=path, default=None, help="Allowed root of the manifest's paths."),
+        click.option(
+            "--speed",
+            type=click.Choice(list(SPEEDS)),
+            default="reference",
+            help="Sampler preset: reference (DDIM, 100 + 100 steps) or fast (see the README's table); the "
+            "options below change it.",
+        ),
+        click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None, help="Sampler of both stages."),
+        click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Sampler steps of each stage."),
+        click.option(
+            "--anatomy-steps",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Stage-1 steps with the anatomy blended in (at most --steps; default: the preset's share of them).",
+        ),
+        click.option(
+            "--step-grid",
+            type=click.Choice(STEP_GRIDS),
+            default=None,
+            help="exact: --steps steps; reference: DDIM over the reference's grid (31 steps for 30).",
+        ),
+        click.option(
+            "--guidance-interval",
+            type=(click.FloatRange(0, 1), click.FloatRange(0, 1)),
+            default=None,
+            metavar="START STOP",
+            help="Fractions of stage 2's steps (noisiest first) where guidance runs [0 1].",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
     return function
 
 
+def _sampler_settings(options: dict) -> SamplerSettings:
+    """The run's sampler settings from the sampler options (removed from ``options``): the --speed preset with
+    the options given over it; bad ones exit 2 naming the option."""
+    given = {k: options.pop(k) for k in SAMPLER_OPTIONS}
+    preset = SPEEDS[given.pop("speed") or "reference"]
+    steps, anatomy_steps = given["steps"], given["anatomy_steps"]
+    if steps is not None and anatomy_steps is None:  # keep the preset's share of anatomy steps
+        given["anatomy_steps"] = anatomy_steps = round(steps * preset.anatomy_steps / preset.steps)
+    limit = steps if steps is not None else preset.steps
+    if anatomy_steps is not None and anatomy_steps > limit:
+        raise XRealError(f"--anatomy-steps {anatomy_steps} is more than the {limit} steps of each stage (--steps)")
+    interval = given["guidance_interval"]
+    if interval is not None and not interval[0] < interval[1]:
+        raise XRealError(f"--guidance-interval: START must be below STOP, got {interval[0]} {interval[1]}")
+    settings = preset.with_overrides(**given)
+    if settings.step_grid == "reference" and settings.sampler != "ddim":
+        raise XRealError(f"--step-grid reference is the reference's DDIM grid; --sampler is {settings.sampler}")
+    return settings.check("the sampler options")
+
+
 def _run_parameters(
-    device: str | None, dask_address: str | None, policy: Path | None, local: bool = True, **options
+    device: str | None,
+    dask_address: str | None,
+    policy: Path | None,
+    local: bool = True,
+    sampler: SamplerSettings | None = None,
+    **options,
 ) -> dict:
     """The flow's parameters from the run options, checked before anything starts (bad ones exit 2).
 
@@ -67,7 +123,8 @@ def _run_parameters(
         QualityPolicy.from_yaml(policy)
         policy = str(policy.resolve())
     paths = {k: str(Path(v).resolve()) for k in ("model", "root") if (v := options.pop(k)) is not None}
-    return {**options, **paths, "devices": devices, "dask_address": dask_address, "policy": policy}
+    parameters = {**options, **paths, "devices": devices, "dask_address": dask_address, "policy": policy}
+    return parameters | ({"sampler": sampler.to_dict()} if sampler is not None else {})
 
 
 def _preflight(
@@ -80,6 +137,7 @@ def _preflight(
     keep_rejected: bool,
     healthy_twins: bool,
     precision: str,
+    sampler: SamplerSettings,
     **_,
 ) -> None:
     """Every check of a run that needs no Prefect and no model in memory, before either starts: the manifest and
@@ -101,6 +159,7 @@ def _preflight(
         healthy_twins=healthy_twins,
         precision=precision,
         root=root,
+        sampler=sampler,
     )
     preflight(config, check_lock=True)
 
@@ -122,8 +181,9 @@ def generate(manifest_path: Path, out: Path, quiet: bool, **options) -> None:
     """
     from flows import use_project_defaults
 
-    _preflight(manifest_path, out, **options)
-    parameters = _run_parameters(**options)
+    sampler = _sampler_settings(options)
+    _preflight(manifest_path, out, sampler=sampler, **options)
+    parameters = _run_parameters(sampler=sampler, **options)
     use_project_defaults()
     from flows.embedded import exit_on_interrupt
     from flows.generate import run_generation
@@ -158,7 +218,7 @@ def serve(name: str, cron: str | None, manifest_path: Path | None, out: Path | N
     """
     from flows import use_project_defaults
 
-    parameters = _run_parameters(**options)
+    parameters = _run_parameters(sampler=_sampler_settings(options), **options)
     if manifest_path is not None:
         parameters["manifest"] = str(manifest_path.resolve())
     if out is not None:
@@ -187,8 +247,9 @@ def submit(ctx: click.Context, manifest_path: Path, out: Path, deployment: str, 
     from flows import use_project_defaults
 
     given = {k for k in options if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
-    given = {"devices" if k == "device" else k for k in given}
-    parameters = {k: v for k, v in _run_parameters(local=False, **options).items() if k in given}
+    given = {"devices" if k == "device" else "sampler" if k in SAMPLER_OPTIONS else k for k in given}
+    sampler = _sampler_settings(options)
+    parameters = {k: v for k, v in _run_parameters(local=False, sampler=sampler, **options).items() if k in given}
     use_project_defaults()
     from flows.deploy import submit_generation
 

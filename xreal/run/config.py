@@ -2,8 +2,8 @@
 
 A run is pinned by content, not paths: the manifest, every file it names, the
 model bundle's and the judge set's whole records, the feature bank of the
-memorisation rule (when the policy enables it), the policy and the output
-options (:meth:`RunConfig.identity`, kept in ``run.json``). :func:`preflight`
+memorisation rule (when the policy enables it), the policy, the sampler
+settings and the output options (:meth:`RunConfig.identity`, kept in ``run.json``). :func:`preflight`
 checks all of it and the output folder without writing anything; ``xreal
 generate`` calls it before Prefect starts, :func:`xreal.run.generation.open_run`
 before it pins the run.
@@ -21,6 +21,7 @@ from typing import Any
 from xreal.core.errors import XRealError
 from xreal.core.files import read_json, record_digest, sha256_file
 from xreal.core.records import DEMO_BUNDLE, bundle_digest, judge_files, judges_digest
+from xreal.core.settings import DEFAULT_SETTINGS, SamplerSettings
 from xreal.judges.memorisation import bank_judges_digest, feature_bank_digest
 from xreal.manifest.schema import Request, load_requests, manifest_root, pin_inputs
 from xreal.run.policy import QualityPolicy
@@ -28,7 +29,9 @@ from xreal.run.policy import QualityPolicy
 FORMATS = ("png", "dicom", "both")
 LOCK_FILE = ".lock"
 RUN_FILE = "run.json"
-RUN_FORMAT = 2  # 2: the identity pins the bundle's and judge set's whole records and the files the manifest names
+# 2: the identity pins the bundle's and judge set's whole records and the files the manifest names;
+# 3: and the run's sampler settings (samples.parquet records each sample's sampler)
+RUN_FORMAT = 3
 PRECISIONS = ("float32", "float64", "bfloat16")
 
 
@@ -49,8 +52,10 @@ class RunConfig:
     healthy_twins: bool = True
     precision: str = "float32"
     root: Path | None = None  # where manifest paths may point; default the manifest's folder
+    sampler: SamplerSettings = DEFAULT_SETTINGS  # the run's sampler settings; a manifest row's own columns win
 
     def __post_init__(self):
+        self.sampler.check("the run's sampler settings")
         if self.precision not in PRECISIONS:
             raise XRealError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.formats not in FORMATS:
@@ -103,6 +108,7 @@ class RunConfig:
             "model_digest": bundle_digest(self.model),
             "judges": judges_digest(self.judges_source, self.policy.anatomy.enabled, self.policy.realism.enabled),
             "policy_digest": self.policy.digest(),
+            "sampler": self.sampler.to_dict(),
             "memorisation_bank": self.memorisation_digest(),
             "formats": self.formats,
             "keep_rejected": self.keep_rejected,
@@ -154,6 +160,8 @@ def preflight(config: RunConfig, check_lock: bool = False) -> Preflight:
     """
     check_out_directory(config.out, locked=check_lock)
     requests, inputs = pin_inputs(load_requests(config.manifest, config.root), config.manifest_root)
+    for request in requests:  # a row's steps or anatomy steps against the run's sampler settings
+        request.settings(config.sampler).check(f"{config.manifest}: request {request.request_id!r}")
     identity = config.identity(inputs)
     path = config.out / RUN_FILE
     record = None
@@ -172,6 +180,10 @@ def preflight(config: RunConfig, check_lock: bool = False) -> Preflight:
                 before = record["inputs"]
                 moved = sorted(k for k in before.keys() | inputs.keys() if before.get(k) != inputs.get(k))
                 details = f" (files that differ: {', '.join(moved[:10])}{' ...' if len(moved) > 10 else ''})"
+            if "sampler" in changed and isinstance(pinned.get("sampler"), dict):
+                was, now = pinned["sampler"], identity["sampler"]
+                moved = [f"{k} {was.get(k)} -> {now[k]}" for k in now if was.get(k) != now[k]]
+                details += f" (sampler settings: {', '.join(moved)})"
             raise RunConflict(
                 f"{config.out} holds a run of a different {', '.join(changed)}{details}; it was left untouched. "
                 "Use a new --out directory for the new run (or rerun with the original settings and files to resume)."

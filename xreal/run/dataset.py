@@ -78,6 +78,10 @@ BASE_FIELDS = [
     pa.field("guidance_scale", pa.float64()),
     pa.field("soft_scale", pa.float64()),
     pa.field("eta", pa.float64()),
+    pa.field("sampler", pa.string()),
+    pa.field("step_grid", pa.string()),
+    pa.field("guidance_interval", pa.list_(pa.float64())),
+    pa.field("unet_evaluations", pa.int64()),
     pa.field("decision", pa.string()),
     pa.field("reason", pa.string()),
     pa.field("content_sha256", pa.string()),
@@ -110,7 +114,7 @@ class GeneratedSample:
     anatomy_source: str
     split: str | None
     tags: tuple[str, ...]
-    settings: dict[str, float]  # steps, anatomy_steps, guidance_scale, soft_scale, eta
+    settings: dict[str, Any]  # SamplerSettings.to_dict() as the sample was drawn, and its unet_evaluations
     image: np.ndarray
     healthy: np.ndarray | None
     anatomy: np.ndarray

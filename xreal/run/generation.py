@@ -42,7 +42,7 @@ import torch
 
 from xreal.core.errors import XRealError
 from xreal.core.files import read_json, record_digest, write_json
-from xreal.core.settings import DEFAULT_SETTINGS
+from xreal.core.settings import DEFAULT_SETTINGS, SamplerSettings
 from xreal.judges.judging import JudgeSet, judges_digest, load_judges
 from xreal.judges.memorisation import (
     BANK_RECORD,
@@ -191,20 +191,25 @@ def plan(requests: Sequence[Request], decisions: dict[str, str], max_rounds: int
 
 @dataclass(frozen=True)
 class Batch:
-    """Samples that share one sampler call (same steps, anatomy steps and eta)."""
+    """Samples that share one sampler call (same sampler, step grid, steps, anatomy steps, eta and guidance
+    interval)."""
 
     name: str
     samples: tuple[Sample, ...]
 
 
-def make_batches(samples: Sequence[Sample], batch_size: int) -> list[Batch]:
-    """Group samples by the settings a batch must share, then cut groups into batches of ``batch_size``."""
+def make_batches(
+    samples: Sequence[Sample], batch_size: int, defaults: SamplerSettings = DEFAULT_SETTINGS
+) -> list[Batch]:
+    """Group samples by the settings a batch must share (the run's ``defaults`` with each row's overrides), then
+    cut groups into batches of ``batch_size``."""
     if batch_size < 1:
         raise XRealError(f"batch size must be at least 1, got {batch_size}")
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
-        settings = s.request.settings()
-        groups.setdefault((settings.steps, settings.anatomy_steps, settings.eta), []).append(s)
+        x = s.request.settings(defaults)
+        key = (x.sampler, x.step_grid, x.steps, x.anatomy_steps, x.eta, x.guidance_interval)
+        groups.setdefault(key, []).append(s)
     batches = []
     for members in groups.values():
         for start in range(0, len(members), batch_size):
@@ -383,16 +388,20 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
     started = time.perf_counter()
     anatomy = [s.request.anatomy_map(size) for s in samples]
     masks = [s.request.pathology_mask(a.shape) for s, a in zip(samples, anatomy, strict=True)]
-    settings = [s.request.settings() for s in samples]
+    settings = [s.request.settings(config.sampler) for s in samples]
+    shared = settings[0]  # make_batches grouped the samples by these
     autocast = torch.bfloat16 if config.precision == "bfloat16" else None
     output = pipeline(
         anatomy,
         [list(s.request.labels) for s in samples],
         seeds=[s.seed for s in samples],
         pathology_masks=masks,
-        num_inference_steps=settings[0].steps,
-        anatomy_steps=settings[0].anatomy_steps,
-        eta=settings[0].eta,
+        num_inference_steps=shared.steps,
+        anatomy_steps=shared.anatomy_steps,
+        eta=shared.eta,
+        sampler=shared.sampler,
+        step_grid=shared.step_grid,
+        guidance_interval=shared.guidance_interval,
         soft_scale=[x.soft_scale for x in settings],
         guidance_scale=[x.guidance_scale for x in settings],
         autocast_dtype=autocast,
@@ -431,11 +440,9 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
             split=s.request.split,
             tags=s.request.tags,
             settings={
-                "steps": x.steps,
-                "anatomy_steps": x.anatomy_steps,
+                **x.to_dict(),
                 "guidance_scale": x.guidance_scale if s.request.has_pathology else 1.0,
-                "soft_scale": x.soft_scale,
-                "eta": x.eta,
+                "unet_evaluations": x.unet_evaluations(s.request.has_pathology),
             },
             image=image,
             healthy=healthy if has else None,
@@ -596,7 +603,7 @@ def finalize(
         "inputs": state.record.get("inputs", {}),
         "policy": config.policy.to_dict(),
         "policy_digest": config.policy.digest(),
-        "sampler_defaults": vars(DEFAULT_SETTINGS),
+        "sampler_defaults": config.sampler.to_dict(),  # the run's; a manifest row's own columns win
         "precision": config.precision,
         "formats": config.formats,
         "software": software_versions(),

@@ -124,6 +124,7 @@ def evaluate_run(
     settings: EvaluationSettings | None = None,
     progress: bool = True,
     html: bool = True,
+    reference_cache: dict | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run against a reference training set; write ``report.json``, ``report.html`` and
     ``per_sample.parquet`` (each image's figures, by sample id) into ``out``.
@@ -133,6 +134,8 @@ def evaluate_run(
     ``bank``: a feature bank from ``xreal evaluate bank`` to measure memorisation
     against (else it is built here from the reference). ``labels``: evaluate only
     these (each must have images in the run and in the reference).
+    ``reference_cache``: a dict kept between calls that evaluate several runs against the same reference and test
+    sets; their measurements (the slow part) are made once.
     """
     settings = settings or EvaluationSettings()
     started = time.perf_counter()
@@ -149,8 +152,15 @@ def evaluate_run(
     drawn = finished.samples[finished.samples["image_path"].notna()].reset_index(drop=True)
     cell = latent_cell(finished, settings.latent_cell)
     synthetic = _measure_samples(finished, drawn, judge_set, settings, cell, rng, progress)
-    reference_measures = _measure_reference(ref, judge_set, settings, progress, "reference", settings.ceiling_images)
-    held_measures = _measure_reference(held, judge_set, settings, progress, "test", 0) if held is not None else None
+    def measure(training_set: TrainingSet, what: str, ceiling_count: int) -> dict[str, np.ndarray]:
+        key = (training_set.index_sha256, str(training_set.root), source, repr(settings), ceiling_count)
+        cache = reference_cache if reference_cache is not None else {}
+        if key not in cache:
+            cache[key] = _measure_reference(training_set, judge_set, settings, progress, what, ceiling_count)
+        return cache[key]
+
+    reference_measures = measure(ref, "reference", settings.ceiling_images)
+    held_measures = measure(held, "test", 0) if held is not None else None
 
     accepted = (drawn["decision"] == "accepted").to_numpy()
     report: dict[str, Any] = {

@@ -1,7 +1,8 @@
 """Does the yardstick move where it should? The demo run beside three deliberately broken runs.
 
 Evaluates (``xreal evaluate``) the demo run (``make demo``: demo-output/dataset) and:
-- control off: the demo manifest generated again with ``anatomy_steps: 0`` (no anatomy control);
+- control off: the demo manifest generated again with ``anatomy_steps: 0`` (no anatomy control), with the
+  demo run's sampler options (``make demo``: ``--speed fast``);
 - shuffled masks: the demo run with its pathology masks moved between requests;
 - copies: the demo run with every accepted image replaced by a training image;
 all against the demo model's training phantoms (seed 11) with held-out phantoms (seed 12) for tau, and prints
@@ -40,6 +41,12 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, default=ROOT / "build" / "demo-phantom")
     parser.add_argument("--test", type=Path, default=ROOT / "build" / "held-out-phantom")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "evaluation-sanity")
+    parser.add_argument(
+        "--sampler-options",
+        nargs="*",
+        default=["--speed", "fast"],
+        help="xreal generate's sampler options for the control-off run: those the demo run used (make demo's)",
+    )
     args = parser.parse_args()
 
     if args.work.exists():
@@ -60,6 +67,7 @@ def main() -> None:
             str(args.work / "control-off"),
             "--keep-rejected",
             "--quiet",
+            *args.sampler_options,
         ],
         check=True,
     )

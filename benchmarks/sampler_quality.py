@@ -1,7 +1,8 @@
 """Fast sampling at matched quality: each sampler and step count against the reference settings, on phantoms.
 
-For every setting it generates the same manifest (phantoms of seed 21, never
-used to train or tune the demo model: `xreal manifest from-index`, every label
+For every setting it generates the same manifest (phantoms of ``--phantom-seed``,
+21 by default, never used to train or tune the demo model; choose a setting on
+one seed and confirm it on another: `xreal manifest from-index`, every label
 the same number of times, a few No Finding) with one round and every draw kept
 (`--keep-rejected`), then evaluates it with `xreal evaluate` against the demo
 model's training phantoms (seed 11) and held-out phantoms (seed 12). It prints:
@@ -80,6 +81,7 @@ SETTINGS = [
     _setting("dpmsolver++-10", "dpmsolver++", 10),
     _setting("dpmsolver++-10-half-guided", "dpmsolver++", 10, guidance_interval=(0.0, 0.5)),
     _setting("dpmsolver++-8", "dpmsolver++", 8),
+    _setting("dpmsolver++-8-late-guided", "dpmsolver++", 8, guidance_interval=(0.25, 1.0)),
     _setting("dpmsolver++-6", "dpmsolver++", 6),
     _setting("dpmsolver++-sde-10", "dpmsolver++-sde", 10),
     _setting("unipc-10", "unipc", 10),
@@ -99,14 +101,14 @@ def xreal(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "xreal.cli", *args], check=True, cwd=ROOT)
 
 
-def prepare(work: Path, per_label: int, healthy: int) -> tuple[Path, Path]:
+def prepare(work: Path, per_label: int, healthy: int, seed: int) -> tuple[Path, Path]:
     phantoms, manifest, policy = work / "phantoms", work / "manifest.parquet", work / "policy.yaml"
     if not (phantoms / "index.parquet").is_file():
-        xreal("phantom", "--count", "600", "--size", "64", "--seed", "21", "--out", str(phantoms), "--overwrite")
+        xreal("phantom", "--count", "600", "--size", "64", "--seed", str(seed), "--out", str(phantoms), "--overwrite")
     if not manifest.is_file():
         xreal(
             "manifest", "from-index", str(phantoms), "--out", str(manifest), "--per-label", str(per_label),
-            "--healthy", str(healthy), "--seed", "21",
+            "--healthy", str(healthy), "--seed", str(seed),
         )  # fmt: skip
     policy.write_text("retries:\n  max_rounds: 1\n")  # one draw per image asked: per-draw figures are plain
     return manifest, policy
@@ -217,7 +219,7 @@ def table(results: list[dict]) -> str:
             f"{r['unet_per_accepted']:.1f}",
             f"{base['unet_per_accepted'] / r['unet_per_accepted']:.1f}x",
             f"{r['accepted']}/{r['draws']}",
-            f"{r['accepted_per_hour'] / base['accepted_per_hour']:.1f}x",
+            f"{r['accepted_per_hour'] / base['accepted_per_hour']:.1f}x" if "accepted_per_hour" in r else "-",
             *[fmt(r["figures"][n]) + ("" if v else " (worse)") for n, v in zip(names, verdicts, strict=True)],
             "yes" if all(verdicts) else "no: " + ", ".join(n for n, v in zip(names, verdicts, strict=True) if not v),
         ]
@@ -230,20 +232,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "sampler-quality")
     parser.add_argument("--reference", type=Path, default=ROOT / "build" / "demo-phantom")
     parser.add_argument("--test", type=Path, default=ROOT / "build" / "held-out-phantom")
+    parser.add_argument("--phantom-seed", type=int, default=21, help="seed of the requests' phantoms (not 11 or 12)")
     parser.add_argument("--per-label", type=int, default=7, help="requests of each of the seven pathologies")
     parser.add_argument("--healthy", type=int, default=7, help="No Finding requests")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--only", nargs="+", default=None, help="these settings (and the baseline)")
     parser.add_argument("--baseline", default="ddim-100", help="the setting the others are compared with")
     parser.add_argument("--timing-batch", type=int, default=4, help="pathology requests per timed batch")
-    parser.add_argument("--timing-repeats", type=int, default=2, help="interleaved timed passes (median)")
+    parser.add_argument("--timing-repeats", type=int, default=2, help="interleaved timed passes (median); 0: no timing")
     args = parser.parse_args()
     for folder, seed, count in ((args.reference, 11, 3000), (args.test, 12, 500)):
         if not (folder / "index.parquet").is_file():
             xreal("phantom", "--count", str(count), "--size", "64", "--seed", str(seed), "--out", str(folder))
 
     args.work.mkdir(parents=True, exist_ok=True)
-    manifest, policy = prepare(args.work, args.per_label, args.healthy)
+    manifest, policy = prepare(args.work, args.per_label, args.healthy, args.phantom_seed)
     chosen = [s for s in SETTINGS if s.name == args.baseline]
     chosen += [s for s in SETTINGS if s.name != args.baseline and (args.only is None or s.name in args.only)]
     cache: dict = {}
@@ -256,8 +259,8 @@ def main() -> None:
         results.append(result)
         print(f"{setting.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
-    per_image = time_side_by_side(chosen, args.timing_batch, args.timing_repeats)
-    for r in results:
+    per_image = time_side_by_side(chosen, args.timing_batch, args.timing_repeats) if args.timing_repeats else {}
+    for r in results if per_image else []:
         r["seconds_per_image"] = per_image[r["setting"]]
         r["accepted_per_hour"] = 3600 / per_image[r["setting"]] * r["accepted"] / r["draws"]
     text = table(results)

@@ -27,7 +27,7 @@ def reference(prefect_api, tmp_path_factory):
     from flows.generate import run_generation
 
     folder = tmp_path_factory.mktemp("reference")
-    path = manifest(folder / "m.parquet", samples=4)
+    path = manifest(folder / "m.parquet", samples=4, steps={"steps": 4, "anatomy_steps": 2})  # float64 is slow
     state = run_generation(path, folder / "out", **OPTIONS)
     assert state.is_completed(), state.message
     return path, hashes(folder / "out")

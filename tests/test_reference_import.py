@@ -18,6 +18,7 @@ from diffusers import UNet2DConditionModel
 
 from tests import reference_layout as ref
 from xreal.core.labels import Anatomy
+from xreal.core.settings import SPEEDS
 from xreal.model.bundle import (
     PRESETS,
     build_autoencoder,
@@ -525,7 +526,8 @@ def test_paper_preset_benchmark_runs(tmp_path):
     assert " ".join(rows["cuda-graphs"]) == "skipped (CUDA only)", done.stdout
     # Rungs 1-5 run the same UNet evaluations per image (the reference's grid); the fast preset its own.
     assert {rows[name][4] for name in ran[:-1]} == {"6"}, done.stdout
-    assert "dpmsolver++ 10+10" in " ".join(rows["fast"]), done.stdout
+    fast = SPEEDS["fast"]
+    assert f"{fast.sampler} {fast.steps}+{fast.steps}" in " ".join(rows["fast"]), done.stdout
 
 
 def test_reads_the_old_non_zip_format(tmp_path):

@@ -267,11 +267,14 @@ class XRealPipeline(DiffusionPipeline):
         (soft where keep is fractional).
 
         Blending before step i at ``timesteps[i]`` is the reference's order, and the same as diffusers'
-        inpainting pipelines, which blend after step i at ``timesteps[i + 1]`` and leave the last step's output
-        unblended; ``add_noise`` takes the level from the scheduler's own bookkeeping (its step counter for the
-        multistep solvers). ``eta`` applies to DDIM only; the SDE solver draws its noise from the items' own
-        generators. Guidance runs in the steps whose place in the sequence, as a fraction, lies in
-        ``guidance_interval`` ``[start, stop)``; the others take the conditional pass alone.
+        inpainting pipelines, which blend after step i at ``timesteps[i + 1]``; ``add_noise`` takes the level from
+        the scheduler's own bookkeeping (its step counter for the multistep solvers). When every step blends, the
+        multistep solvers' output is blended once more with ``z0`` itself, as those pipelines do after their last
+        step: a solver's last step jumps to noise level 0 from t = 124 (8 trailing steps), where the known region's
+        error is large. DDIM's last step starts at t = 1; its output stays the reference's, unblended. ``eta``
+        applies to DDIM only; the SDE solver draws its noise from the items' own generators. Guidance runs in the
+        steps whose place in the sequence, as a fraction, lies in ``guidance_interval`` ``[start, stop)``; the
+        others take the conditional pass alone.
         """
         scheduler = self.scheduler if scheduler is None else scheduler
         steps = len(scheduler.timesteps)
@@ -301,6 +304,8 @@ class XRealPipeline(DiffusionPipeline):
                 latents = scheduler.step(eps, t, latents, variance_noise=self._noise(generators, latents)).prev_sample
             else:
                 latents = scheduler.step(eps, t, latents).prev_sample
+            if i == steps - 1 and blend_steps >= steps and not is_ddim:
+                latents = keep * z0 + (1.0 - keep) * latents  # the known region at level 0, where the solver ends
             if callback is not None:
                 latents = (callback(self, i, t, {"latents": latents, "stage": stage}) or {}).get("latents", latents)
         return latents

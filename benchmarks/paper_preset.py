@@ -310,13 +310,8 @@ def main() -> None:
             steps = []  # the stage of every sampler step
             pipeline(
                 *batch_args,
-                num_inference_steps=settings.steps,
-                anatomy_steps=settings.anatomy_steps,
+                **settings.shared_arguments(),
                 guidance_scale=settings.guidance_scale,
-                eta=settings.eta,
-                sampler=settings.sampler,
-                step_grid=settings.step_grid,
-                guidance_interval=settings.guidance_interval,
                 restore_outside=False,
                 autocast_dtype=config.autocast,
                 callback_on_step_end=lambda pipe, i, t, state: steps.append(state["stage"]),

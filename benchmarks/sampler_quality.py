@@ -182,10 +182,14 @@ def time_side_by_side(settings: list[Setting], batch: int, repeats: int) -> dict
             started = time.perf_counter()
             with torch.no_grad():
                 out = pipe(
-                    anatomy, prompts, seeds, masks, num_inference_steps=x.steps, anatomy_steps=x.anatomy_steps,
-                    guidance_scale=x.guidance_scale, soft_scale=x.soft_scale, eta=x.eta, sampler=x.sampler,
-                    step_grid=x.step_grid, guidance_interval=x.guidance_interval,
-                )  # fmt: skip
+                    anatomy,
+                    prompts,
+                    seeds,
+                    masks,
+                    **x.shared_arguments(),
+                    guidance_scale=x.guidance_scale,
+                    soft_scale=x.soft_scale,
+                )
                 judges.score(out.images, maps, masks)
             seconds[setting.name].append((time.perf_counter() - started) / batch)
     return {name: float(np.median(values)) for name, values in seconds.items()}

@@ -136,10 +136,15 @@ def test_run_options_that_contradict_each_other_or_need_a_server_exit_2_before_a
     assert bad_device.exit_code == 2 and "gpu7" in bad_device.output
     assert not out.exists()
 
-    for command in (["serve"], ["submit", manifest, "--out", out]):
-        result = run(*command)
-        assert result.exit_code == 2, result.output
-        assert "needs a Prefect server" in result.output and "PREFECT_API_URL" in result.output
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # No server configured, even after a test of this session started one (prefect_api), which would have serve
+    # run until interrupted.
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        for command in (["serve"], ["submit", manifest, "--out", out]):
+            result = run(*command)
+            assert result.exit_code == 2, result.output
+            assert "needs a Prefect server" in result.output and "PREFECT_API_URL" in result.output
     scheduled = run("serve", "--cron", "0 2 * * *")
     assert scheduled.exit_code == 2 and "a schedule needs --manifest and --out" in scheduled.output
 

@@ -105,6 +105,18 @@ class SamplerSettings:
         guided = sum(guided_step(self.guidance_interval, i, n) for i in range(n)) if self.guidance_scale > 1.0 else 0
         return 2 * n + guided
 
+    def shared_arguments(self) -> dict[str, Any]:
+        """The ``XRealPipeline`` arguments every item of a batch shares (one scheduler per call); guidance and
+        soft scale may differ per item and are passed apart."""
+        return {
+            "num_inference_steps": self.steps,
+            "anatomy_steps": self.anatomy_steps,
+            "eta": self.eta,
+            "sampler": self.sampler,
+            "step_grid": self.step_grid,
+            "guidance_interval": self.guidance_interval,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the guidance interval as a list), as run records pin it."""
         return {**asdict(self), "guidance_interval": list(self.guidance_interval)}

@@ -207,8 +207,7 @@ def make_batches(
         raise XRealError(f"batch size must be at least 1, got {batch_size}")
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
-        x = s.request.settings(defaults)
-        key = (x.sampler, x.step_grid, x.steps, x.anatomy_steps, x.eta, x.guidance_interval)
+        key = tuple(s.request.settings(defaults).shared_arguments().values())
         groups.setdefault(key, []).append(s)
     batches = []
     for members in groups.values():
@@ -389,19 +388,13 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
     anatomy = [s.request.anatomy_map(size) for s in samples]
     masks = [s.request.pathology_mask(a.shape) for s, a in zip(samples, anatomy, strict=True)]
     settings = [s.request.settings(config.sampler) for s in samples]
-    shared = settings[0]  # make_batches grouped the samples by these
     autocast = torch.bfloat16 if config.precision == "bfloat16" else None
     output = pipeline(
         anatomy,
         [list(s.request.labels) for s in samples],
         seeds=[s.seed for s in samples],
         pathology_masks=masks,
-        num_inference_steps=shared.steps,
-        anatomy_steps=shared.anatomy_steps,
-        eta=shared.eta,
-        sampler=shared.sampler,
-        step_grid=shared.step_grid,
-        guidance_interval=shared.guidance_interval,
+        **settings[0].shared_arguments(),  # make_batches grouped the samples by these
         soft_scale=[x.soft_scale for x in settings],
         guidance_scale=[x.guidance_scale for x in settings],
         autocast_dtype=autocast,

@@ -1,8 +1,10 @@
 """Render the README's picture of the demo model: one row per phantom pathology.
 
 Columns: the requested anatomy (right lung red, left lung green, heart blue),
-the requested pathology mask over it, the stage-1 healthy twin, and the final
-image. Anatomies are held-out phantom templates. Usage:
+the requested pathology mask over it, the real phantom of that request (what
+the model should draw), the stage-1 healthy twin, and the final image.
+Anatomies are held-out phantom templates; sampling uses the fast preset unless
+``--sampler``/``--steps`` say otherwise. Usage:
 ``python benchmarks/demo_grid.py [--model DIR] [--out PNG]``.
 """
 
@@ -24,7 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("xreal/bundles/demo_grid.png"))
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--sampler", default="dpmsolver++")
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--scale", type=int, default=3, help="pixel repeat factor for viewing")
     args = parser.parse_args()
     pipe = load_pipeline(args.model)
@@ -41,6 +44,7 @@ def main() -> None:
         masks,
         num_inference_steps=args.steps,
         anatomy_steps=args.steps // 2,
+        sampler=args.sampler,
     )
     rows = []
     for i in range(len(labels)):
@@ -48,11 +52,12 @@ def main() -> None:
         overlay = anatomy.copy()
         overlay[masks[i]] = (0.4 * overlay[masks[i]] + 0.6 * np.array([255, 230, 0])).astype(np.uint8)
         grey = lambda x: np.repeat((np.clip(x, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)  # noqa: E731
-        rows.append(np.concatenate([anatomy, overlay, grey(out.healthy_images[i]), grey(out.images[i])], axis=1))
+        columns = [anatomy, overlay, grey(diseased[i].image), grey(out.healthy_images[i]), grey(out.images[i])]
+        rows.append(np.concatenate(columns, axis=1))
     grid = np.concatenate(rows, axis=0).repeat(args.scale, 0).repeat(args.scale, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(args.out)
-    print(f"wrote {args.out}: rows {', '.join(labels)}; columns anatomy, pathology mask, healthy twin, final")
+    print(f"wrote {args.out}: rows {', '.join(labels)}; columns anatomy, mask, real phantom, healthy twin, final")
 
 
 if __name__ == "__main__":

@@ -385,3 +385,23 @@ def test_bootstrap_interval_resamples_each_size_and_drops_nan():
     assert half_nan == (1.0, 1.0)
     all_nan = bootstrap_interval(lambda idx: np.nan, 5, rounds=10)
     assert np.isnan(all_nan[0]) and np.isnan(all_nan[1])
+
+
+def test_lung_detail_power_sees_ribs_and_vessels_that_a_blur_removes():
+    from xreal.evaluate.metrics import lung_detail_power
+    from xreal.phantom import renderer as phantom
+
+    cases = phantom.generate(8, 64, seed=3, pathologies=[()] * 8)
+    sharp = lung_detail_power(cases.images, cases.anatomy)
+    smooth = lung_detail_power(ndimage.gaussian_filter(cases.images, (0, 1.5, 1.5)), cases.anatomy)
+    assert sharp.shape == (8,) and np.all(smooth < 0.2 * sharp)
+    # Only the lungs count: detail added outside them changes nothing.
+    outside = cases.images.copy()
+    lungs = (cases.anatomy == 1) | (cases.anatomy == 2)
+    grown = ndimage.binary_dilation(lungs, iterations=4, structure=np.ones((1, 3, 3), bool))
+    outside[~grown] += np.random.default_rng(0).normal(0, 0.2, (~grown).sum())
+    assert np.allclose(lung_detail_power(outside, cases.anatomy), sharp)
+    no_lungs = lung_detail_power(cases.images[:1], np.zeros_like(cases.anatomy[:1]))
+    assert np.isnan(no_lungs[0])
+    with pytest.raises(ValueError, match="both be"):
+        lung_detail_power(cases.images[0], cases.anatomy[0])

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.stats import rankdata
 
+from xreal.core.labels import Anatomy
+
 # The standard MS-SSIM weights of Wang, Simoncelli & Bovik (2003), finest scale first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11
@@ -529,6 +531,23 @@ def change_share(image: np.ndarray, twin: np.ndarray, mask: np.ndarray, margin: 
     if total == 0.0:
         return float("nan")
     return float(change[mask].sum() / total)
+
+
+def lung_detail_power(images: np.ndarray, anatomy: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Per image, the mean square of the image minus its Gaussian blur (``sigma`` pixels) over the lungs.
+
+    ``images`` are ``[N, H, W]`` in [0, 1] and ``anatomy`` their label maps (Anatomy ids). The high-pass keeps
+    what a smooth image lacks: rib edges, vessels and noise. NaN for an image without lungs.
+    """
+    images = np.asarray(images, dtype=np.float64)
+    anatomy = np.asarray(anatomy)
+    if images.ndim != 3 or images.shape != anatomy.shape:
+        raise ValueError(f"images and label maps must both be [N, H, W], got {images.shape} and {anatomy.shape}")
+    detail = images - ndimage.gaussian_filter(images, (0.0, sigma, sigma), mode="nearest")
+    lungs = (anatomy == Anatomy.RIGHT_LUNG) | (anatomy == Anatomy.LEFT_LUNG)
+    area = lungs.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(area > 0, (detail**2 * lungs).sum(axis=(1, 2)) / area, np.nan)
 
 
 # --- Classifiers and intervals ---------------------------------------------------------------------------------

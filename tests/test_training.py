@@ -98,3 +98,71 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
         cli, ["train", "autoencoder", "--index", str(tmp_path), "--out", str(tmp_path / "x"), "--steps", "1"]
     )
     assert empty.exit_code == 2 and "cannot read training index" in empty.output
+
+
+def test_detail_loss_training_resumes_exactly_across_the_discriminator_start(data, tmp_path):
+    """Perceptual network, discriminator and its optimizer state all come back on a resume: a run stopped after
+    step 3 (the discriminator joins at step 2) ends where an uninterrupted run does."""
+    from xreal.model.autoencoder_loss import PERCEPTUAL_FILE, DetailLoss
+
+    detail = DetailLoss(discriminator_start=2, perceptual_steps=4, discriminator_width=8)
+    straight_run = TrainingRun(tmp_path / "a", steps=5, batch_size=4, checkpoint_every=3)
+    straight = train_autoencoder(data, straight_run, preset="tiny", detail=detail)
+    train_autoencoder(data, TrainingRun(tmp_path / "b", steps=3, batch_size=4), preset="tiny", detail=detail)
+    assert (tmp_path / "b" / PERCEPTUAL_FILE).is_file()
+    checkpoint = tmp_path / "b" / "checkpoints" / "step-3"
+    assert {"model.safetensors", "discriminator.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    resumed_run = TrainingRun(tmp_path / "b", steps=5, batch_size=4, checkpoint_every=3)
+    resumed = train_autoencoder(data, resumed_run, preset="tiny", detail=detail)
+    assert resumed_run.log["resumed_from"] == 3 and resumed_run.log["detail_loss"] == detail.to_dict()
+    assert states_equal(straight, resumed)
+    plain = train_autoencoder(data, TrainingRun(tmp_path / "c", steps=5, batch_size=4), preset="tiny")
+    assert not states_equal(straight, plain)
+
+
+def test_adversarial_term_trains_the_decoder_and_the_hinge_trains_the_discriminator(data):
+    """One optimizer steps both networks, so the generator's term must not reach the discriminator's weights
+    and the discriminator's hinge must not reach the autoencoder."""
+    import torch.nn.functional as F
+
+    from xreal.model.autoencoder_loss import DetailLoss, PatchDiscriminator, autoencoder_loss
+
+    torch.manual_seed(0)
+    model, disc = build_autoencoder(get_preset("tiny")), PatchDiscriminator(width=8)
+    images = data.images[:4]
+    detail = DetailLoss(discriminator_start=0, perceptual_weight=0.0)
+    loss = autoencoder_loss(model, images, images, torch.Generator().manual_seed(1), 1e-6, 5, detail, None, disc)
+    loss.backward()
+    with_adversarial = [p.grad.clone() for p in disc.parameters()]
+    decoder_grad = model.decoder.conv_out.weight.grad.clone()
+
+    for p in (*disc.parameters(), *model.parameters()):
+        p.grad = None
+    posterior = model.encode(images).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1))
+    reconstruction = model.decode(posterior.mean + posterior.std * noise).sample
+    hinge = 0.5 * (F.relu(1.0 - disc(images)).mean() + F.relu(1.0 + disc(reconstruction.detach())).mean())
+    hinge.backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(with_adversarial, disc.parameters(), strict=True))
+    assert model.decoder.conv_out.weight.grad is None  # the hinge saw detached reconstructions
+
+    for p in model.parameters():
+        p.grad = None
+    plain = autoencoder_loss(model, images, images, torch.Generator().manual_seed(1), 1e-6)
+    plain.backward()
+    assert not torch.allclose(decoder_grad, model.decoder.conv_out.weight.grad)  # the adversarial term counted
+
+
+def test_perceptual_distance_is_zero_for_the_same_image_and_grows_with_blur(data):
+    from scipy import ndimage
+
+    from xreal.model.autoencoder_loss import PerceptualDistance, train_perceptual_network
+
+    network = train_perceptual_network(data.images, data.labels, steps=3, batch_size=4)
+    distance = PerceptualDistance(network)
+    images = data.images[:6]
+    assert torch.allclose(distance(images, images), torch.zeros(6), atol=1e-6)
+    slight = torch.from_numpy(ndimage.gaussian_filter(images.numpy(), (0, 0, 0.5, 0.5))).float()
+    strong = torch.from_numpy(ndimage.gaussian_filter(images.numpy(), (0, 0, 2.0, 2.0))).float()
+    assert torch.all(distance(images, strong) > distance(images, slight))
+    assert not any(p.requires_grad for p in distance.parameters())

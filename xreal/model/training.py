@@ -41,6 +41,14 @@ from xreal.core.images import read_image
 from xreal.core.labels import CHEXPERT_LABELS, prompt_for
 from xreal.core.masks import read_label_map, resize_label_map
 from xreal.data.training_index import read_training_index
+from xreal.model.autoencoder_loss import (
+    PERCEPTUAL_FILE,
+    DetailLoss,
+    PatchDiscriminator,
+    PerceptualDistance,
+    autoencoder_loss,
+    train_perceptual_network,
+)
 from xreal.model.bundle import build_autoencoder, build_pipeline, get_preset, save_bundle, write_model_card
 from xreal.model.sampling import label_map_image
 
@@ -56,6 +64,7 @@ class TrainingSet:
     label_maps: torch.Tensor
     prompts: list[str]
     findings: list[str]
+    labels: torch.Tensor  # [N, len(CHEXPERT_LABELS)] bool: the positive labels
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -86,6 +95,7 @@ def load_training_set(index_dir: str | Path, size: int, split: str | None = "tra
         torch.from_numpy(np.stack(maps)).long(),
         prompts,
         frame["finding"].fillna("").tolist(),
+        torch.from_numpy(labels),
     )
 
 
@@ -160,7 +170,7 @@ def _train(
 ) -> Accelerator:
     """The shared loop: resume, step, checkpoint, preview.
 
-    ``loss_fn(rng, generator, device, modules)`` returns the loss of one step,
+    ``loss_fn(step, rng, generator, device, modules)`` returns the loss of one step,
     computed with ``modules`` (the accelerator-prepared ones, so gradients are
     synchronised across GPUs). ``preview(modules)`` returns an image grid in
     [0, 1], saved as ``previews/step-N.png``.
@@ -189,7 +199,7 @@ def _train(
     for step in bar:
         rng, generator = run.step_generator(step, accelerator.process_index)
         with accelerator.autocast():
-            loss = loss_fn(rng, generator, accelerator.device, live)
+            loss = loss_fn(step, rng, generator, accelerator.device, live)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -234,36 +244,69 @@ def _latents(autoencoder: AutoencoderKL, images: torch.Tensor, chunk: int = 64) 
     )
 
 
-def _autoencoder_loss(
-    model: AutoencoderKL, inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    posterior = model.encode(inputs).latent_dist
-    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
-    latents = posterior.mean + posterior.std * noise
-    reconstruction = model.decode(latents).sample
-    return F.l1_loss(reconstruction, targets) + KL_WEIGHT * posterior.kl().mean()
+def _perceptual_distance(data: TrainingSet, run: TrainingRun, detail: DetailLoss) -> PerceptualDistance:
+    """The run's perceptual network: trained on the training set's labels once, then read back on a resume."""
+    from xreal.judges.judging import build_phantom_classifier
+
+    path = run.out / PERCEPTUAL_FILE
+    if path.is_file():
+        network = build_phantom_classifier([f"label {k}" for k in range(data.labels.shape[1])])
+        network.op_threshs = None
+        network.load_state_dict(load_file(path))
+    else:
+        network = train_perceptual_network(data.images, data.labels, steps=detail.perceptual_steps, seed=run.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in network.state_dict().items()}, path)
+    return PerceptualDistance(network)
 
 
 def train_autoencoder(
-    data: TrainingSet, run: TrainingRun, preset: str = "demo", anatomy_controller: bool = False
+    data: TrainingSet,
+    run: TrainingRun,
+    preset: str = "demo",
+    anatomy_controller: bool = False,
+    detail: DetailLoss | None = None,
 ) -> AutoencoderKL:
     """Train the first-stage autoencoder, or the Anatomy Controller with ``anatomy_controller=True``.
 
     The controller sees the anatomy label map (scaled to [-1, 1], 3 channels)
     instead of the image with probability 0.5 and always reconstructs the image.
+    ``detail`` adds the perceptual and patch-discriminator terms
+    (:mod:`xreal.model.autoencoder_loss`) to L1 + KL.
     """
     with _seeded(run.seed):
         model = build_autoencoder(get_preset(preset))
+        discriminator = (
+            PatchDiscriminator(width=detail.discriminator_width, layers=detail.discriminator_layers)
+            if detail is not None and detail.discriminator_start < run.steps
+            else None
+        )
     masks = label_map_image(data.label_maps) * 2.0 - 1.0
+    perceptual = _perceptual_distance(data, run, detail) if detail is not None and detail.perceptual_weight else None
+    modules: dict[str, nn.Module] = {"model": model}
+    if discriminator is not None:
+        modules["discriminator"] = discriminator
+    if detail is not None:
+        run.log["detail_loss"] = detail.to_dict()
 
-    def loss_fn(rng, generator, device, modules):
+    def loss_fn(step, rng, generator, device, modules):
         idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
         targets = data.images[idx]
         inputs = targets
         if anatomy_controller:
             use_mask = torch.from_numpy(rng.random(run.batch_size) < 0.5)[:, None, None, None]
             inputs = torch.where(use_mask, masks[idx], targets)
-        return _autoencoder_loss(modules["model"], inputs.to(device), targets.to(device), generator)
+        return autoencoder_loss(
+            modules["model"],
+            inputs.to(device),
+            targets.to(device),
+            generator,
+            KL_WEIGHT,
+            step=step,
+            detail=detail,
+            perceptual=perceptual.to(device) if perceptual is not None else None,
+            discriminator=modules.get("discriminator"),
+        )
 
     shown = (masks if anatomy_controller else data.images)[:8]
 
@@ -276,7 +319,7 @@ def train_autoencoder(
 
     _train(
         run,
-        {"model": model},
+        modules,
         loss_fn,
         preview=preview,
         description="anatomy controller" if anatomy_controller else "autoencoder",
@@ -315,7 +358,7 @@ def train_backbone(
     alphas = scheduler.alphas_cumprod
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
 
-    def loss_fn(rng, generator, device, modules):
+    def loss_fn(step, rng, generator, device, modules):
         unet, text_encoder = modules["unet"], modules["text_encoder"]
         idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
         z0 = latents[idx]

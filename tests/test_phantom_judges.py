@@ -45,3 +45,29 @@ def test_classifier_carries_its_labels_and_takes_xrv_input():
     assert set(scores) == set(phantom.PHANTOM_PATHOLOGIES)
     assert all(s.shape == (2,) and ((s >= 0) & (s <= 1)).all() for s in scores.values())
     assert torch.is_grad_enabled()
+
+
+def test_judges_trained_on_upsampled_phantoms_judge_generated_images_upsampled_the_same_way(tmp_path):
+    """A set trained on 64 px phantoms seen at 128 px records 128 as its size; judging a 64 px image through it
+    upsamples it bilinearly, exactly as training did."""
+    from xreal.judges.judging import classifier_input, load_judges, resize_inputs
+    from xreal.judges.phantom_judges import train_phantom_judges
+
+    folder = train_phantom_judges(
+        tmp_path / "judges",
+        size=64,
+        input_size=128,
+        segmenter_steps=2,
+        classifier_steps=2,
+        train_count=16,
+        held_out_count=16,
+    )
+    judges = load_judges(str(folder))
+    assert judges.image_size == 128 and "upsampled to 128" in (folder / "judges.json").read_text()
+    images = phantom.generate(3, 64, seed=8).images
+    inputs = judges.classifier_inputs(images)
+    assert inputs.shape == (3, 1, 128, 128)
+    assert torch.allclose(inputs, resize_inputs(classifier_input(images), 128))
+    # The segmenter stays at the phantoms' 64 px: it gets the classifier's input shrunk back.
+    assert judges.segmenter_size == 64 and judges.segment(images).shape == (3, 64, 64)
+    assert resize_inputs(inputs, 128) is inputs and resize_inputs(inputs, None) is inputs

@@ -140,17 +140,23 @@ def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
 @train.command("judges")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Judge set folder.")
 @click.option("--size", type=click.IntRange(64, 512), default=64, show_default=True, help="Image side in pixels.")
+@click.option(
+    "--input-size",
+    type=click.IntRange(64, 512),
+    default=None,
+    help="Upsample the phantoms to this size before the judges see them (default: --size); generated images are "
+    "upsampled the same way when judged.",
+)
 @click.option("--seed", type=int, default=2024, show_default=True)
-def train_judges_command(out: Path, size: int, seed: int) -> None:
+def train_judges_command(out: Path, size: int, input_size: int | None, seed: int) -> None:
     """Train and calibrate the phantom judge set (classifier, segmenter, realism reference) on phantoms."""
     from xreal.core.records import BUNDLE_FILE, record_bundle_files
     from xreal.judges.phantom_judges import train_phantom_judges
 
-    click.echo(f"wrote {train_phantom_judges(out, size=size, seed=seed)}")
+    click.echo(f"wrote {train_phantom_judges(out, size=size, seed=seed, input_size=input_size)}")
     if (out.resolve().parent / BUNDLE_FILE).is_file():  # a bundle's own judge set: its record pins the new files
         record_bundle_files(out.resolve().parent)
         click.echo(f"recorded the new judge files in {out.resolve().parent / BUNDLE_FILE}")
-
 
 
 _CHECKPOINT = click.Path(dir_okay=False, path_type=Path)
@@ -212,4 +218,3 @@ def import_reference_command(
         f"The weights are licensed {result.licence}: non-commercial use, with attribution. Generate with: "
         f"xreal generate MANIFEST --model {out} --policy POLICY (judges: torchxrayvision)"
     )
-

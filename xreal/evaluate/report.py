@@ -257,7 +257,7 @@ def _measure_samples(
 ) -> dict[str, np.ndarray]:
     """Stream the run's images (and twins): features, thumbnails, label scores and control figures per image."""
     n = len(drawn)
-    seg_size = judge_set.image_size
+    seg_size = judge_set.segmentation_size
     anatomy_of = lru_cache(maxsize=4096)(lambda rel: resize_label_map(read_label_map(run.path(rel)), seg_size))
     partners = _random_partners(drawn["request_id"].to_numpy(), rng)
     found: dict[str, list] = {
@@ -356,7 +356,7 @@ def _measure_reference(
             segmented = judge_set.segment(images)
             for offset, relative in enumerate(ref.frame["anatomy_path"].iloc[start : start + len(images)]):
                 if isinstance(relative, str) and relative:
-                    requested = resize_label_map(read_label_map(ref.resolve(relative)), judge_set.image_size)
+                    requested = resize_label_map(read_label_map(ref.resolve(relative)), judge_set.segmentation_size)
                     dice_values.append(_mean_dice(requested, segmented[offset], None))
         bar.update(len(images))
     bar.close()

@@ -68,6 +68,14 @@ def classifier_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).float()[:, None] * 2048.0 - 1024.0
 
 
+def resize_inputs(inputs: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``[B, C, H, W]`` inputs at ``size`` px: area-averaged when shrinking, bilinear when growing, unchanged when
+    ``size`` is None or already theirs."""
+    if size is None or inputs.shape[-1] == size:
+        return inputs
+    return F.interpolate(inputs, size=(size, size), mode="area" if inputs.shape[-1] > size else "bilinear")
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice overlap of two boolean masks (1.0 when both are empty)."""
     total = a.sum() + b.sum()
@@ -181,6 +189,7 @@ class JudgeSet:
     realism: RealismReference | ReconstructionError | None
     files: dict[str, str] = field(default_factory=dict)  # weight file -> sha256
     folder: Path | None = None
+    segmenter_size: int | None = None  # when the segmenter works at another size than the classifier
 
     @property
     def labels(self) -> list[str]:
@@ -190,11 +199,7 @@ class JudgeSet:
     def classifier_inputs(self, images: np.ndarray) -> torch.Tensor:
         """Images ``[B, H, W]`` in [0, 1] -> the classifier's input on its device: [-1024, 1024] at its size."""
         clean = np.nan_to_num(np.asarray(images, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, 1.0)
-        inputs = classifier_input(clean).to(next(self.classifier.parameters()).device)
-        if inputs.shape[-1] != self.image_size:
-            mode = "area" if inputs.shape[-1] > self.image_size else "bilinear"
-            inputs = F.interpolate(inputs, size=(self.image_size, self.image_size), mode=mode)
-        return inputs
+        return resize_inputs(classifier_input(clean).to(next(self.classifier.parameters()).device), self.image_size)
 
     @torch.no_grad()
     def features(self, images: np.ndarray) -> np.ndarray:
@@ -206,15 +211,21 @@ class JudgeSet:
         """
         return self.classifier.features2(self.classifier_inputs(images)).float().cpu().numpy()
 
+    @property
+    def segmentation_size(self) -> int:
+        """Side of the label maps :meth:`segment` returns."""
+        return self.segmenter_size or self.image_size
+
     @torch.no_grad()
     def segment(self, images: np.ndarray) -> np.ndarray:
-        """Anatomy label maps ``[B, S, S]`` (uint8, S the judges' size) of images ``[B, H, W]`` in [0, 1]."""
+        """Anatomy label maps ``[B, S, S]`` (uint8, S :attr:`segmentation_size`) of images ``[B, H, W]`` in [0, 1]."""
         if self.segmenter is None:
             raise JudgeError(f"the {self.kind} judge set has no anatomy segmenter")
         return self._segment(self.classifier_inputs(images))
 
     def _segment(self, inputs: torch.Tensor) -> np.ndarray:
-        """Label maps of classifier inputs (the segmenter reads [0, 1] at the judges' size)."""
+        """Label maps of classifier inputs (the segmenter reads [0, 1] at its own size)."""
+        inputs = resize_inputs(inputs, self.segmenter_size)
         return self.segmenter((inputs + 1024.0) / 2048.0).argmax(1).cpu().numpy().astype(np.uint8)
 
     @property
@@ -306,6 +317,7 @@ def save_phantom_judges(
     architecture: dict[str, Any],
     trained_on: str,
     metrics: dict[str, Any] | None = None,
+    segmenter_size: int | None = None,
 ) -> Path:
     """Write a phantom judge set: safetensors weights and ``judges.json`` with thresholds and checksums."""
     folder = Path(folder)
@@ -333,6 +345,7 @@ def save_phantom_judges(
             "file": files[1],
             "class": "xreal.phantom_judges.PhantomSegmenter",
             "config": dict(segmenter.config),
+            "image_size": segmenter_size or image_size,
         },
         "realism": {"file": files[2], "threshold": realism.threshold},
         "trained_on": trained_on,
@@ -387,7 +400,14 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
     stats = load_file(folder / record["realism"]["file"])
     realism = RealismReference(stats["mean"], stats["precision"], float(record["realism"]["threshold"]))
     judges = JudgeSet(
-        "phantom", record["image_size"], classifier.eval(), segmenter.eval(), realism, record["files"], folder
+        "phantom",
+        record["image_size"],
+        classifier.eval(),
+        segmenter.eval(),
+        realism,
+        record["files"],
+        folder,
+        record["segmenter"].get("image_size"),
     )
     return judges.to(device)
 

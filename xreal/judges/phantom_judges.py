@@ -25,6 +25,7 @@ from xreal.judges.judging import (
     build_phantom_classifier,
     classifier_input,
     dice,
+    resize_inputs,
     save_phantom_judges,
 )
 from xreal.judges.phantom_segmenter import PhantomSegmenter
@@ -70,10 +71,16 @@ def phantom_classifier(growth_rate: int = 16, block_config: tuple[int, ...] = (4
     return build_phantom_classifier(phantom.PHANTOM_PATHOLOGIES, growth_rate, block_config)
 
 
-def train_phantom_classifier(size: int = 64, count: int = 3000, steps: int = 800, seed: int = 321):
-    """Train the classifier on phantoms (multi-label, one output per phantom pathology)."""
+def train_phantom_classifier(
+    size: int = 64, count: int = 3000, steps: int = 800, seed: int = 321, input_size: int | None = None
+):
+    """Train the classifier on phantoms (multi-label, one output per phantom pathology).
+
+    ``input_size`` upsamples the ``size`` px phantoms first: the DenseNet's stem shrinks its input four times
+    before the first dense block, which leaves a 2-pixel plate of atelectasis half a cell wide at 64 px.
+    """
     cases = phantom.generate(count, size, seed=seed)
-    images = classifier_input(cases.images)
+    images = resize_inputs(classifier_input(cases.images), input_size)
     targets = torch.tensor(
         [[label in labels for label in phantom.PHANTOM_PATHOLOGIES] for labels in cases.labels], dtype=torch.float32
     )
@@ -84,9 +91,10 @@ def train_phantom_classifier(size: int = 64, count: int = 3000, steps: int = 800
 
 
 @torch.no_grad()
-def classify(model, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Probability of each label for images ``[B, H, W]`` in [0, 1] (calibrated when the model has op_threshs)."""
-    outputs = model(classifier_input(images))
+def classify(model, images: np.ndarray, input_size: int | None = None) -> dict[str, np.ndarray]:
+    """Probability of each label for images ``[B, H, W]`` in [0, 1] (calibrated when the model has op_threshs),
+    upsampled to ``input_size`` first for a classifier trained that way."""
+    outputs = model(resize_inputs(classifier_input(images), input_size))
     probabilities = (outputs if getattr(model, "op_threshs", None) is not None else torch.sigmoid(outputs)).numpy()
     return {label: probabilities[:, i] for i, label in enumerate(model.pathologies)}
 
@@ -126,26 +134,35 @@ def train_phantom_judges(
     classifier_steps: int = 1500,
     train_count: int = 3000,
     held_out_count: int = 800,
+    input_size: int | None = None,
 ) -> Path:
     """Train, calibrate and save the phantom judge set (classifier, segmenter, realism reference).
 
+    The judges see ``size`` px phantoms, upsampled to ``input_size`` when given (the set's recorded image size, so
+    :meth:`JudgeSet.classifier_inputs` upsamples generated images the same way).
     Calibration and the realism threshold use held-out phantoms of another seed:
     each label's operating point keeps 95% specificity there (:func:`operating_point`).
     """
+    input_size = input_size or size
     with torch.enable_grad():
         segmenter = train_phantom_segmenter(size, count=train_count, steps=segmenter_steps, seed=seed)
-        classifier = train_phantom_classifier(size, count=train_count, steps=classifier_steps, seed=seed + 1)
+        classifier = train_phantom_classifier(
+            size, count=train_count, steps=classifier_steps, seed=seed + 1, input_size=input_size
+        )
     training = phantom.generate(train_count, size, seed=seed + 1)
     held_out = phantom.generate(held_out_count, size, seed=seed + 2)
-    probabilities = torch.sigmoid(classifier(classifier_input(held_out.images))).numpy()
+    held_out_inputs = resize_inputs(classifier_input(held_out.images), input_size)
+    probabilities = torch.sigmoid(classifier(held_out_inputs)).numpy()
     truth = np.array([[label in labels for label in classifier.pathologies] for labels in held_out.labels])
     thresholds = [operating_point(probabilities[:, i], truth[:, i]) for i in range(truth.shape[1])]
     classifier.op_threshs = torch.tensor(thresholds, dtype=torch.float32)
     detected = probabilities >= np.array(thresholds)
     realism = RealismReference.fit(
-        classifier.features2(classifier_input(training.images)), classifier.features2(classifier_input(held_out.images))
+        classifier.features2(resize_inputs(classifier_input(training.images), input_size)),
+        classifier.features2(held_out_inputs),
     )
-    found = segmenter.segment(held_out.images)
+    # The segmenter works at the phantoms' size; judged images reach it resized from the classifier's input.
+    found = segmenter.segment(((resize_inputs(held_out_inputs, size)[:, 0] + 1024.0) / 2048.0).numpy())
     metrics = {
         "held_out": f"{held_out_count} phantoms, seed {seed + 2}",
         "sensitivity": {lab: float(detected[truth[:, i], i].mean()) for i, lab in enumerate(classifier.pathologies)},
@@ -159,8 +176,11 @@ def train_phantom_judges(
         "realism_threshold": realism.threshold,
     }
     architecture = {"growth_rate": 16, "block_config": [4, 4, 4], "num_init_features": 32}
+    seen = f"phantoms at {size} px" + (f", upsampled to {input_size}" if input_size != size else "")
     trained_on = (
-        f"phantoms at {size} px: segmenter {train_count} (seed {seed}, {segmenter_steps} steps), classifier and "
+        f"{seen}: segmenter {train_count} (seed {seed}, {segmenter_steps} steps), classifier and "
         f"realism reference {train_count} (seed {seed + 1}, {classifier_steps} steps)"
     )
-    return save_phantom_judges(out, classifier, segmenter, realism, size, architecture, trained_on, metrics)
+    return save_phantom_judges(
+        out, classifier, segmenter, realism, input_size, architecture, trained_on, metrics, segmenter_size=size
+    )

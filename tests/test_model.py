@@ -142,3 +142,17 @@ def test_paper_preset_has_the_reference_architecture():
     with torch.device("meta"):
         text = build_text_encoder(paper, 30522)
     assert text.config.max_positions == 150 and text.blocks[0].to_qkv.weight.shape == (3 * 512, 1280)
+
+
+def test_model_card_of_a_run_resumed_from_its_last_checkpoint(tmp_path):
+    """`make demo-model` rerun after its last checkpoint trains no step, so a part has no final loss; the card
+    must still be written (it crashed the end of a resumed retrain)."""
+    from xreal.model.bundle import write_model_card
+
+    runs = {
+        "autoencoder": {"steps": 1200, "resumed_from": 1200, "seconds": 0.0, "final_loss": None, "batch_size": 16},
+        "backbone": {"steps": 6000, "resumed_from": 2000, "seconds": 12.5, "final_loss": 0.029, "batch_size": 32},
+    }
+    folder = save_bundle(build_pipeline("tiny"), tmp_path / "b", training={"data": "none", "runs": runs})
+    text = write_model_card(folder).read_text()
+    assert "| autoencoder | 1200 | 16 | 0.0 | - |" in text and "| backbone | 6000 | 32 | 12.5 | 0.0290 |" in text

@@ -192,9 +192,11 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
     if training.get("runs"):
         lines += ["## Training runs", "", "| part | steps | batch | seconds | final loss |", "|---|---|---|---|---|"]
     for name, run in training.get("runs", {}).items():
+        # A run resumed from its last checkpoint trains no step this time and has no final loss.
+        loss = run.get("final_loss")
         lines.append(
             f"| {name} | {run.get('steps')} | {run.get('batch_size', '')} | {run.get('seconds')} | "
-            f"{run.get('final_loss', 0):.4f} |"
+            f"{'-' if loss is None else f'{loss:.4f}'} |"
         )
     if training.get("imported_from"):
         lines += ["## Imported from", "", "| file | sha256 | keys | used | not used |", "|---|---|---|---|---|"]

@@ -158,7 +158,7 @@ def test_perceptual_distance_is_zero_for_the_same_image_and_grows_with_blur(data
 
     from xreal.model.autoencoder_loss import PerceptualDistance, train_perceptual_network
 
-    network = train_perceptual_network(data.images, data.labels, steps=3, batch_size=4)
+    network = train_perceptual_network(data.images, data.labels, steps=3)
     distance = PerceptualDistance(network)
     images = data.images[:6]
     assert torch.allclose(distance(images, images), torch.zeros(6), atol=1e-6)

@@ -40,10 +40,10 @@ def train_phantom_segmenter(size: int = 64, count: int = 2000, steps: int = 600,
     images = torch.from_numpy(cases.images)[:, None]
     targets = torch.from_numpy(cases.anatomy).long()
     torch.manual_seed(seed)
-    return _fit(PhantomSegmenter(), images, targets, F.cross_entropy, steps, 2e-3, seed, "segmenter")
+    return fit(PhantomSegmenter(), images, targets, F.cross_entropy, steps, 2e-3, seed, "segmenter")
 
 
-def _fit(
+def fit(
     model: nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
@@ -85,7 +85,7 @@ def train_phantom_classifier(
         [[label in labels for label in phantom.PHANTOM_PATHOLOGIES] for labels in cases.labels], dtype=torch.float32
     )
     torch.manual_seed(seed)
-    return _fit(
+    return fit(
         phantom_classifier(), images, targets, F.binary_cross_entropy_with_logits, steps, 1e-3, seed, "classifier"
     )
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
-from tqdm.auto import tqdm
 
 PERCEPTUAL_FILE = "perceptual.safetensors"
 
@@ -99,28 +97,26 @@ class PatchDiscriminator(nn.Module):
         return self.net(images)
 
 
-def train_perceptual_network(
-    images: torch.Tensor, labels: torch.Tensor, steps: int = 600, batch_size: int = 32, seed: int = 0
-) -> nn.Module:
+def perceptual_network(label_count: int) -> nn.Module:
+    """The untrained small torchxrayvision DenseNet :func:`train_perceptual_network` trains (raw logits out)."""
+    from xreal.judges.judging import build_phantom_classifier
+
+    network = build_phantom_classifier([f"label {k}" for k in range(label_count)])
+    network.op_threshs = None
+    return network
+
+
+def train_perceptual_network(images: torch.Tensor, labels: torch.Tensor, steps: int = 600, seed: int = 0) -> nn.Module:
     """Train a small torchxrayvision DenseNet to predict ``labels`` ``[N, L]`` (multi-label) from ``images``
     ``[N, C, H, W]`` in [-1, 1]; the features it learns are those :class:`PerceptualDistance` compares."""
-    from xreal.judges.judging import build_phantom_classifier
+    from xreal.judges.phantom_judges import fit
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        network = build_phantom_classifier([f"label {k}" for k in range(labels.shape[1])])
-    network.op_threshs = None
+        network = perceptual_network(labels.shape[1])
     inputs = images.mean(1, keepdim=True) * 1024.0
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
-    rng = np.random.default_rng(seed)
-    network.train()
-    for _ in tqdm(range(steps), desc="perceptual network"):
-        idx = torch.from_numpy(rng.integers(0, len(inputs), batch_size))
-        loss = F.binary_cross_entropy_with_logits(network(inputs[idx]), labels[idx].float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return network.eval()
+    loss = F.binary_cross_entropy_with_logits
+    return fit(network, inputs, labels.float(), loss, steps, 1e-3, seed, "perceptual network")
 
 
 def autoencoder_loss(

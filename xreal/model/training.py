@@ -47,6 +47,7 @@ from xreal.model.autoencoder_loss import (
     PatchDiscriminator,
     PerceptualDistance,
     autoencoder_loss,
+    perceptual_network,
     train_perceptual_network,
 )
 from xreal.model.bundle import build_autoencoder, build_pipeline, get_preset, save_bundle, write_model_card
@@ -246,12 +247,9 @@ def _latents(autoencoder: AutoencoderKL, images: torch.Tensor, chunk: int = 64) 
 
 def _perceptual_distance(data: TrainingSet, run: TrainingRun, detail: DetailLoss) -> PerceptualDistance:
     """The run's perceptual network: trained on the training set's labels once, then read back on a resume."""
-    from xreal.judges.judging import build_phantom_classifier
-
     path = run.out / PERCEPTUAL_FILE
     if path.is_file():
-        network = build_phantom_classifier([f"label {k}" for k in range(data.labels.shape[1])])
-        network.op_threshs = None
+        network = perceptual_network(data.labels.shape[1])
         network.load_state_dict(load_file(path))
     else:
         network = train_perceptual_network(data.images, data.labels, steps=detail.perceptual_steps, seed=run.seed)

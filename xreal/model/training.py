@@ -133,7 +133,16 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(run: TrainingRun, step: int, modules: dict[str, nn.Module], optimizer, ema: EMAModel | None):
+def _save_checkpoint(
+    run: TrainingRun,
+    step: int,
+    modules: dict[str, nn.Module],
+    optimizer,
+    ema: EMAModel | None,
+    seconds: float = 0.0,
+    losses: list[float] | None = None,
+):
+    """Write the part's state at ``step`` (with the training seconds and recent losses so far, for the record)."""
     folder = run.out / "checkpoints" / f"step-{step}"
     staging = folder.with_name(folder.name + ".part")
     shutil.rmtree(staging, ignore_errors=True)
@@ -145,20 +154,22 @@ def _save_checkpoint(run: TrainingRun, step: int, modules: dict[str, nn.Module],
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     if ema is not None:
         torch.save(ema.state_dict(), staging / "ema.pt")
-    (staging / "state.json").write_text(json.dumps({"step": step}))
+    (staging / "state.json").write_text(json.dumps({"step": step, "seconds": seconds, "losses": losses or []}))
     staging.rename(folder)
     for old in run.out.glob("checkpoints/step-*"):
         if old != folder:
             shutil.rmtree(old)
 
 
-def _load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer, ema: EMAModel | None) -> int:
+def _load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer, ema: EMAModel | None) -> dict:
+    """Load a checkpoint into ``modules``, ``optimizer`` and ``ema``; return its state (step, seconds, losses)."""
     for name, module in modules.items():
         module.load_state_dict(load_file(folder / f"{name}.safetensors"))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     if ema is not None:
         ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=True))
-    return json.loads((folder / "state.json").read_text())["step"]
+    state = json.loads((folder / "state.json").read_text())
+    return {"seconds": 0.0, "losses": [], **state}  # checkpoints written before the seconds were kept
 
 
 def _train(
@@ -179,17 +190,17 @@ def _train(
     accelerator = Accelerator(mixed_precision=run.mixed_precision, cpu=not torch.cuda.is_available())
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=0.0)
-    start = 0
+    start, earlier_seconds, losses = 0, 0.0, []
     latest = _latest_checkpoint(run.out)
     if latest is not None:
-        start = _load_checkpoint(latest, modules, optimizer, ema)
+        state = _load_checkpoint(latest, modules, optimizer, ema)
+        start, earlier_seconds, losses = state["step"], state["seconds"], state["losses"]
     prepared = accelerator.prepare(*modules.values(), optimizer)
     optimizer = prepared[-1]
     live = dict(zip(modules, prepared[:-1], strict=True))
     if ema is not None:
         ema.to(accelerator.device)
     began = time.perf_counter()
-    losses = []
     bar = tqdm(
         range(start, run.steps),
         initial=start,
@@ -211,14 +222,20 @@ def _train(
         done = step + 1 == run.steps
         if (step + 1) % run.checkpoint_every == 0 or done:
             _save_checkpoint(
-                run, step + 1, {k: accelerator.unwrap_model(m) for k, m in modules.items()}, optimizer, ema
+                run,
+                step + 1,
+                {k: accelerator.unwrap_model(m) for k, m in modules.items()},
+                optimizer,
+                ema,
+                seconds=earlier_seconds + time.perf_counter() - began,
+                losses=losses[-50:],
             )
         if preview is not None and accelerator.is_main_process and ((step + 1) % run.preview_every == 0 or done):
             _save_preview(run.out / "previews" / f"step-{step + 1}.png", preview, modules)
     run.log.update(
         steps=run.steps,
         resumed_from=start,
-        seconds=round(time.perf_counter() - began, 1),
+        seconds=round(earlier_seconds + time.perf_counter() - began, 1),  # over every call, resumes included
         final_loss=float(np.mean(losses[-50:])) if losses else None,
     )
     return accelerator

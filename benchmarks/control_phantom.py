@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from xreal.core.labels import Anatomy
+from xreal.core.settings import SPEEDS
 from xreal.evaluate.metrics import change_share, frechet_distance_of, lung_detail_power
 from xreal.judges.judging import classifier_input, resize_inputs
 from xreal.judges.phantom_judges import (
@@ -53,6 +54,7 @@ from xreal.model.bundle import load_pipeline
 from xreal.phantom import renderer as phantom
 
 HELD_OUT_SEED = 999
+FAST = SPEEDS["fast"]
 GOALS = {"recovered": 0.75, "detected": 0.90, "detected_each": 0.80, "twin": 0.05, "inside": 0.80, "cell": 0.95}
 
 
@@ -96,10 +98,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="model bundle (default: the demo bundle)")
     parser.add_argument("--count", type=int, default=70, help="requests, cycling through the seven findings")
-    parser.add_argument("--sampler", default="dpmsolver++", help="ddim, dpmsolver++, dpmsolver++-sde or unipc")
+    parser.add_argument("--sampler", default=FAST.sampler, help="ddim, dpmsolver++, dpmsolver++-sde or unipc")
     parser.add_argument(
-        "--steps", type=int, default=8, help="steps per stage (default: the fast preset; reference: DDIM 100)"
+        "--steps", type=int, default=FAST.steps, help="steps per stage (default: the fast preset; reference: DDIM 100)"
     )
+    parser.add_argument(
+        "--anatomy-steps", type=int, default=None, help="stage-1 steps that blend in the anatomy (default: the fast "
+        "preset's share of --steps)"
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--real-count", type=int, default=600, help="real phantoms for the texture figures")
     parser.add_argument("--cache", type=Path, default=Path("build/phantom-judges"))
@@ -120,7 +126,8 @@ def main() -> None:
     seeds = list(range(n))
 
     started = time.perf_counter()
-    settings = dict(num_inference_steps=args.steps, anatomy_steps=args.steps // 2, sampler=args.sampler)
+    anatomy_steps = FAST.anatomy_steps_for(args.steps) if args.anatomy_steps is None else args.anatomy_steps
+    settings = dict(num_inference_steps=args.steps, anatomy_steps=anatomy_steps, sampler=args.sampler)
     controlled, unrestored, uncontrolled = [], [], []
     for lo in range(0, n, args.batch_size):
         hi = min(n, lo + args.batch_size)
@@ -138,7 +145,8 @@ def main() -> None:
 
     print(
         f"{n} held-out phantom requests (seed {HELD_OUT_SEED}), {size} px, latent cell {cell} px, "
-        f"{args.sampler} {args.steps} steps per stage, one draw each, generated in {seconds:.0f} s"
+        f"{args.sampler} {args.steps} steps per stage ({anatomy_steps} with anatomy), one draw each, "
+        f"generated in {seconds:.0f} s"
     )
 
     print("\nAnatomy adherence: lung-and-heart Dice of the generated healthy image's segmentation with the request")

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from xreal.core.settings import SPEEDS
 from xreal.model.bundle import load_pipeline
 from xreal.phantom import renderer as phantom
 
+FAST = SPEEDS["fast"]
 COLOURS = np.array([[0, 0, 0], [200, 60, 60], [60, 180, 60], [70, 110, 230]], dtype=np.uint8)
 
 
@@ -26,8 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("xreal/bundles/demo_grid.png"))
-    parser.add_argument("--sampler", default="dpmsolver++")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--sampler", default=FAST.sampler)
+    parser.add_argument("--steps", type=int, default=FAST.steps)
     parser.add_argument("--scale", type=int, default=3, help="pixel repeat factor for viewing")
     args = parser.parse_args()
     pipe = load_pipeline(args.model)
@@ -43,7 +45,7 @@ def main() -> None:
         seeds,
         masks,
         num_inference_steps=args.steps,
-        anatomy_steps=args.steps // 2,
+        anatomy_steps=FAST.anatomy_steps_for(args.steps),
         sampler=args.sampler,
     )
     rows = []

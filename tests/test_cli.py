@@ -192,10 +192,12 @@ def test_sampler_options_become_the_runs_sampler_settings(manifest, tmp_path, mo
     run("generate", manifest, "--out", tmp_path / "o", "--steps", "30")
     run("generate", manifest, "--out", tmp_path / "o", "--sampler", "unipc", "--steps", "12", "--anatomy-steps", "3")
     run("generate", manifest, "--out", tmp_path / "o", "--guidance-interval", "0", "0.5")
+    run("generate", manifest, "--out", tmp_path / "o", "--speed", "fast", "--steps", "10")
     assert seen[0] == SPEEDS["fast"]
     assert (seen[1].sampler, seen[1].steps, seen[1].anatomy_steps) == ("ddim", 30, 15)
     assert (seen[2].sampler, seen[2].steps, seen[2].anatomy_steps) == ("unipc", 12, 3)
     assert seen[3].guidance_interval == (0.0, 0.5) and seen[3].steps == 100
+    assert (seen[4].sampler, seen[4].steps, seen[4].anatomy_steps) == ("dpmsolver++", 10, 10)  # fast: all of stage 1
 
 
 def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_path, monkeypatch):

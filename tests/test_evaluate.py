@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from xreal.cli.app import cli
 from xreal.core.files import sha256_file, write_json
+from xreal.core.settings import SPEEDS
 from xreal.data.training_index import write_phantom_training_set
 from xreal.evaluate.broken_runs import copy_training_images, shuffle_pathology_masks
 from xreal.evaluate.report import EvaluationSettings, evaluate_run
@@ -32,7 +33,7 @@ from xreal.run.generation import RunConfig, make_batches, plan
 from xreal.run.policy import QualityPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"steps": 8, "anatomy_steps": 4}
+STEPS = {"steps": SPEEDS["fast"].steps, "anatomy_steps": SPEEDS["fast"].anatomy_steps}
 FAST = EvaluationSettings(
     bootstrap_rounds=200, frechet_rounds=20, kid_subsets=20, diversity_pairs=60, ceiling_images=128, seed=0
 )
@@ -118,7 +119,9 @@ def test_without_anatomy_control_the_anatomy_figures_fall_to_random_pairing(repo
     assert _value(demo["anatomy_dice"]) > _value(off["anatomy_dice"]) + 0.015
     assert demo["anatomy_recovered"] > off["anatomy_recovered"] + 0.1
     # without control an image matches its requested anatomy no better than another request's
-    assert abs(_value(off["anatomy_dice"]) - _value(off["anatomy_dice_random_pairing"])) < 0.03
+    # Without control the figure falls to random pairing: inside its interval.
+    assert off["anatomy_dice_random_pairing"]["low"] <= _value(off["anatomy_dice"])
+    assert _value(off["anatomy_dice"]) <= off["anatomy_dice_random_pairing"]["high"]
 
 
 @pytest.mark.slow
@@ -198,9 +201,9 @@ def test_the_html_report_opens_in_a_real_browser_and_shows_its_figures(reports, 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Two requests, one sample each, four steps: a finished run to refuse bad inputs against."""
+    """Two requests, one sample each, four steps (all with anatomy): a finished run to refuse bad inputs against."""
     tmp = tmp_path_factory.mktemp("tiny")
-    rows = demo_rows(num_samples=1, steps=4, anatomy_steps=2)[:2]
+    rows = demo_rows(num_samples=1, steps=4, anatomy_steps=4)[:2]
     return generate(write_manifest(rows, tmp / "tiny.parquet"), tmp / "run")
 
 

@@ -9,13 +9,14 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from xreal.core.settings import SPEEDS
 from xreal.manifest.schema import write_manifest
 from xreal.run.audit import audit_run
 from xreal.run.dataset import XRealDataset
 
 pytestmark = pytest.mark.slow
 
-FAST = {"steps": 8, "anatomy_steps": 4}
+FAST = {"steps": SPEEDS["fast"].steps, "anatomy_steps": SPEEDS["fast"].anatomy_steps}
 
 
 def manifest(path, samples=2, steps=FAST):
@@ -25,7 +26,7 @@ def manifest(path, samples=2, steps=FAST):
             "labels": ["Cardiomegaly"],
             "num_samples": samples,
             "anatomy_template": "phantom-1",
-            "boxes": [{"label": None, "x_min": 0.35, "y_min": 0.46, "x_max": 0.76, "y_max": 0.78}],
+            "boxes": [{"label": None, "x_min": 0.36, "y_min": 0.44, "x_max": 0.69, "y_max": 0.69}],
             "seed": 1,
             **steps,
         },
@@ -34,7 +35,7 @@ def manifest(path, samples=2, steps=FAST):
             "labels": ["Pleural Effusion"],
             "num_samples": samples,
             "anatomy_template": "phantom-2",
-            "boxes": [{"label": None, "x_min": 0.10, "y_min": 0.64, "x_max": 0.36, "y_max": 0.81}],
+            "boxes": [{"label": None, "x_min": 0.09, "y_min": 0.73, "x_max": 0.27, "y_max": 0.84}],
             "seed": 2,
             **steps,
         },

@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from xreal.core.errors import XRealError
 from xreal.core.labels import ANATOMY_IDS, CHEXPERT_LABELS, NO_FINDING, Anatomy
+from xreal.judges.judging import anatomy_dice
 from xreal.phantom import renderer as phantom
 from xreal.phantom.anatomy import cardiothoracic_ratio
 from xreal.phantom.renderer import PHANTOM_PATHOLOGIES, generate
@@ -200,23 +201,37 @@ def test_image_looks_like_a_radiograph(mixed):
 
 def test_right_lung_is_on_the_image_left_and_heart_right_of_centre(mixed):
     cols = np.arange(64)
-    smaller_left = 0
+    smaller_left, heart_offsets = 0, []
     for i in range(len(mixed)):
         anatomy = mixed.anatomy[i]
         right = cols[(anatomy == Anatomy.RIGHT_LUNG).any(axis=0)]
         left = cols[(anatomy == Anatomy.LEFT_LUNG).any(axis=0)]
-        assert right.max() < 32 <= left.min()
-        heart_cols = np.nonzero(anatomy == Anatomy.HEART)[1]
-        assert heart_cols.mean() > (right.max() + left.min()) / 2 + 1
+        assert right.max() < left.min()
+        heart_offsets.append(np.nonzero(anatomy == Anatomy.HEART)[1].mean() - (right.max() + left.min()) / 2)
         smaller_left += (anatomy == Anatomy.LEFT_LUNG).sum() < (anatomy == Anatomy.RIGHT_LUNG).sum()
-    assert smaller_left > 0.9 * len(mixed)
+    # Mediastinal shift can centre a heart, never put it on the patient's right.
+    assert min(heart_offsets) > -1.0 and np.mean(heart_offsets) > 1.5
+    assert smaller_left > 0.75 * len(mixed)
 
 
 def test_anatomy_varies_between_samples(mixed):
     areas = np.array([(mixed.anatomy[i] == Anatomy.RIGHT_LUNG).sum() for i in range(len(mixed))])
     ratios = np.array([cardiothoracic_ratio(a) for a in mixed.anatomy])
-    assert areas.std() / areas.mean() > 0.05
+    assert areas.std() / areas.mean() > 0.15
     assert ratios.max() - ratios.min() > 0.2
+
+
+def test_anatomies_differ_as_much_as_real_chests():
+    """Pairing each anatomy with a random other one scores lung-and-heart Dice at most 0.70 (it was 0.82),
+    and healthy and enlarged hearts together span cardiothoracic ratios from about 0.35 to 0.65."""
+    n = 200
+    healthy = generate(n, 64, seed=31, pathologies=[()] * n)
+    enlarged = generate(n, 64, seed=31, pathologies=[["Cardiomegaly"]] * n)
+    partner = np.random.default_rng(0).permutation(n)
+    pairs = [anatomy_dice(healthy.anatomy[i], healthy.anatomy[partner[i]]) for i in range(n) if partner[i] != i]
+    assert np.mean([np.mean(list(d.values())) for d in pairs]) <= 0.70
+    ratios = [cardiothoracic_ratio(a) for a in np.concatenate([healthy.anatomy, enlarged.anatomy])]
+    assert np.percentile(ratios, 2) < 0.37 and np.percentile(ratios, 98) > 0.63
 
 
 def test_anatomy_is_the_same_at_every_size():
@@ -388,9 +403,11 @@ def test_pneumothorax_rim_is_darker_and_the_pleural_line_brighter(single, health
 
 def test_cardiomegaly_whitens_the_enlarged_heart(single, healthy_twins):
     batch = single["Cardiomegaly"]
+    gains = []
     for i in range(len(batch)):
         grown = (batch.anatomy[i] == Anatomy.HEART) & (healthy_twins.anatomy[i] != Anatomy.HEART)
-        assert batch.images[i][grown].mean() > healthy_twins.images[i][grown].mean() + 0.1
+        gains.append(batch.images[i][grown].mean() - healthy_twins.images[i][grown].mean())
+    assert min(gains) > 0.05 and np.mean(gains) > 0.1
 
 
 def test_thousand_small_images_are_fast():

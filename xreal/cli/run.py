@@ -86,7 +86,7 @@ def _sampler_settings(options: dict) -> SamplerSettings:
     preset = SPEEDS[given.pop("speed") or "reference"]
     steps, anatomy_steps = given["steps"], given["anatomy_steps"]
     if steps is not None and anatomy_steps is None:  # keep the preset's share of anatomy steps
-        given["anatomy_steps"] = anatomy_steps = round(steps * preset.anatomy_steps / preset.steps)
+        given["anatomy_steps"] = anatomy_steps = preset.anatomy_steps_for(steps)
     limit = steps if steps is not None else preset.steps
     if anatomy_steps is not None and anatomy_steps > limit:
         raise XRealError(f"--anatomy-steps {anatomy_steps} is more than the {limit} steps of each stage (--steps)")

@@ -91,6 +91,10 @@ class SamplerSettings:
             )
         return self
 
+    def anatomy_steps_for(self, steps: int) -> int:
+        """Stage-1 anatomy steps that keep these settings' share of anatomy steps at ``steps`` steps per stage."""
+        return round(steps * self.anatomy_steps / self.steps)
+
     @property
     def steps_run(self) -> int:
         """Sampler steps per stage: ``steps``, or the reference grid's count."""
@@ -126,7 +130,9 @@ DEFAULT_SETTINGS = SamplerSettings()
 
 # Named presets for ``xreal generate --speed``. "fast" was chosen by benchmarks/sampler_quality.py: the cheapest
 # setting whose xreal evaluate control and fidelity figures stay within the reference settings' intervals (README).
+# Its stage 1 blends the anatomy latent in at every step: on phantoms whose anatomy varies like real chests, blending
+# for half of 8 steps leaves the anatomy near the backbone's prior (benchmarks/control_phantom.py, README).
 SPEEDS = {
     "reference": DEFAULT_SETTINGS,
-    "fast": SamplerSettings(sampler="dpmsolver++", steps=8, anatomy_steps=4),
+    "fast": SamplerSettings(sampler="dpmsolver++", steps=8, anatomy_steps=8),
 }

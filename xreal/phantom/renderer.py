@@ -8,6 +8,12 @@ and noise with every diseased version. Geometry lives in normalised image
 coordinates (x right, y down, both in [0, 1]); images follow the radiological
 convention, so the patient's right lung is on the image's left.
 
+Anatomy varies about as much as real chests do: lung height and width,
+diaphragm height, asymmetric lungs, mediastinal shift, cardiothoracic ratios
+from about 0.35 to 0.65, and the patient's pose on the detector (in-plane
+rotation, magnification, centring). Everything is drawn in the body's own frame;
+each pixel is mapped into that frame before the shapes are evaluated.
+
 The picture is an attenuation sum (soft tissue, bone, heart, minus lung air,
 plus pathology density) mapped through ``1 - exp(-k A)``, blurred a little and
 overlaid with noise.
@@ -42,8 +48,8 @@ PHANTOM_PATHOLOGIES: tuple[str, ...] = (
 MIN_SIZE = 64
 MAX_SIZE = 512
 HEALTHY_FINDING = "No acute cardiopulmonary abnormality."
-HEALTHY_CTR_RANGE = (0.38, 0.47)
-CARDIOMEGALY_CTR_RANGE = (0.55, 0.68)
+HEALTHY_CTR_RANGE = (0.36, 0.47)
+CARDIOMEGALY_CTR_RANGE = (0.54, 0.66)
 
 Box = tuple[str, int, int, int, int]
 
@@ -268,13 +274,15 @@ def _draw_anatomy(rng: np.random.Generator, cardiomegaly: bool, size: int) -> di
     The size only matters for the rare healthy heart whose ratio could round up to 0.5.
     """
     u = rng.uniform
-    g: dict[str, float] = {"mid": 0.5 + float(np.clip(rng.normal(0.0, 0.012), -0.03, 0.03))}
-    dlat = u(0.31, 0.37)
-    top = u(0.12, 0.18)
-    dome = u(0.65, 0.73)
-    g["r_dlat"], g["l_dlat"] = dlat, dlat * u(0.89, 0.97)
-    g["r_top"], g["l_top"] = top, top + u(-0.01, 0.02)
-    g["r_dome"], g["l_dome"] = dome, dome + u(0.015, 0.045)
+    # Mediastinal shift moves the midline and the heart; the chest wall stays, so one lung widens.
+    shift = float(np.clip(rng.normal(0.0, 0.022), -0.05, 0.05))
+    g: dict[str, float] = {"mid": 0.5 + shift}
+    dlat = u(0.27, 0.37)
+    top = u(0.08, 0.19)
+    dome = u(0.56, 0.76)
+    g["r_dlat"], g["l_dlat"] = dlat + shift, dlat * u(0.84, 1.0) - shift
+    g["r_top"], g["l_top"] = top, top + u(-0.015, 0.025)
+    g["r_dome"], g["l_dome"] = dome, dome + u(-0.02, 0.07)
     g["r_dmed"], g["l_dmed"] = u(0.055, 0.075), u(0.06, 0.08)
     g["r_knob"], g["l_knob"] = 0.0, u(0.015, 0.035)
     g["r_knob_t"], g["l_knob_t"] = 0.3, u(0.22, 0.32)
@@ -292,7 +300,7 @@ def _draw_anatomy(rng: np.random.Generator, cardiomegaly: bool, size: int) -> di
         g[p + "wob_p"] = u(0.0, 2 * math.pi)
         g[p + "hil_d"] = g[p + "dmed"] + u(0.01, 0.025)
         g[p + "hil_v"] = g[p + "top"] + u(0.4, 0.5) * (g[p + "cp"] - g[p + "top"])
-    g["body_ax"] = min(dlat + u(0.07, 0.12), 0.46)
+    g["body_ax"] = min(max(g["r_dlat"], g["l_dlat"]) + u(0.07, 0.12), 0.46)
     g["neck"] = u(0.1, 0.14)
     g["sh_v"] = u(0.05, 0.1)
     g["sh_dx"] = u(0.04, 0.1)
@@ -341,6 +349,10 @@ def _draw_anatomy(rng: np.random.Generator, cardiomegaly: bool, size: int) -> di
     g.update(h_a=aspect * b, h_b=b, h_cos=math.cos(tilt), h_sin=math.sin(tilt), h_egg=egg, h_ev=half_height * b)
     dia = float(_left_diaphragm(g, np.array([sto_dx]))[0])
     g.update(sto_on=float(sto_on), sto_u=g["mid"] + sto_dx, sto_v=dia + sto_r + 0.02, sto_r=sto_r)
+    # Patient pose on the detector: in-plane rotation, distance (magnification) and centring.
+    angle = u(-0.07, 0.07)
+    g.update(pose_cos=math.cos(angle), pose_sin=math.sin(angle), pose_scale=u(0.88, 1.06))
+    g.update(pose_du=u(-0.035, 0.035), pose_dv=u(-0.03, 0.04))
     return g
 
 
@@ -562,16 +574,31 @@ def _stack(dicts: Sequence[Mapping[str, np.float32]]) -> dict[str, np.ndarray]:
     return {key: np.array([d[key] for d in dicts], np.float32).reshape(-1, 1, 1) for key in dicts[0]}
 
 
-def _soft(margin: np.ndarray, size: int) -> np.ndarray:
-    """Anti-aliased occupancy from a margin: 0.5 exactly on the boundary."""
-    return np.clip(0.5 + margin * np.float32(size), 0.0, 1.0)
+def _soft(margin: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Anti-aliased occupancy from a margin and the pixels per body unit: 0.5 exactly on the boundary."""
+    return np.clip(0.5 + margin * pixels, 0.0, 1.0)
+
+
+def _body_coordinates(g: Params, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel centre in the body's own frame: the image frame with the patient's pose undone."""
+    axis = ((np.arange(size, dtype=np.float32) + 0.5) / np.float32(size)).astype(np.float32)
+    x = axis.reshape(1, 1, size) - 0.5 - g["pose_du"]
+    y = axis.reshape(1, size, 1) - 0.5 - g["pose_dv"]
+    cos, sin, scale = g["pose_cos"], g["pose_sin"], g["pose_scale"]
+    return 0.5 + (cos * x + sin * y) / scale, 0.5 + (cos * y - sin * x) / scale
+
+
+def _image_coordinates(g: Params, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Body-frame points in the image frame (the inverse of `_body_coordinates`)."""
+    x, y = (u - 0.5) * g["pose_scale"], (v - 0.5) * g["pose_scale"]
+    cos, sin = g["pose_cos"], g["pose_sin"]
+    return 0.5 + g["pose_du"] + cos * x - sin * y, 0.5 + g["pose_dv"] + sin * x + cos * y
 
 
 def _render(draws: Sequence[_Draw], size: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     n = len(draws)
     g = _stack([d.geo for d in draws])
-    axis = ((np.arange(size, dtype=np.float32) + 0.5) / np.float32(size)).astype(np.float32)
-    u, v = axis.reshape(1, 1, size), axis.reshape(1, size, 1)
+    u, v = _body_coordinates(g, size)
 
     m_right, m_left = _lung_margin(g, _RIGHT, u, v), _lung_margin(g, _LEFT, u, v)
     m_heart = _heart_margin(g, u, v)
@@ -583,8 +610,9 @@ def _render(draws: Sequence[_Draw], size: int) -> tuple[np.ndarray, np.ndarray, 
     anatomy[m_right > 0] = Anatomy.RIGHT_LUNG
     anatomy[heart] = Anatomy.HEART
 
-    s_heart = _soft(m_heart, size)
-    s_right, s_left = _soft(m_right, size), _soft(m_left, size)
+    pixels = np.float32(size) * g["pose_scale"]
+    s_heart = _soft(m_heart, pixels)
+    s_right, s_left = _soft(m_right, pixels), _soft(m_left, pixels)
     air_r = s_right * (0.45 + 0.55 * np.sqrt(np.clip(m_right / 0.06, 0.0, 1.0)))
     air_l = s_left * (0.45 + 0.55 * np.sqrt(np.clip(m_left / 0.06, 0.0, 1.0)))
     keep = 1.0 - 0.9 * s_heart
@@ -735,8 +763,8 @@ def _splat_vessels(trees: np.ndarray, geo: Mapping[str, np.float32], size: int) 
         p = _PREFIX[side]
         sign = 1.0 if side == _LEFT else -1.0
         ox, oy = float(geo["mid"]) + sign * float(geo[p + "hil_d"]), float(geo[p + "hil_v"])
-        x0, x1 = (ox + sign * tree[:, 0]) * size - 0.5, (ox + sign * tree[:, 2]) * size - 0.5
-        y0, y1 = (oy + tree[:, 1]) * size - 0.5, (oy + tree[:, 3]) * size - 0.5
+        x0, y0 = (c * size - 0.5 for c in _image_coordinates(geo, ox + sign * tree[:, 0], oy + tree[:, 1]))
+        x1, y1 = (c * size - 0.5 for c in _image_coordinates(geo, ox + sign * tree[:, 2], oy + tree[:, 3]))
         gen = tree[:, 4]
         steps = np.ceil(2.0 * np.hypot(x1 - x0, y1 - y0)).astype(int) + 1
         seg = np.repeat(np.arange(tree.shape[0]), steps)
@@ -791,7 +819,7 @@ class _Context:
 
 
 def _paint_effusion(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) -> np.ndarray:
-    g, u, v = ctx.sub(idx), ctx.u, ctx.v
+    g, u, v = ctx.sub(idx), ctx.u[idx], ctx.v[idx]
     mask = np.zeros((idx.size, ctx.size, ctx.size), bool)
     for side, p, lung, air in ((_RIGHT, "r_", ctx.lung_r, ctx.air_r), (_LEFT, "l_", ctx.lung_l, ctx.air_l)):
         d = (u - g["mid"]) if side == _LEFT else (g["mid"] - u)
@@ -806,7 +834,7 @@ def _paint_effusion(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) 
 
 
 def _paint_pneumothorax(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) -> np.ndarray:
-    g, u, v = ctx.sub(idx), ctx.u, ctx.v
+    g, u, v = ctx.sub(idx), ctx.u[idx], ctx.v[idx]
     lung, _ = ctx.side(idx, spec["side"])
     f = spec["shrink"]
     # The collapsed lung is the lung shrunk towards a medial anchor; below the anchor only sideways.
@@ -824,7 +852,7 @@ def _paint_pneumothorax(ctx: _Context, idx: np.ndarray, spec: Params, field: Fie
 
 
 def _paint_consolidation(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) -> np.ndarray:
-    u, v = ctx.u, ctx.v
+    u, v = ctx.u[idx], ctx.v[idx]
     lung, air = ctx.side(idx, spec["side"])
     x, y = u - spec["cu"], v - spec["cv"]
     cos, sin = np.cos(spec["rot"]), np.sin(spec["rot"])
@@ -839,7 +867,7 @@ def _paint_consolidation(ctx: _Context, idx: np.ndarray, spec: Params, field: Fi
 
 
 def _paint_lesion(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) -> np.ndarray:
-    u, v = ctx.u, ctx.v
+    u, v = ctx.u[idx], ctx.v[idx]
     lung, _ = ctx.side(idx, spec["side"])
     x, y = u - spec["cu"], v - spec["cv"]
     angle = np.arctan2(y, x)
@@ -852,7 +880,7 @@ def _paint_lesion(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) ->
 
 
 def _paint_atelectasis(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) -> np.ndarray:
-    u, v = ctx.u, ctx.v
+    u, v = ctx.u[idx], ctx.v[idx]
     lung, _ = ctx.side(idx, spec["side"])
     x, y = u - spec["cu"], v - spec["cv"]
     along = (x * spec["cos"] + y * spec["sin"]) / (0.5 * spec["len"])
@@ -865,7 +893,7 @@ def _paint_atelectasis(ctx: _Context, idx: np.ndarray, spec: Params, field: Fiel
 
 
 def _paint_edema(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) -> np.ndarray:
-    g, u, v = ctx.sub(idx), ctx.u, ctx.v
+    g, u, v = ctx.sub(idx), ctx.u[idx], ctx.v[idx]
     lungs = ctx.lung_r[idx] | ctx.lung_l[idx]
     left = u > g["mid"]
     dx = (np.abs(u - g["mid"]) - np.where(left, g["l_hil_d"], g["r_hil_d"])) / spec["sx"]

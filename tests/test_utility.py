@@ -72,7 +72,7 @@ def sets(tmp_path_factory):
 def result(sets):
     real, synthetic, test = sets
     return run_utility(
-        real, synthetic, test, size=32, real_count=60, real_split=None, steps=240, pretrain_steps=10,
+        real, synthetic, test, size=64, real_count=60, real_split=None, steps=80, pretrain_steps=10,
         bootstrap_rounds=200, progress=False,
     )  # fmt: skip
 
@@ -101,9 +101,10 @@ def test_every_regime_reports_an_auroc_with_its_interval_per_label(result):
 
 
 def test_a_classifier_trained_on_real_phantoms_beats_chance(result):
-    # Since the phantom's anatomy varies like real chests (issue 18), 60 images at 32 px teach a tiny classifier
-    # cardiomegaly only weakly: AUROC 0.58 after 240 steps, 0.54 after 80 (above 0.7 on the old phantom).
-    assert result["regimes"]["real_only"]["labels"]["Cardiomegaly"]["auroc"] > 0.55
+    # At full size: since the phantom's heart size varies like real chests' (issue 18), cardiomegaly is a pixel
+    # or two of heart width at 32 px, where 60 images teach the classifier nothing (AUROC 0.54); 0.78 at 64 px.
+    assert result["regimes"]["real_only"]["labels"]["Cardiomegaly"]["auroc"] > 0.7
+    assert result["regimes"]["real_only"]["labels"]["Cardiomegaly"]["low"] > 0.5
 
 
 def test_the_regimes_train_different_models_from_the_same_start(result):
@@ -111,7 +112,7 @@ def test_the_regimes_train_different_models_from_the_same_start(result):
     assert len(set(digests.values())) == len(REGIMES), digests  # pretraining changed where fine-tuning starts
     start = weights_digest(fresh_classifier(["Cardiomegaly"], 0))
     assert start == weights_digest(fresh_classifier(["Cardiomegaly"], 0)) and start not in digests.values()
-    assert "then 240 on the real subset" in result["settings"]["schedule"]["pretrain_finetune"]
+    assert "then 80 on the real subset" in result["settings"]["schedule"]["pretrain_finetune"]
 
 
 def test_a_label_without_test_positives_is_reported_not_crashed_on(sets, tmp_path):

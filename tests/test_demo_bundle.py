@@ -12,7 +12,7 @@ from xreal.phantom import renderer as phantom
 pytestmark = pytest.mark.slow
 STEPS = dict(num_inference_steps=25, anatomy_steps=12)
 FAST = SPEEDS["fast"].shared_arguments()
-RECOVERED = 0.85  # the share of the room between random pairing and the ceiling that control must recover
+RECOVERED = 0.6  # the share of the room between random pairing and the ceiling that control must recover
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,18 @@ def test_bundle_is_small_safetensors_and_records_its_training():
     assert record["preset"]["name"] == "demo" and "phantom" in record["training"]["data"]
 
 
-def test_healthy_twins_follow_the_requested_anatomy(pipe):
-    """Anatomy control recovers most of the room between random pairing and the segmenter's ceiling.
+def test_healthy_twins_follow_the_requested_anatomy_and_replicas_still_differ(pipe):
+    """Anatomy control recovers most of the room between random pairing and the segmenter's ceiling, and two seeds
+    of one anatomy still give two images.
 
     Measured by the bundle's judge segmenter (trained on phantoms apart from the diffusion model) on 16 held-out
     anatomies with the fast preset. Random pairing scores each generated image against another request's anatomy;
-    the ceiling is the segmenter on the real phantoms. The bundle of issue 17 (trained on phantoms whose anatomy
-    hardly varied) recovers 0.79 on these phantoms, this one 0.92.
+    the ceiling is the segmenter on the real phantoms. This bundle recovers 0.72 with the preset's 6 of 8 anatomy
+    steps; the issue-17 bundle, trained on phantoms whose anatomy hardly varied, 0.2-0.3 with its preset. Blending
+    all 8 steps would recover 0.93 by pasting the Anatomy Controller's coarse image: replicas near-identical.
     """
+    from xreal.evaluate.metrics import ms_ssim
+
     judges = load_judges(str(DEMO_BUNDLE / "judges"))
     n = 16
     healthy = phantom.generate(n, 64, seed=700, pathologies=[[]] * n)
@@ -53,9 +57,10 @@ def test_healthy_twins_follow_the_requested_anatomy(pipe):
             np.mean([np.mean(list(anatomy_dice(a, f).values())) for a, f in zip(requested, found, strict=True)])
         )
 
-    def twins(anatomy_steps: int) -> np.ndarray:
+    def twins(anatomy_steps: int, first_seed: int = 700) -> np.ndarray:
         settings = {**FAST, "anatomy_steps": anatomy_steps}
-        return pipe(healthy.anatomy, [""] * n, list(range(700, 700 + n)), None, **settings).healthy_images
+        seeds = list(range(first_seed, first_seed + n))
+        return pipe(healthy.anatomy, [""] * n, seeds, None, **settings).healthy_images
 
     ceiling = mean_dice(healthy.anatomy, healthy.images)
     controlled, without = twins(FAST["anatomy_steps"]), twins(0)
@@ -63,6 +68,8 @@ def test_healthy_twins_follow_the_requested_anatomy(pipe):
     assert ceiling > 0.95 and random_pairing < 0.72
     assert (mean_dice(healthy.anatomy, controlled) - random_pairing) / (ceiling - random_pairing) >= RECOVERED
     assert mean_dice(healthy.anatomy, without) < random_pairing + 0.05  # without control: no better than chance
+    replicas = twins(FAST["anatomy_steps"], first_seed=800)
+    assert ms_ssim(controlled, replicas).mean() < 0.95  # the evaluation report's mode-collapse line
 
 
 def test_pathology_appears_inside_its_mask_only(generated):

@@ -192,7 +192,7 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
     if training.get("runs"):
         lines += ["## Training runs", "", "| part | steps | batch | seconds | final loss |", "|---|---|---|---|---|"]
     for name, run in training.get("runs", {}).items():
-        # A run resumed from its last checkpoint trains no step this time and has no final loss.
+        # No final loss: a part resumed from a last checkpoint written before checkpoints kept their losses.
         loss = run.get("final_loss")
         lines.append(
             f"| {name} | {run.get('steps')} | {run.get('batch_size', '')} | {run.get('seconds')} | "

@@ -128,6 +128,9 @@ def _seeded(seed: int):
         yield
 
 
+LOSS_WINDOW = 50  # steps the shown and recorded loss averages over (checkpoints keep as many)
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
     found = sorted(out.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
     return found[-1] if found else None
@@ -218,7 +221,7 @@ def _train(
         if ema is not None:
             ema.step(accelerator.unwrap_model(modules["unet"]).parameters())
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-LOSS_WINDOW:]):.4f}")
         done = step + 1 == run.steps
         if (step + 1) % run.checkpoint_every == 0 or done:
             _save_checkpoint(
@@ -228,7 +231,7 @@ def _train(
                 optimizer,
                 ema,
                 seconds=earlier_seconds + time.perf_counter() - began,
-                losses=losses[-50:],
+                losses=losses[-LOSS_WINDOW:],
             )
         if preview is not None and accelerator.is_main_process and ((step + 1) % run.preview_every == 0 or done):
             _save_preview(run.out / "previews" / f"step-{step + 1}.png", preview, modules)
@@ -236,7 +239,7 @@ def _train(
         steps=run.steps,
         resumed_from=start,
         seconds=round(earlier_seconds + time.perf_counter() - began, 1),  # over every call, resumes included
-        final_loss=float(np.mean(losses[-50:])) if losses else None,
+        final_loss=float(np.mean(losses[-LOSS_WINDOW:])) if losses else None,
     )
     return accelerator
 

@@ -31,13 +31,15 @@ demo: $(STAMP) build/demo-phantom/index.parquet build/held-out-phantom/index.par
 	$(VENV)/bin/xreal evaluate demo-output/dataset --reference build/demo-phantom --test build/held-out-phantom \
 		--out demo-output/report
 
-build/demo-phantom/index.parquet: | $(STAMP)
+# Rebuilt when the phantom code changes, so a machine that made them with an older phantom does not reuse them.
+PHANTOM_CODE := $(wildcard xreal/phantom/*.py)
+build/demo-phantom/index.parquet: $(PHANTOM_CODE) | $(STAMP)
 	$(VENV)/bin/xreal phantom --count 3000 --size 64 --seed 11 --out build/demo-phantom --overwrite
 
-build/held-out-phantom/index.parquet: | $(STAMP)
+build/held-out-phantom/index.parquet: $(PHANTOM_CODE) | $(STAMP)
 	$(VENV)/bin/xreal phantom --count 500 --size 64 --seed 12 --out build/held-out-phantom --overwrite
 
-# Retrain the bundled demo model from phantoms on CPU (about 40 min on 2 cores; a rerun resumes).
+# Retrain the bundled demo model from phantoms on CPU (about 90 min on 2 cores; a rerun resumes).
 demo-model: $(STAMP) build/demo-phantom/index.parquet
 	$(VENV)/bin/xreal train demo --index build/demo-phantom --work build/demo-train --out xreal/bundles/demo
 

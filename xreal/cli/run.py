@@ -282,4 +282,3 @@ def audit_run_command(out: Path, manifest: Path | None, as_json: bool) -> None:
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.to_text())
     if not report.consistent:
         sys.exit(1)
-

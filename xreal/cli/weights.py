@@ -117,4 +117,3 @@ def verify_command(
         raise XRealError(f"{models_dir}: no model bundle in it (a folder with model_index.json)")
     for line in verify_files(bundles or [DEMO_BUNDLE], cache_dir, require_weights):
         click.echo(line)
-

@@ -152,6 +152,7 @@ def evaluate_run(
     drawn = finished.samples[finished.samples["image_path"].notna()].reset_index(drop=True)
     cell = latent_cell(finished, settings.latent_cell)
     synthetic = _measure_samples(finished, drawn, judge_set, settings, cell, rng, progress)
+
     def measure(training_set: TrainingSet, what: str, ceiling_count: int) -> dict[str, np.ndarray]:
         key = (training_set.index_sha256, str(training_set.root), source, repr(settings), ceiling_count)
         cache = reference_cache if reference_cache is not None else {}

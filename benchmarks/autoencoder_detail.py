@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/autoencoder-detail"), help="the detail run")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--preset", default="demo", help="the detail run's sizes")
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -71,7 +72,7 @@ def main() -> None:
     data = load_training_set(args.index, size)
     run = TrainingRun(args.work, steps=args.steps, batch_size=args.batch_size)
     started = time.perf_counter()
-    detailed = train_autoencoder(data, run, detail=DetailLoss()).eval()
+    detailed = train_autoencoder(data, run, preset=args.preset, detail=DetailLoss()).eval()
     print(f"detail run: {args.steps} steps, {run.log['seconds']} s this call ({time.perf_counter() - started:.0f} s)")
 
     _, classifier = judges(args.cache, size)

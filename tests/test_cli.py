@@ -197,7 +197,7 @@ def test_sampler_options_become_the_runs_sampler_settings(manifest, tmp_path, mo
     assert (seen[1].sampler, seen[1].steps, seen[1].anatomy_steps) == ("ddim", 30, 15)
     assert (seen[2].sampler, seen[2].steps, seen[2].anatomy_steps) == ("unipc", 12, 3)
     assert seen[3].guidance_interval == (0.0, 0.5) and seen[3].steps == 100
-    assert (seen[4].sampler, seen[4].steps, seen[4].anatomy_steps) == ("dpmsolver++", 10, 8)  # fast: 3/4 of stage 1
+    assert (seen[4].sampler, seen[4].steps, seen[4].anatomy_steps) == ("dpmsolver++", 10, 9)  # fast: 7/8 of stage 1
 
 
 def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def test_presets():
         (224, 448, 896, 896),
         1280,
     )
-    assert get_preset("demo").latent_size == 16
+    assert get_preset("demo").latent_size == 32
     with pytest.raises(XRealError, match="unknown preset 'huge'"):
         get_preset("huge")
 

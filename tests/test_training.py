@@ -172,3 +172,16 @@ def test_perceptual_distance_is_zero_for_the_same_image_and_grows_with_blur(data
     strong = torch.from_numpy(ndimage.gaussian_filter(images.numpy(), (0, 0, 2.0, 2.0))).float()
     assert torch.all(distance(images, strong) > distance(images, slight))
     assert not any(p.requires_grad for p in distance.parameters())
+
+
+def test_a_checkpoint_of_other_sizes_is_refused_naming_the_folder(data, tmp_path, monkeypatch):
+    """A work folder left by another preset (the demo preset went from 16x16 to 32x32 latents) is not resumed."""
+    from dataclasses import replace
+
+    from xreal.core.errors import XRealError
+    from xreal.model.bundle import PRESETS
+
+    train_autoencoder(data, TrainingRun(tmp_path / "w", steps=1, batch_size=2, checkpoint_every=1), preset="tiny")
+    monkeypatch.setitem(PRESETS, "wider", replace(PRESETS["tiny"], name="wider", autoencoder_channels=(8, 16)))
+    with pytest.raises(XRealError, match=r"checkpoints/step-1: its model does not fit .* new work folder"):
+        train_autoencoder(data, TrainingRun(tmp_path / "w", steps=2, batch_size=2), preset="wider")

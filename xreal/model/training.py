@@ -167,7 +167,13 @@ def _save_checkpoint(
 def _load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer, ema: EMAModel | None) -> dict:
     """Load a checkpoint into ``modules``, ``optimizer`` and ``ema``; return its state (step, seconds, losses)."""
     for name, module in modules.items():
-        module.load_state_dict(load_file(folder / f"{name}.safetensors"))
+        try:
+            module.load_state_dict(load_file(folder / f"{name}.safetensors"))
+        except RuntimeError as error:  # torch names every mismatched tensor; the first line says enough
+            raise XRealError(
+                f"{folder}: its {name} does not fit the one being trained ({str(error).splitlines()[0]}); it was "
+                "trained at other sizes (another preset?): train into a new work folder, or delete this one"
+            ) from None
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     if ema is not None:
         ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=True))

@@ -1,4 +1,4 @@
-"""What the first-stage autoencoder keeps: L1 + KL against L1 + KL + perceptual + patch discriminator.
+"""What the first-stage autoencoder keeps: a detail run (L1 + KL + perceptual + patch discriminator) against another.
 
 Trains the autoencoder with the detail loss on a phantom training index (or
 reuses a finished run) and compares it with another autoencoder (by default the
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from xreal.evaluate.metrics import lung_detail_power
 from xreal.judges.phantom_judges import classify
 from xreal.model.autoencoder_loss import DetailLoss
-from xreal.model.bundle import DEMO_BUNDLE, build_autoencoder, get_preset
+from xreal.model.bundle import DEMO_BUNDLE, PRESETS, build_autoencoder, get_preset
 from xreal.model.training import TrainingRun, load_training_set, train_autoencoder
 from xreal.phantom import renderer as phantom
 
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/autoencoder-detail"), help="the detail run")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--preset", default="demo", help="the detail run's sizes")
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="the detail run's sizes")
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -81,7 +81,8 @@ def main() -> None:
     real_power = lung_detail_power(cases.images, cases.anatomy, sigma=size / 64)
     on_real = classify(classifier, cases.images, 2 * size)
     rows = {"original": (cases.images, on_real)}
-    for name, model in (("L1 + KL (baseline)", baseline), ("+ perceptual + patch GAN", detailed)):
+    for name, model in ((f"baseline ({args.baseline.parent.name}/{args.baseline.name})", baseline),
+                        ("this detail run", detailed)):  # fmt: skip
         images = reconstruct(model, cases.images)
         rows[name] = (images, classify(classifier, images, 2 * size))
     print(f"\n{args.count} held-out phantoms (seed {HELD_OUT_SEED}), {size} px")

@@ -132,7 +132,8 @@ DEFAULT_SETTINGS = SamplerSettings()
 # setting whose xreal evaluate control and fidelity figures stay within the reference settings' intervals (README).
 # Its stage 1 blends the anatomy latent in for 7 of its 8 steps: on phantoms whose anatomy varies like real chests,
 # half of 8 leaves the anatomy near the backbone's prior, while all 8 paste the Anatomy Controller's coarse image
-# into the lungs and heart and a request's replicas come out identical (README, "Re-chosen for the varied phantom").
+# into the lungs and heart and a request's replicas come out identical (README, "Re-chosen for the 32x32 demo
+# model").
 SPEEDS = {
     "reference": DEFAULT_SETTINGS,
     "fast": SamplerSettings(sampler="dpmsolver++", steps=8, anatomy_steps=7),

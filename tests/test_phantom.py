@@ -358,6 +358,51 @@ def test_lesion_size_in_image_widths():
     assert min(radii) > 0.015 and max(radii) < 0.085
 
 
+def test_consolidation_nodule_and_plate_are_told_apart_by_their_shape():
+    # A consolidation drawn as small as a nodule, or a nodule as large as a consolidation, is a label no
+    # classifier can learn: before issue 18 every false consolidation call carried a nodule and vice versa.
+    n = 200
+    areas = {
+        lab: generate(n, 64, seed=31, pathologies=[[lab]] * n).pathology_masks[lab]
+        for lab in ("Consolidation", "Lung Lesion", "Atelectasis")
+    }
+    consolidation, nodule = areas["Consolidation"].sum(axis=(1, 2)), areas["Lung Lesion"].sum(axis=(1, 2))
+    assert (consolidation > nodule.max()).mean() >= 0.95
+    assert np.median(consolidation) >= 4 * np.median(nodule)
+
+    def elongation(mask: np.ndarray) -> float:
+        rows, cols = np.nonzero(mask)
+        small, large = np.linalg.eigvalsh(np.cov(np.stack([cols, rows])))
+        return float(np.sqrt(large / max(small, 1e-6)))
+
+    plates = [elongation(m) for m in areas["Atelectasis"]]
+    nodules = [elongation(m) for m in areas["Lung Lesion"] if m.sum() >= 5]
+    assert min(plates) > max(nodules)
+
+
+def test_consolidation_carries_air_bronchograms():
+    # The bronchi stay lucent inside the opacity: along each drawn bronchus the consolidation adds less density
+    # than beside it, at the same distances from the patch's centre.
+    n, size = 12, 128
+    ill = generate(n, size, seed=41, pathologies=[["Consolidation"]] * n)
+    twins = generate(n, size, seed=41, pathologies=[[]] * n)
+    lucent = 0
+    for i in range(n):
+        draw = phantom._draw_sample(41, i, size, ("Consolidation",), 0.0)
+        spec = draw.specs["Consolidation"]
+        steps = np.linspace(0.15, 0.5, 8) * float(spec["rx"])
+        profiles = []
+        for turn in (0.0, 0.5, -0.5):
+            angles = [float(spec["br1"]) + turn, float(spec["br2"]) - turn]
+            u = np.concatenate([float(spec["cu"]) + steps * np.cos(a) for a in angles])
+            v = np.concatenate([float(spec["cv"]) + steps * np.sin(a) for a in angles])
+            x, y = phantom._image_coordinates(draw.geo, u, v)
+            diff = ill.images[i] - twins.images[i]
+            profiles.append(ndimage.map_coordinates(diff, [y * size - 0.5, x * size - 0.5], order=1).mean())
+        lucent += profiles[0] < min(profiles[1:])
+    assert lucent >= n - 2
+
+
 def test_pathologies_leave_the_anatomy_alone_except_cardiomegaly(single, healthy_twins):
     for lab in LUNG_PATHOLOGIES:
         assert np.array_equal(single[lab].anatomy, healthy_twins.anatomy), lab

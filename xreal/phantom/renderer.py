@@ -486,20 +486,27 @@ def _draw_pneumothorax(rng: np.random.Generator, g: Params, size: int) -> SpecDr
 
 
 def _draw_consolidation(rng: np.random.Generator, g: Params, size: int) -> SpecDraw:
+    """A patch of airspace opacity, wider than any nodule, ill-defined, with air bronchograms."""
     side = int(rng.integers(2))
+    p = _PREFIX[side]
+    rx, ry = rng.uniform(0.11, 0.16), rng.uniform(0.12, 0.18)
     core = max(0.03, 1.6 / size)
-    u, v = _pick_lung_point(rng, g, side, (0.3, 0.85), (0.2, 0.8), core)
+    u, v = _pick_lung_point(rng, g, side, (0.3, 0.85), (0.25, 0.75), max(core, 0.5 * min(rx, ry)))
     spec = {"side": side, "cu": u, "cv": v, "core": core, "zone": _height_fraction(g, side, v)}
-    spec.update(rx=rng.uniform(0.08, 0.13), ry=rng.uniform(0.08, 0.14), rot=rng.uniform(0, math.pi))
-    spec["dens"] = rng.uniform(0.55, 0.8)
+    spec.update(rx=rx, ry=ry, rot=rng.uniform(0, math.pi), dens=rng.uniform(0.55, 0.8))
+    # The bronchi run out from the hilum, so their lucent lines point away from it.
+    hilum_u = float(g["mid"]) + (1.0 if side == _LEFT else -1.0) * float(g[p + "hil_d"])
+    outward = math.atan2(v - float(g[p + "hil_v"]), u - hilum_u)
+    spec.update(br1=outward - rng.uniform(0.1, 0.4), br2=outward + rng.uniform(0.1, 0.4))
     return spec, _upsample(_smooth_noise(rng, 2 * _PATCH_GRID, 1.0), size)
 
 
 def _draw_lesion(rng: np.random.Generator, g: Params, size: int) -> SpecDraw:
+    """A well-defined nodule (or small mass), always smaller than a consolidation."""
     side = int(rng.integers(2))
-    radius = max(rng.uniform(0.02, 0.07), 1.6 / size)
+    radius = max(rng.uniform(0.028, 0.055), 1.6 / size)
     lobes = rng.uniform(0.0, 0.07) if radius > 0.03 else 0.0
-    spec = {"side": side, "r": radius, "lob": lobes, "dens": rng.uniform(0.35, 0.55)}
+    spec = {"side": side, "r": radius, "lob": lobes, "dens": rng.uniform(0.45, 0.65)}
     spec.update(lob_p2=rng.uniform(0, 2 * math.pi), lob_p3=rng.uniform(0, 2 * math.pi))
     u, v = _pick_lung_point(rng, g, side, (0.15, 0.8), (0.2, 0.85), radius * (1.0 + 2.0 * lobes))
     spec.update(cu=u, cv=v, zone=_height_fraction(g, side, v))
@@ -508,12 +515,12 @@ def _draw_lesion(rng: np.random.Generator, g: Params, size: int) -> SpecDraw:
 
 def _draw_atelectasis(rng: np.random.Generator, g: Params, size: int) -> SpecDraw:
     side = int(rng.integers(2))
-    half = max(rng.uniform(0.006, 0.012), 1.05 / size)
+    half = max(rng.uniform(0.012, 0.02), 1.3 / size)
     p = _PREFIX[side]
-    length = rng.uniform(0.35, 0.7) * float(g[p + "dlat"] - g[p + "dmed"])
+    length = rng.uniform(0.4, 0.75) * float(g[p + "dlat"] - g[p + "dmed"])
     tilt = rng.uniform(-0.3, 0.3)
     u, v = _pick_lung_point(rng, g, side, (0.62, 0.84), (0.3, 0.7), max(2 * half, 1.6 / size))
-    spec = {"side": side, "cu": u, "cv": v, "half": half, "len": length, "dens": rng.uniform(0.22, 0.35)}
+    spec = {"side": side, "cu": u, "cv": v, "half": half, "len": length, "dens": rng.uniform(0.3, 0.45)}
     spec.update(cos=math.cos(tilt), sin=math.sin(tilt), zone=_height_fraction(g, side, v))
     return spec, None
 
@@ -858,9 +865,16 @@ def _paint_consolidation(ctx: _Context, idx: np.ndarray, spec: Params, field: Fi
     cos, sin = np.cos(spec["rot"]), np.sin(spec["rot"])
     q = ((x * cos + y * sin) / spec["rx"]) ** 2 + ((y * cos - x * sin) / spec["ry"]) ** 2
     score = (1.0 - q) + 0.5 * field
-    mask = lung & (q < 1.0) & ((score > 0.35) | (x * x + y * y < spec["core"] ** 2))
-    rim = np.clip((1.0 - q) / 0.35, 0.15, 1.0)
-    strength = np.where(mask, spec["dens"] * rim * np.clip(0.25 + (score - 0.35), 0.25, 1.0), 0.0)
+    mask = lung & (q < 1.0) & ((score > 0.3) | (x * x + y * y < spec["core"] ** 2))
+    margin = np.clip((1.0 - q) / 0.4, 0.0, 1.0)
+    patches = np.clip(0.55 + 0.8 * (score - 0.3), 0.35, 1.0)
+    strength = np.where(mask, spec["dens"] * margin * patches, 0.0)
+    width = max(0.006, 0.5 / ctx.size)
+    for key in ("br1", "br2"):
+        along = x * np.cos(spec[key]) + y * np.sin(spec[key])
+        across = y * np.cos(spec[key]) - x * np.sin(spec[key])
+        tube = np.exp(-((across / width) ** 2)) * (along > -0.5 * spec["rx"]) * (q < 0.8)
+        strength *= 1.0 - 0.55 * tube
     ctx.atten[idx] += strength * (0.75 * air + 0.12) - 0.12 * strength * ctx.ridge[idx]
     ctx.texture[idx] *= 1.0 - 0.6 * strength
     return mask

@@ -485,18 +485,31 @@ def _draw_pneumothorax(rng: np.random.Generator, g: Params, size: int) -> SpecDr
     return {"side": side, "shrink": shrink, "au": u, "av": v}, None
 
 
+def _hilum(g: Params, side: int) -> tuple[float, float]:
+    """Where one lung's hilum lies, in image units (u across, v down)."""
+    p = _PREFIX[side]
+    sign = 1.0 if side == _LEFT else -1.0
+    return float(g["mid"]) + sign * float(g[p + "hil_d"]), float(g[p + "hil_v"])
+
+
+def _from_hilum(g: Params, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's offset from the hilum of its own side: lateral distance beyond it, and height below it."""
+    left = u > g["mid"]
+    lateral = np.abs(u - g["mid"]) - np.where(left, g["l_hil_d"], g["r_hil_d"])
+    return lateral, v - np.where(left, g["l_hil_v"], g["r_hil_v"])
+
+
 def _draw_consolidation(rng: np.random.Generator, g: Params, size: int) -> SpecDraw:
     """A patch of airspace opacity, wider than any nodule, ill-defined, with air bronchograms."""
     side = int(rng.integers(2))
-    p = _PREFIX[side]
     rx, ry = rng.uniform(0.11, 0.16), rng.uniform(0.12, 0.18)
     core = max(0.03, 1.6 / size)
     u, v = _pick_lung_point(rng, g, side, (0.3, 0.85), (0.25, 0.75), max(core, 0.5 * min(rx, ry)))
     spec = {"side": side, "cu": u, "cv": v, "core": core, "zone": _height_fraction(g, side, v)}
     spec.update(rx=rx, ry=ry, rot=rng.uniform(0, math.pi), dens=rng.uniform(0.55, 0.8))
     # The bronchi run out from the hilum, so their lucent lines point away from it.
-    hilum_u = float(g["mid"]) + (1.0 if side == _LEFT else -1.0) * float(g[p + "hil_d"])
-    outward = math.atan2(v - float(g[p + "hil_v"]), u - hilum_u)
+    hilum_u, hilum_v = _hilum(g, side)
+    outward = math.atan2(v - hilum_v, u - hilum_u)
     spec.update(br1=outward - rng.uniform(0.1, 0.4), br2=outward + rng.uniform(0.1, 0.4))
     return spec, _upsample(_smooth_noise(rng, 2 * _PATCH_GRID, 1.0), size)
 
@@ -727,9 +740,7 @@ def _lung_texture(
         ndimage.gaussian_filter(vessels[:, k], (0.0, sigma * size, sigma * size), mode="constant")
         for k, sigma in enumerate(_VESSEL_SIGMA)
     )
-    left = u > g["mid"]
-    dx = np.abs(u - g["mid"]) - np.where(left, g["l_hil_d"], g["r_hil_d"])
-    dy = v - np.where(left, g["l_hil_v"], g["r_hil_v"])
+    dx, dy = _from_hilum(g, u, v)
     hilum = np.exp(-(dx * dx + dy * dy) / 0.045**2)
     ridge = np.clip(thick + thin, 0.0, 1.0)
     return ridge, 0.16 * thick + 0.1 * thin + 0.12 * hilum + 0.025 * mottle
@@ -767,9 +778,8 @@ def _splat_vessels(trees: np.ndarray, geo: Mapping[str, np.float32], size: int) 
     """
     out = np.zeros((2, size * size))
     for side, tree in enumerate(trees):
-        p = _PREFIX[side]
         sign = 1.0 if side == _LEFT else -1.0
-        ox, oy = float(geo["mid"]) + sign * float(geo[p + "hil_d"]), float(geo[p + "hil_v"])
+        ox, oy = _hilum(geo, side)
         x0, y0 = (c * size - 0.5 for c in _image_coordinates(geo, ox + sign * tree[:, 0], oy + tree[:, 1]))
         x1, y1 = (c * size - 0.5 for c in _image_coordinates(geo, ox + sign * tree[:, 2], oy + tree[:, 3]))
         gen = tree[:, 4]
@@ -909,9 +919,8 @@ def _paint_atelectasis(ctx: _Context, idx: np.ndarray, spec: Params, field: Fiel
 def _paint_edema(ctx: _Context, idx: np.ndarray, spec: Params, field: Field) -> np.ndarray:
     g, u, v = ctx.sub(idx), ctx.u[idx], ctx.v[idx]
     lungs = ctx.lung_r[idx] | ctx.lung_l[idx]
-    left = u > g["mid"]
-    dx = (np.abs(u - g["mid"]) - np.where(left, g["l_hil_d"], g["r_hil_d"])) / spec["sx"]
-    dy = (v - np.where(left, g["l_hil_v"], g["r_hil_v"])) / spec["sy"]
+    dx, dy = _from_hilum(g, u, v)
+    dx, dy = dx / spec["sx"], dy / spec["sy"]
     haze = spec["dens"] * np.exp(-(dx * dx) - dy * dy) * (0.75 + 0.25 * np.tanh(field))
     haze = np.where(lungs, haze, 0.0)
     peak = haze.max(axis=(1, 2), keepdims=True)

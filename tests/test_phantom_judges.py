@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,39 @@ def test_judges_trained_on_upsampled_phantoms_judge_generated_images_upsampled_t
     # The segmenter stays at the phantoms' 64 px: it gets the classifier's input shrunk back.
     assert judges.segmenter_size == 64 and judges.segment(images).shape == (3, 64, 64)
     assert resize_inputs(inputs, 128) is inputs and resize_inputs(inputs, None) is inputs
+
+
+def test_random_blur_smooths_about_half_a_batch_and_leaves_the_rest_untouched():
+    from xreal.judges.phantom_judges import random_blur
+
+    batch = torch.from_numpy(phantom.generate(64, 64, seed=12).images)[:, None]
+    out = random_blur(2.0)(batch, np.random.default_rng(0))
+    assert out.shape == batch.shape and not torch.equal(out, batch)
+    changed = (out - batch).abs().flatten(1).amax(1) > 0
+    assert 20 <= int(changed.sum()) <= 44  # probability 0.5 of 64
+
+    def roughness(x):
+        return (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+
+    assert (roughness(out[changed]) < roughness(batch[changed])).all()  # blurred, not just altered
+    assert torch.equal(out[~changed], batch[~changed])
+    again = random_blur(2.0)(batch, np.random.default_rng(0))
+    assert torch.equal(again, out)  # the batch's rng decides everything
+
+
+def test_the_judge_card_reports_the_classifier_on_blurred_phantoms_beside_the_plain(tmp_path):
+    from xreal.judges.judging import judges_card
+    from xreal.judges.phantom_judges import train_phantom_judges
+
+    folder = train_phantom_judges(
+        tmp_path / "judges", size=64, segmenter_steps=2, classifier_steps=2, train_count=16, held_out_count=24
+    )
+    record = json.loads((folder / "judges.json").read_text())
+    blurred = record["metrics"]["blurred_1px"]
+    assert set(blurred) == set(phantom.PHANTOM_PATHOLOGIES)
+    assert all(0.0 <= v["specificity"] <= 1.0 for v in blurred.values())
+    assert "half of them blurred by up to 1.5 px" in record["trained_on"]
+    card = judges_card(folder)
+    assert "blurred: sensitivity" in card
+    row = next(line for line in card.splitlines() if line.startswith("| Edema |"))
+    assert row.count("|") == 6  # label, plain sensitivity and specificity, blurred sensitivity and specificity

@@ -370,13 +370,22 @@ def judges_card(folder: str | os.PathLike[str]) -> str:
             f"Measured on {metrics.get('held_out', 'held-out data')}, at the calibrated operating points "
             "(each keeps 95% specificity, so a healthy image is rarely rejected for a finding it does not show):",
             "",
-            "| label | sensitivity | specificity |",
-            "|---|---:|---:|",
         ]
-        lines += [
-            f"| {label} | {value:.3f} | {metrics['specificity'][label]:.3f} |"
-            for label, value in metrics["sensitivity"].items()
-        ]
+        blurred = metrics.get("blurred_1px", {})
+        if blurred:
+            lines += [
+                "The blurred columns score the same phantoms blurred by 1 px, as smooth as a generated image may be.",
+                "",
+                "| label | sensitivity | specificity | blurred: sensitivity | blurred: specificity |",
+                "|---|---:|---:|---:|---:|",
+            ]
+        else:
+            lines += ["| label | sensitivity | specificity |", "|---|---:|---:|"]
+        for label, value in metrics["sensitivity"].items():
+            row = f"| {label} | {value:.3f} | {metrics['specificity'][label]:.3f} |"
+            if label in blurred:
+                row += f" {blurred[label]['sensitivity']:.3f} | {blurred[label]['specificity']:.3f} |"
+            lines.append(row)
     if "segmenter_dice" in metrics:
         dice_text = ", ".join(f"{k} {v:.3f}" for k, v in metrics["segmenter_dice"].items())
         lines += ["", f"Segmenter Dice: {dice_text}."]

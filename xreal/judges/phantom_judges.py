@@ -9,6 +9,7 @@ models do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchvision.transforms.v2.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from xreal.judges.judging import (
@@ -52,14 +54,17 @@ def fit(
     lr: float,
     seed: int,
     description: str,
+    augment: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Plain AdamW on random batches of 32; returns the model in eval mode."""
+    """Plain AdamW on random batches of 32 (each passed through ``augment`` when given); returns the model in
+    eval mode."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     model.train()
     for _ in tqdm(range(steps), desc=description):
         idx = torch.from_numpy(rng.integers(0, len(inputs), 32))
-        loss = loss_fn(model(inputs[idx]), targets[idx])
+        batch = inputs[idx] if augment is None else augment(inputs[idx], rng)
+        loss = loss_fn(model(batch), targets[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -71,22 +76,57 @@ def phantom_classifier(growth_rate: int = 16, block_config: tuple[int, ...] = (4
     return build_phantom_classifier(phantom.PHANTOM_PATHOLOGIES, growth_rate, block_config)
 
 
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Images ``[..., H, W]`` blurred by a Gaussian of ``sigma`` pixels (kernel out to 3 sigma)."""
+    kernel = 2 * int(np.ceil(3.0 * sigma)) + 1
+    return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+
+
+def random_blur(max_sigma: float, probability: float = 0.5):
+    """An ``augment`` for :func:`fit`: each image of a batch, with ``probability``, blurred by a Gaussian of sigma
+    uniform in (0, ``max_sigma``) pixels of the batch."""
+
+    def augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        out = batch.clone()
+        for i in np.flatnonzero(rng.random(len(batch)) < probability):
+            out[i] = blur(batch[i], float(rng.uniform(0.0, max_sigma)) + 1e-3)
+        return out
+
+    return augment
+
+
 def train_phantom_classifier(
-    size: int = 64, count: int = 3000, steps: int = 800, seed: int = 321, input_size: int | None = None
+    size: int = 64,
+    count: int = 3000,
+    steps: int = 800,
+    seed: int = 321,
+    input_size: int | None = None,
+    blur_sigma: float = 0.0,
 ):
     """Train the classifier on phantoms (multi-label, one output per phantom pathology).
 
     ``input_size`` upsamples the ``size`` px phantoms first: the DenseNet's stem shrinks its input four times
     before the first dense block, which leaves a 2-pixel plate of atelectasis half a cell wide at 64 px.
+    ``blur_sigma`` (phantom pixels) blurs half the training images by up to that much, labels unchanged, so that
+    the classifier reads a finding from its shape and density rather than from how sharp the lung texture is.
     """
     cases = phantom.generate(count, size, seed=seed)
     images = resize_inputs(classifier_input(cases.images), input_size)
     targets = torch.tensor(
         [[label in labels for label in phantom.PHANTOM_PATHOLOGIES] for labels in cases.labels], dtype=torch.float32
     )
+    augment = random_blur(blur_sigma * images.shape[-1] / size) if blur_sigma > 0 else None
     torch.manual_seed(seed)
     return fit(
-        phantom_classifier(), images, targets, F.binary_cross_entropy_with_logits, steps, 1e-3, seed, "classifier"
+        phantom_classifier(),
+        images,
+        targets,
+        F.binary_cross_entropy_with_logits,
+        steps,
+        1e-3,
+        seed,
+        "classifier",
+        augment=augment,
     )
 
 
@@ -135,6 +175,7 @@ def train_phantom_judges(
     train_count: int = 3000,
     held_out_count: int = 800,
     input_size: int | None = None,
+    blur_sigma: float = 1.5,
 ) -> Path:
     """Train, calibrate and save the phantom judge set (classifier, segmenter, realism reference).
 
@@ -142,21 +183,31 @@ def train_phantom_judges(
     :meth:`JudgeSet.classifier_inputs` upsamples generated images the same way).
     Calibration and the realism threshold use held-out phantoms of another seed:
     each label's operating point keeps 95% specificity there (:func:`operating_point`).
+    The classifier trains with ``blur_sigma`` (see :func:`train_phantom_classifier`): generated images are smoother
+    than phantoms, and a classifier that never saw a blurred lung calls one oedema (86% of healthy phantoms blurred
+    by 1.2 px). Its sensitivity and specificity on held-out phantoms blurred by 1 px are recorded beside the plain.
     """
     input_size = input_size or size
     with torch.enable_grad():
         segmenter = train_phantom_segmenter(size, count=train_count, steps=segmenter_steps, seed=seed)
         classifier = train_phantom_classifier(
-            size, count=train_count, steps=classifier_steps, seed=seed + 1, input_size=input_size
+            size,
+            count=train_count,
+            steps=classifier_steps,
+            seed=seed + 1,
+            input_size=input_size,
+            blur_sigma=blur_sigma,
         )
     training = phantom.generate(train_count, size, seed=seed + 1)
     held_out = phantom.generate(held_out_count, size, seed=seed + 2)
     held_out_inputs = resize_inputs(classifier_input(held_out.images), input_size)
     probabilities = torch.sigmoid(classifier(held_out_inputs)).numpy()
     truth = np.array([[label in labels for label in classifier.pathologies] for labels in held_out.labels])
+    blurred = torch.sigmoid(classifier(blur(held_out_inputs, input_size / size))).numpy()
     thresholds = [operating_point(probabilities[:, i], truth[:, i]) for i in range(truth.shape[1])]
-    classifier.op_threshs = torch.tensor(thresholds, dtype=torch.float32)
+    classifier.op_threshs = torch.tensor(thresholds, dtype=torch.float32)  # from here on its outputs are calibrated
     detected = probabilities >= np.array(thresholds)
+    detected_blurred = blurred >= np.array(thresholds)
     realism = RealismReference.fit(
         classifier.features2(resize_inputs(classifier_input(training.images), input_size)),
         classifier.features2(held_out_inputs),
@@ -169,6 +220,13 @@ def train_phantom_judges(
         "specificity": {
             lab: float((~detected[~truth[:, i], i]).mean()) for i, lab in enumerate(classifier.pathologies)
         },
+        "blurred_1px": {
+            lab: {
+                "sensitivity": float(detected_blurred[truth[:, i], i].mean()),
+                "specificity": float((~detected_blurred[~truth[:, i], i]).mean()),
+            }
+            for i, lab in enumerate(classifier.pathologies)
+        },
         "segmenter_dice": {
             name: float(np.mean([dice(a == label, b == label) for a, b in zip(held_out.anatomy, found, strict=True)]))
             for name, label in STRUCTURES.items()
@@ -179,7 +237,9 @@ def train_phantom_judges(
     seen = f"phantoms at {size} px" + (f", upsampled to {input_size}" if input_size != size else "")
     trained_on = (
         f"{seen}: segmenter {train_count} (seed {seed}, {segmenter_steps} steps), classifier and "
-        f"realism reference {train_count} (seed {seed + 1}, {classifier_steps} steps)"
+        f"realism reference {train_count} (seed {seed + 1}, {classifier_steps} steps"
+        + (f", half of them blurred by up to {blur_sigma:g} px" if blur_sigma > 0 else "")
+        + ")"
     )
     return save_phantom_judges(
         out, classifier, segmenter, realism, input_size, architecture, trained_on, metrics, segmenter_size=size

@@ -45,7 +45,8 @@ demo-model: $(STAMP) build/demo-phantom/index.parquet
 
 # Retrain the demo bundle's judges (classifier, segmenter, realism reference) on phantoms (about 15 min). The
 # classifier sees the 64 px phantoms upsampled to 128: at 64 its stem leaves a nodule or a plate of atelectasis a
-# fraction of a cell (sensitivity 0.51 and 0.40 at 95% specificity, against 0.85 and 0.84).
+# fraction of a cell (sensitivity 0.51 and 0.40 at 95% specificity, against 0.85 and 0.84). Half its training
+# phantoms are blurred by up to 1.5 px: one that never saw a blurred lung calls half of them oedema.
 demo-judges: $(STAMP)
 	$(VENV)/bin/xreal train judges --input-size 128 --out xreal/bundles/demo/judges
 

@@ -11,6 +11,7 @@ The reference is the start of the demo model's own training set (phantom seed 11
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from xreal.core.files import sha256_file, write_json
 from xreal.core.settings import SPEEDS
 from xreal.data.training_index import write_phantom_training_set
 from xreal.evaluate.broken_runs import copy_training_images, shuffle_pathology_masks
-from xreal.evaluate.report import EvaluationSettings, evaluate_run
+from xreal.evaluate.report import EvaluationSettings, _warnings, evaluate_run
 from xreal.manifest.schema import write_manifest
 from xreal.run import generation
 from xreal.run.dataset import SAMPLES_FILE
@@ -163,6 +164,14 @@ def test_the_demo_report_records_every_section_with_its_provenance(reports):
     labels = {label for label in report["settings"]["labels"]}
     assert labels == set(report["control"]["accepted"]["per_label"])
     assert {"Cardiomegaly", "Pleural Effusion", "Pneumothorax"} <= labels
+
+
+@pytest.mark.slow
+def test_a_report_too_small_for_prdc_says_so_among_its_warnings(reports):
+    report = copy.deepcopy(reports["demo"])
+    assert not any("not computed" in w for w in _warnings(report))
+    report["fidelity"]["synthetic"]["prdc"] = None  # what _fidelity records with k or fewer accepted images
+    assert any("not computed: with k=5 they need more than 5 accepted images" in w for w in _warnings(report))
 
 
 def _chromium():

@@ -633,6 +633,11 @@ def _warnings(report: dict[str, Any]) -> list[str]:
     if rate is not None and rate > 0.05:
         warnings.append(f"memorisation: {rate:.1%} of accepted images are at or above tau (likely copies)")
     fid = report["fidelity"]
+    if fid["synthetic"]["prdc"] is None:
+        k = report["settings"]["prdc_k"]
+        warnings.append(
+            f"precision, recall, density and coverage not computed: with k={k} they need more than {k} accepted images"
+        )
     synthetic, real_fd = fid["synthetic"]["frechet"], fid["real_vs_real"]["frechet"]
     if synthetic["value"] is not None and real_fd["high"] is not None and synthetic["value"] > 2 * real_fd["high"]:
         warnings.append(

@@ -106,6 +106,9 @@ def main() -> None:
         "--anatomy-steps", type=int, default=None, help="stage-1 steps that blend in the anatomy (default: the fast "
         "preset's share of --steps)"
     )  # fmt: skip
+    parser.add_argument(
+        "--guidance-scale", type=float, default=FAST.guidance_scale, help="stage 2's classifier-free guidance"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--real-count", type=int, default=600, help="real phantoms for the texture figures")
     parser.add_argument("--cache", type=Path, default=Path("build/phantom-judges"))
@@ -127,7 +130,12 @@ def main() -> None:
 
     started = time.perf_counter()
     anatomy_steps = FAST.anatomy_steps_for(args.steps) if args.anatomy_steps is None else args.anatomy_steps
-    settings = dict(num_inference_steps=args.steps, anatomy_steps=anatomy_steps, sampler=args.sampler)
+    settings = dict(
+        num_inference_steps=args.steps,
+        anatomy_steps=anatomy_steps,
+        sampler=args.sampler,
+        guidance_scale=args.guidance_scale,
+    )
     controlled, unrestored, uncontrolled = [], [], []
     for lo in range(0, n, args.batch_size):
         hi = min(n, lo + args.batch_size)
@@ -145,7 +153,8 @@ def main() -> None:
 
     print(
         f"{n} held-out phantom requests (seed {HELD_OUT_SEED}), {size} px, latent cell {cell} px, "
-        f"{args.sampler} {args.steps} steps per stage ({anatomy_steps} with anatomy), one draw each, "
+        f"{args.sampler} {args.steps} steps per stage ({anatomy_steps} with anatomy), guidance "
+        f"{args.guidance_scale:g}, one draw each, "
         f"generated in {seconds:.0f} s"
     )
 

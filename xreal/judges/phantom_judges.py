@@ -165,6 +165,13 @@ def operating_point(scores: np.ndarray, truth: np.ndarray, min_specificity: floa
     return best
 
 
+def _rates(detected: np.ndarray, truth: np.ndarray, labels: list[str]) -> tuple[dict, dict]:
+    """Per label (columns of ``[N, L]`` calls and truth): sensitivity and specificity."""
+    sensitivity = {lab: float(detected[truth[:, i], i].mean()) for i, lab in enumerate(labels)}
+    specificity = {lab: float((~detected[~truth[:, i], i]).mean()) for i, lab in enumerate(labels)}
+    return sensitivity, specificity
+
+
 @torch.no_grad()
 def train_phantom_judges(
     out: str | Path,
@@ -208,6 +215,8 @@ def train_phantom_judges(
     classifier.op_threshs = torch.tensor(thresholds, dtype=torch.float32)  # from here on its outputs are calibrated
     detected = probabilities >= np.array(thresholds)
     detected_blurred = blurred >= np.array(thresholds)
+    sensitivity, specificity = _rates(detected, truth, classifier.pathologies)
+    blurred_sensitivity, blurred_specificity = _rates(detected_blurred, truth, classifier.pathologies)
     realism = RealismReference.fit(
         classifier.features2(resize_inputs(classifier_input(training.images), input_size)),
         classifier.features2(held_out_inputs),
@@ -216,16 +225,11 @@ def train_phantom_judges(
     found = segmenter.segment(((resize_inputs(held_out_inputs, size)[:, 0] + 1024.0) / 2048.0).numpy())
     metrics = {
         "held_out": f"{held_out_count} phantoms, seed {seed + 2}",
-        "sensitivity": {lab: float(detected[truth[:, i], i].mean()) for i, lab in enumerate(classifier.pathologies)},
-        "specificity": {
-            lab: float((~detected[~truth[:, i], i]).mean()) for i, lab in enumerate(classifier.pathologies)
-        },
+        "sensitivity": sensitivity,
+        "specificity": specificity,
         "blurred_1px": {
-            lab: {
-                "sensitivity": float(detected_blurred[truth[:, i], i].mean()),
-                "specificity": float((~detected_blurred[~truth[:, i], i]).mean()),
-            }
-            for i, lab in enumerate(classifier.pathologies)
+            lab: {"sensitivity": blurred_sensitivity[lab], "specificity": blurred_specificity[lab]}
+            for lab in classifier.pathologies
         },
         "segmenter_dice": {
             name: float(np.mean([dice(a == label, b == label) for a, b in zip(held_out.anatomy, found, strict=True)]))

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -38,7 +40,8 @@ def test_autoencoder_training_learns_and_resumes_exactly(data, tmp_path):
     assert resumed_run.log["seconds"] >= first.log["seconds"] > 0
     finished = TrainingRun(tmp_path / "b", steps=6, batch_size=4, checkpoint_every=3, preview_every=3)
     train_autoencoder(data, finished, preset="tiny")  # nothing left to train: all from the last checkpoint
-    assert finished.log["resumed_from"] == 6 and finished.log["seconds"] > 0.5 * resumed_run.log["seconds"]
+    recorded = json.loads((tmp_path / "b" / "checkpoints" / "step-6" / "state.json").read_text())["seconds"]
+    assert finished.log["resumed_from"] == 6 and finished.log["seconds"] == round(recorded, 1)
     assert finished.log["final_loss"] == pytest.approx(resumed_run.log["final_loss"])
     assert sorted(p.name for p in (tmp_path / "b" / "previews").iterdir()) == ["step-3.png", "step-6.png"]
     assert states_equal(straight, resumed)

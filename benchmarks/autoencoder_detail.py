@@ -1,7 +1,10 @@
-"""What the first-stage autoencoder keeps: a detail run (L1 + KL + perceptual + patch discriminator) against another.
+"""What the first-stage autoencoder keeps: a detail run (L1 + KL + perceptual + patch discriminator), then its
+decoder fine-tuned with the texture term, against another autoencoder.
 
-Trains the autoencoder with the detail loss on a phantom training index (or
-reuses a finished run) and compares it with another autoencoder (by default the
+Trains the autoencoder with the detail loss on a phantom training index and
+fine-tunes its decoder as ``xreal train demo`` does (or reuses finished runs:
+``--work`` holds ``autoencoder/`` and ``decoder/``, as a ``xreal train demo``
+work folder does), and compares both with another autoencoder (by default the
 demo bundle's) on held-out phantoms: reconstruction PSNR, the lungs'
 high-frequency power over the originals', and how often an independently
 trained phantom classifier (benchmarks/control_phantom.py's, cached) detects
@@ -23,7 +26,7 @@ from xreal.evaluate.metrics import lung_detail_power
 from xreal.judges.phantom_judges import classify
 from xreal.model.autoencoder_loss import DetailLoss
 from xreal.model.bundle import DEMO_BUNDLE, PRESETS, build_autoencoder, get_preset
-from xreal.model.training import TrainingRun, load_training_set, train_autoencoder
+from xreal.model.training import DECODER_DETAIL, DEMO_SCHEDULE, TrainingRun, load_training_set, train_autoencoder
 from xreal.phantom import renderer as phantom
 
 HELD_OUT_SEED = 999
@@ -46,8 +49,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--index", type=Path, default=Path("build/demo-phantom"), help="phantom training index")
-    parser.add_argument("--work", type=Path, default=Path("build/autoencoder-detail"), help="the detail run")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument(
+        "--work", type=Path, default=Path("build/autoencoder-detail"), help="folder of the two runs (resumed)"
+    )
+    parser.add_argument("--steps", type=int, default=DEMO_SCHEDULE["autoencoder"][0])
+    parser.add_argument("--decoder-steps", type=int, default=DEMO_SCHEDULE["decoder"][0])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="the detail run's sizes")
     parser.add_argument(
@@ -70,10 +76,19 @@ def main() -> None:
     baseline.eval()
     size = baseline.config.sample_size
     data = load_training_set(args.index, size)
-    run = TrainingRun(args.work, steps=args.steps, batch_size=args.batch_size)
+    run = TrainingRun(args.work / "autoencoder", steps=args.steps, batch_size=args.batch_size)
     started = time.perf_counter()
     detailed = train_autoencoder(data, run, preset=args.preset, detail=DetailLoss()).eval()
-    print(f"detail run: {args.steps} steps, {run.log['seconds']} s this call ({time.perf_counter() - started:.0f} s)")
+    print(f"detail run: {args.steps} steps, {run.log['seconds']} s in all ({time.perf_counter() - started:.0f} s now)")
+    decoder_run = TrainingRun(args.work / "decoder", steps=args.decoder_steps, batch_size=args.batch_size)
+    started = time.perf_counter()
+    tuned = train_autoencoder(
+        data, decoder_run, preset=args.preset, detail=DECODER_DETAIL, fine_tune=detailed, perceptual_from=run.out
+    ).eval()
+    print(
+        f"decoder fine-tuned: {args.decoder_steps} steps, {decoder_run.log['seconds']} s in all "
+        f"({time.perf_counter() - started:.0f} s now)"
+    )
 
     _, classifier = judges(args.cache, size)
     labels = [phantom.PHANTOM_PATHOLOGIES[i % 7] for i in range(args.count)]
@@ -82,7 +97,7 @@ def main() -> None:
     on_real = classify(classifier, cases.images, 2 * size)
     rows = {"original": (cases.images, on_real)}
     for name, model in ((f"baseline ({args.baseline.parent.name}/{args.baseline.name})", baseline),
-                        ("this detail run", detailed)):  # fmt: skip
+                        ("detail run", detailed), ("+ decoder fine-tuned", tuned)):  # fmt: skip
         images = reconstruct(model, cases.images)
         rows[name] = (images, classify(classifier, images, 2 * size))
     print(f"\n{args.count} held-out phantoms (seed {HELD_OUT_SEED}), {size} px")

@@ -76,6 +76,7 @@ def test_anatomy_controller_and_backbone_resume_exactly(data, tmp_path):
 
 def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     from click.testing import CliRunner
+    from safetensors.torch import load_file
 
     from xreal.cli import cli
     from xreal.model.bundle import load_pipeline
@@ -85,6 +86,15 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     for part in ("autoencoder", "anatomy-controller"):
         result = CliRunner().invoke(cli, ["train", part, *map(str, common), "--out", str(tmp_path / part)])
         assert result.exit_code == 0, result.output
+    decoder = ["train", "decoder", *map(str, common), "--out", str(tmp_path / "decoder"), "--perceptual-weight", "0"]
+    result = CliRunner().invoke(cli, [*decoder, "--autoencoder", str(tmp_path / "autoencoder")])
+    assert result.exit_code == 0, result.output
+    trained, tuned = (load_file(tmp_path / part / "model" / "diffusion_pytorch_model.safetensors")
+                      for part in ("autoencoder", "decoder"))  # fmt: skip
+    assert all(torch.equal(trained[k], tuned[k]) for k in trained if k.startswith("encoder."))
+    assert not all(torch.equal(trained[k], tuned[k]) for k in trained if k.startswith("decoder."))
+    missing = CliRunner().invoke(cli, [*decoder, "--autoencoder", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "--autoencoder" in missing.output and "nowhere" in missing.output
     result = CliRunner().invoke(
         cli,
         [
@@ -94,7 +104,7 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
             "--out",
             str(tmp_path / "backbone"),
             "--autoencoder",
-            str(tmp_path / "autoencoder"),
+            str(tmp_path / "decoder"),  # the fine-tuned decoder with the autoencoder's encoder
             "--anatomy-controller",
             str(tmp_path / "anatomy-controller"),
         ],
@@ -175,6 +185,63 @@ def test_perceptual_distance_is_zero_for_the_same_image_and_grows_with_blur(data
     strong = torch.from_numpy(ndimage.gaussian_filter(images.numpy(), (0, 0, 2.0, 2.0))).float()
     assert torch.all(distance(images, strong) > distance(images, slight))
     assert not any(p.requires_grad for p in distance.parameters())
+
+
+def test_texture_gap_is_zero_for_the_same_image_and_grows_as_the_detail_is_blurred_away(data):
+    from scipy import ndimage
+
+    from xreal.model.autoencoder_loss import texture_gap
+
+    images = data.images[:6]
+    assert torch.allclose(texture_gap(images, images), torch.zeros(6))
+    slight, strong = (
+        torch.from_numpy(ndimage.gaussian_filter(images.numpy(), (0, 0, s, s))).float() for s in (0.5, 2.0)
+    )
+    assert torch.all(texture_gap(images, strong) > texture_gap(images, slight))
+    # It weighs how much detail a patch holds, not where: the same detail moved by a pixel costs less than losing it.
+    moved = torch.roll(images, 1, dims=3)
+    assert torch.all(texture_gap(images, moved) < texture_gap(images, strong))
+
+
+def test_the_texture_term_adds_its_weighted_gap_to_the_loss(data):
+    from xreal.model.autoencoder_loss import DetailLoss, autoencoder_loss, texture_gap
+
+    torch.manual_seed(0)
+    model = build_autoencoder(get_preset("tiny"))
+    images = data.images[:4]
+    losses = {
+        weight: autoencoder_loss(
+            model, images, images, torch.Generator().manual_seed(1), 1e-6, 0,
+            DetailLoss(perceptual_weight=0.0, texture_weight=weight),
+        )
+        for weight in (0.0, 10.0)
+    }  # fmt: skip
+    posterior = model.encode(images).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1))
+    reconstruction = model.decode(posterior.mean + posterior.std * noise).sample
+    gap = texture_gap(reconstruction, images).mean()
+    assert gap > 0 and torch.isclose(losses[10.0] - losses[0.0], 10.0 * gap, rtol=1e-4)
+
+
+def test_fine_tuning_the_decoder_leaves_the_encoder_and_its_latents_as_they_were(data, tmp_path):
+    """A backbone trained on the autoencoder's latents stays valid after the decoder is fine-tuned."""
+    from xreal.model.autoencoder_loss import DetailLoss
+    from xreal.model.training import _latents
+
+    autoencoder = train_autoencoder(data, TrainingRun(tmp_path / "ae", steps=2, batch_size=4), preset="tiny")
+    before = {k: v.clone() for k, v in autoencoder.state_dict().items()}
+    detail = DetailLoss(perceptual_weight=0.0, discriminator_start=0, discriminator_width=8, texture_weight=10.0)
+    run = TrainingRun(tmp_path / "decoder", steps=3, batch_size=4)
+    tuned = train_autoencoder(data, run, preset="tiny", detail=detail, fine_tune=autoencoder)
+    after = tuned.state_dict()
+    assert all(torch.equal(autoencoder.state_dict()[k], v) for k, v in before.items())  # the one given is untouched
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert not all(torch.equal(before[k], after[k]) for k in decoder)
+    assert torch.equal(_latents(autoencoder, data.images), _latents(tuned, data.images))
+    assert tuned.config.scaling_factor == autoencoder.config.scaling_factor
+    assert run.log["detail_loss"]["texture_weight"] == 10.0
 
 
 def test_a_checkpoint_of_other_sizes_is_refused_naming_the_folder(data, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from xreal.cli.base import _Group, cli
 
 @cli.group(cls=_Group)
 def train() -> None:
-    """Train the autoencoder, the Anatomy Controller and the backbone from a training index."""
+    """Train the autoencoder (then fine-tune its decoder), the Anatomy Controller and the backbone."""
 
 
 def _training_options(function):
@@ -67,6 +67,62 @@ def train_autoencoder_command(**options) -> None:
 
     run, data = _run_and_data(**options)
     train_autoencoder(data, run, preset=options["preset"]).save_pretrained(run.out / "model")
+    click.echo(f"wrote {run.out / 'model'} ({run.log['seconds']} s)")
+
+
+@train.command("decoder")
+@_training_options
+@click.option(
+    "--autoencoder",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run folder of `xreal train autoencoder` (or of this command): its encoder stays as it is.",
+)
+@click.option(
+    "--texture-weight",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="The texture term's weight.",
+)
+@click.option(
+    "--perceptual-weight",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="The perceptual term's weight (0: no perceptual network).",
+)
+def train_decoder_command(autoencoder: Path, texture_weight: float, perceptual_weight: float, **options) -> None:
+    """Fine-tune a trained autoencoder's decoder with its encoder frozen; saves OUT/model.
+
+    The perceptual, texture and patch-discriminator terms bring back fine detail
+    (ribs, vessels) that L1 averages away. The latents do not change, so a
+    backbone trained on them works with the new decoder: pass OUT as
+    `xreal train backbone --autoencoder`. The perceptual network is the
+    autoencoder run's when it has one, else trained here on the index's labels.
+    """
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL
+
+    from xreal.model.autoencoder_loss import PERCEPTUAL_FILE
+    from xreal.model.training import DECODER_DETAIL, train_autoencoder
+
+    model = autoencoder / "model"
+    if not (model / "config.json").is_file():
+        raise click.BadParameter(f"{model} holds no trained autoencoder (no config.json)", param_hint="--autoencoder")
+    run, data = _run_and_data(**options)
+    start = AutoencoderKL.from_pretrained(model, use_safetensors=True)
+    detail = replace(DECODER_DETAIL, perceptual_weight=perceptual_weight, texture_weight=texture_weight)
+    tuned = train_autoencoder(
+        data,
+        run,
+        preset=options["preset"],
+        detail=detail,
+        fine_tune=start,
+        perceptual_from=autoencoder if (autoencoder / PERCEPTUAL_FILE).is_file() else None,
+    )
+    tuned.save_pretrained(run.out / "model")
     click.echo(f"wrote {run.out / 'model'} ({run.log['seconds']} s)")
 
 
@@ -126,7 +182,7 @@ def train_backbone_command(autoencoder: Path, anatomy_controller: Path, **option
     "--work",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Folder for the three training runs (a rerun resumes).",
+    help="Folder for the training runs, one per part (a rerun resumes).",
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle to write.")
 @click.option("--seed", type=int, default=0, show_default=True)

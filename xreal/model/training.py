@@ -1,6 +1,8 @@
 """Training the three trained parts of XReal from a training index.
 
-- the first-stage autoencoder (reconstruct the image),
+- the first-stage autoencoder (reconstruct the image), and optionally its
+  decoder fine-tuned on its own with the encoder frozen, so the latents do not
+  change (as Stable Diffusion's released decoders were fine-tuned),
 - the Anatomy Controller (reconstruct the image from the image or, half of the
   time, from its anatomy label map),
 - the backbone: UNet and text encoder together, epsilon prediction on the
@@ -271,14 +273,14 @@ def _latents(autoencoder: AutoencoderKL, images: torch.Tensor, chunk: int = 64) 
     )
 
 
-def _perceptual_distance(data: TrainingSet, run: TrainingRun, detail: DetailLoss) -> PerceptualDistance:
-    """The run's perceptual network: trained on the training set's labels once, then read back on a resume."""
-    path = run.out / PERCEPTUAL_FILE
+def _perceptual_distance(data: TrainingSet, folder: Path, detail: DetailLoss, seed: int) -> PerceptualDistance:
+    """The perceptual network kept in ``folder``: trained on the training set's labels once, then read back."""
+    path = folder / PERCEPTUAL_FILE
     if path.is_file():
         network = perceptual_network(data.labels.shape[1])
         network.load_state_dict(load_file(path))
     else:
-        network = train_perceptual_network(data.images, data.labels, steps=detail.perceptual_steps, seed=run.seed)
+        network = train_perceptual_network(data.images, data.labels, steps=detail.perceptual_steps, seed=seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in network.state_dict().items()}, path)
     return PerceptualDistance(network)
@@ -290,23 +292,38 @@ def train_autoencoder(
     preset: str = "demo",
     anatomy_controller: bool = False,
     detail: DetailLoss | None = None,
+    fine_tune: AutoencoderKL | None = None,
+    perceptual_from: Path | None = None,
 ) -> AutoencoderKL:
     """Train the first-stage autoencoder, or the Anatomy Controller with ``anatomy_controller=True``.
 
     The controller sees the anatomy label map (scaled to [-1, 1], 3 channels)
     instead of the image with probability 0.5 and always reconstructs the image.
-    ``detail`` adds the perceptual and patch-discriminator terms
-    (:mod:`xreal.model.autoencoder_loss`) to L1 + KL.
+    ``detail`` adds the perceptual, texture and patch-discriminator terms
+    (:mod:`xreal.model.autoencoder_loss`) to L1 + KL. ``fine_tune`` starts from
+    a trained autoencoder and trains its decoder only: the encoder stays
+    frozen, so its latents, and a backbone trained on them, stay valid.
+    ``perceptual_from`` is a folder holding the perceptual network to reuse
+    (default: the run's own, trained on first use).
     """
     with _seeded(run.seed):
         model = build_autoencoder(get_preset(preset))
+        if fine_tune is not None:
+            model.load_state_dict(fine_tune.state_dict())
+            model.register_to_config(scaling_factor=fine_tune.config.scaling_factor)
+            model.encoder.requires_grad_(False)
+            model.quant_conv.requires_grad_(False)
         discriminator = (
             PatchDiscriminator(width=detail.discriminator_width, layers=detail.discriminator_layers)
             if detail is not None and detail.discriminator_start < run.steps
             else None
         )
     masks = label_map_image(data.label_maps) * 2.0 - 1.0
-    perceptual = _perceptual_distance(data, run, detail) if detail is not None and detail.perceptual_weight else None
+    perceptual = (
+        _perceptual_distance(data, perceptual_from or run.out, detail, run.seed)
+        if detail is not None and detail.perceptual_weight
+        else None
+    )
     modules: dict[str, nn.Module] = {"model": model}
     if discriminator is not None:
         modules["discriminator"] = discriminator
@@ -346,10 +363,10 @@ def train_autoencoder(
         modules,
         loss_fn,
         preview=preview,
-        description="anatomy controller" if anatomy_controller else "autoencoder",
+        description="anatomy controller" if anatomy_controller else "decoder" if fine_tune else "autoencoder",
     )
     model = model.cpu().eval()
-    if not anatomy_controller:
+    if not anatomy_controller and fine_tune is None:
         model.register_to_config(scaling_factor=float(1.0 / _latents(model, data.images[:512]).std()))
     return model
 
@@ -414,7 +431,14 @@ def train_backbone(
 
 
 # At 32x32 latents a backbone step costs 3.7x one at 16x16: half the batch keeps the whole run within 2 hours.
-DEMO_SCHEDULE = {"autoencoder": (1200, 16), "anatomy_controller": (1200, 16), "backbone": (6000, 16)}
+DEMO_SCHEDULE = {
+    "autoencoder": (1200, 16),
+    "decoder": (400, 16),
+    "anatomy_controller": (1200, 16),
+    "backbone": (6000, 16),
+}
+# The decoder's fine-tuning: the texture term brings back the fine detail the autoencoder's round trip lost.
+DECODER_DETAIL = DetailLoss(discriminator_start=0, texture_weight=10.0)
 
 
 def train_demo_bundle(
@@ -425,23 +449,27 @@ def train_demo_bundle(
     seed: int = 0,
     command: str = "",
 ) -> Path:
-    """Train all three parts on a phantom training index and save the demo bundle to ``out``.
+    """Train every part on a phantom training index and save the demo bundle to ``out``.
 
-    ``schedule`` maps each part to (steps, batch size).
+    ``schedule`` maps each part to (steps, batch size); the parts run in its order.
     """
     preset = get_preset("demo")
     data = load_training_set(index_dir, preset.image_size)
-    runs = [
-        TrainingRun(work / name, steps=schedule[name][0], batch_size=schedule[name][1], seed=seed)
-        for name in ("autoencoder", "anatomy_controller", "backbone")
-    ]
-    autoencoder = train_autoencoder(data, runs[0], detail=DetailLoss())
-    controller = train_autoencoder(data, runs[1], anatomy_controller=True)
-    pipeline = train_backbone(data, runs[2], autoencoder, controller)
+    runs = {
+        name: TrainingRun(work / name, steps=steps, batch_size=batch_size, seed=seed)
+        for name, (steps, batch_size) in schedule.items()
+    }
+    autoencoder = train_autoencoder(data, runs["autoencoder"], detail=DetailLoss())
+    if "decoder" in runs:
+        autoencoder = train_autoencoder(
+            data, runs["decoder"], detail=DECODER_DETAIL, fine_tune=autoencoder, perceptual_from=runs["autoencoder"].out
+        )
+    controller = train_autoencoder(data, runs["anatomy_controller"], anatomy_controller=True)
+    pipeline = train_backbone(data, runs["backbone"], autoencoder, controller)
     training = {
         "data": f"{len(data)} phantom training images ({index_dir})",
         "command": command,
-        "runs": {r.out.name: {**r.log, "batch_size": r.batch_size} for r in runs},
+        "runs": {name: {**r.log, "batch_size": r.batch_size} for name, r in runs.items()},
     }
     save_bundle(pipeline, out, training=training, weights_dtype=torch.float16)
     write_model_card(out)

@@ -210,9 +210,9 @@ def test_the_html_report_opens_in_a_real_browser_and_shows_its_figures(reports, 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Two requests, one sample each, four steps (all with anatomy): a finished run to refuse bad inputs against."""
+    """Two requests, one sample each, the fast preset's eight steps: a finished run to refuse bad inputs against."""
     tmp = tmp_path_factory.mktemp("tiny")
-    rows = demo_rows(num_samples=1, steps=4, anatomy_steps=4)[:2]
+    rows = demo_rows(num_samples=1, steps=8, anatomy_steps=7)[:2]
     return generate(write_manifest(rows, tmp / "tiny.parquet"), tmp / "run")
 
 

@@ -435,7 +435,7 @@ DEMO_SCHEDULE = {
     "autoencoder": (1200, 16),
     "decoder": (400, 16),
     "anatomy_controller": (1200, 16),
-    "backbone": (6000, 16),
+    "backbone": (8000, 16),
 }
 # The decoder's fine-tuning: the texture term brings back the fine detail the autoencoder's round trip lost.
 DECODER_DETAIL = DetailLoss(discriminator_start=0, texture_weight=10.0)

@@ -95,6 +95,11 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     assert not all(torch.equal(trained[k], tuned[k]) for k in trained if k.startswith("decoder."))
     missing = CliRunner().invoke(cli, [*decoder, "--autoencoder", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--autoencoder" in missing.output and "nowhere" in missing.output
+    backbone = ["train", "backbone", *map(str, common), "--out", str(tmp_path / "b"), "--autoencoder"]
+    missing = CliRunner().invoke(
+        cli, [*backbone, str(tmp_path / "decoder"), "--anatomy-controller", str(tmp_path / "nowhere")]
+    )
+    assert missing.exit_code == 2 and "--anatomy-controller" in missing.output and "nowhere" in missing.output
     result = CliRunner().invoke(
         cli,
         [

@@ -59,6 +59,16 @@ def _run_and_data(index, out, preset, steps, batch_size, learning_rate, seed, ch
     return run, data
 
 
+def _trained_autoencoder(folder: Path, option: str):
+    """The autoencoder a training run saved in ``folder``/model, or a usage error naming ``option``."""
+    from diffusers import AutoencoderKL
+
+    model = folder / "model"
+    if not (model / "config.json").is_file():
+        raise click.BadParameter(f"{model} holds no trained model (no config.json)", param_hint=option)
+    return AutoencoderKL.from_pretrained(model, use_safetensors=True)
+
+
 @train.command("autoencoder")
 @_training_options
 def train_autoencoder_command(**options) -> None:
@@ -103,16 +113,11 @@ def train_decoder_command(autoencoder: Path, texture_weight: float, perceptual_w
     """
     from dataclasses import replace
 
-    from diffusers import AutoencoderKL
-
     from xreal.model.autoencoder_loss import PERCEPTUAL_FILE
     from xreal.model.training import DECODER_DETAIL, train_autoencoder
 
-    model = autoencoder / "model"
-    if not (model / "config.json").is_file():
-        raise click.BadParameter(f"{model} holds no trained autoencoder (no config.json)", param_hint="--autoencoder")
+    start = _trained_autoencoder(autoencoder, "--autoencoder")
     run, data = _run_and_data(**options)
-    start = AutoencoderKL.from_pretrained(model, use_safetensors=True)
     detail = replace(DECODER_DETAIL, perceptual_weight=perceptual_weight, texture_weight=texture_weight)
     tuned = train_autoencoder(
         data,
@@ -143,7 +148,7 @@ def train_anatomy_controller_command(**options) -> None:
     "--autoencoder",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Run folder of `xreal train autoencoder`.",
+    help="Run folder of `xreal train autoencoder` (or of `xreal train decoder`).",
 )
 @click.option(
     "--anatomy-controller",
@@ -153,14 +158,12 @@ def train_anatomy_controller_command(**options) -> None:
 )
 def train_backbone_command(autoencoder: Path, anatomy_controller: Path, **options) -> None:
     """Train UNet and text encoder on the frozen autoencoder; saves the model bundle OUT/bundle."""
-    from diffusers import AutoencoderKL
-
     from xreal.model.bundle import save_bundle, write_model_card
     from xreal.model.training import train_backbone
 
+    vae = _trained_autoencoder(autoencoder, "--autoencoder")
+    controller = _trained_autoencoder(anatomy_controller, "--anatomy-controller")
     run, data = _run_and_data(**options)
-    vae = AutoencoderKL.from_pretrained(autoencoder / "model", use_safetensors=True)
-    controller = AutoencoderKL.from_pretrained(anatomy_controller / "model", use_safetensors=True)
     pipeline = train_backbone(data, run, vae, controller, preset=options["preset"])
     training = {
         "data": f"{len(data)} training images from {options['index']}",

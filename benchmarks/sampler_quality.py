@@ -87,6 +87,7 @@ SETTINGS = [
     _setting("unipc-10", "unipc", 10),
     _setting("unipc-8", "unipc", 8),
     Setting("fast", SPEEDS["fast"]),
+    Setting("fast-16", SPEEDS["fast"].with_overrides(steps=16, anatomy_steps=14)),  # the preset's share at 16
 ]
 # (report path, higher is better) of the figures that must hold
 FIGURES = {

@@ -111,14 +111,16 @@ def test_autocast_runs_in_reduced_precision(pipeline, requests):
 def test_restore_outside_keeps_the_healthy_twin_away_from_the_mask(pipeline):
     case = phantom.generate(1, 64, seed=4, pathologies=[["Lung Lesion"]])[0]
     mask = np.zeros((64, 64), dtype=bool)
-    mask[8:24, 8:24] = True  # 4:12 at the tiny preset's 32 px; one latent cell is 4 px
+    mask[8:40, 8:40] = True  # 4:20 at the tiny preset's 32 px; one latent cell is 4 px, the feather's sigma 2
     request = ([case.anatomy], [["Lung Lesion"]], [5], [mask])
     restored = pipeline(*request, **STEPS)
     reference = pipeline(*request, restore_outside=False, **STEPS)
-    far = (slice(26, None), slice(26, None))  # beyond the widened, feathered mask
+    far = (slice(28, None), slice(28, None))  # beyond the feather's reach (4 sigma)
     assert np.array_equal(restored.images[0][far], restored.healthy_images[0][far])
     assert not np.array_equal(reference.images[0][far], reference.healthy_images[0][far])
-    np.testing.assert_allclose(restored.images[0][6:10, 6:10], reference.images[0][6:10, 6:10], atol=2e-3)
+    np.testing.assert_allclose(restored.images[0][10:14, 10:14], reference.images[0][10:14, 10:14], atol=2e-3)
+    edge = restored.images[0][4:20, 3], reference.images[0][4:20, 3], restored.healthy_images[0][4:20, 3]
+    assert 0.3 < np.abs(edge[0] - edge[2]).sum() / np.abs(edge[1] - edge[2]).sum() < 0.7  # half blended at the edge
 
 
 def test_settings_per_item(pipeline, requests):

@@ -97,10 +97,10 @@ def step_from_blend(scheduler, step: int) -> None:
 
 
 def feathered(mask: np.ndarray, latent_size: int) -> np.ndarray:
-    """A [0, 1] weight: 1 on the mask widened by one latent cell, falling to 0 over another cell."""
+    """A [0, 1] weight: the mask blurred by half a latent cell, so 0.5 on its edge, near 1 a cell inside it and
+    near 0 a cell outside."""
     cell = mask.shape[0] / latent_size
-    widened = ndimage.binary_dilation(mask, iterations=max(1, round(cell)))
-    return ndimage.gaussian_filter(widened.astype(np.float32), sigma=cell / 2).clip(0.0, 1.0) * 1.0
+    return ndimage.gaussian_filter(mask.astype(np.float32), sigma=cell / 2).clip(0.0, 1.0)
 
 
 def label_map_image(label_maps: torch.Tensor, levels: Sequence[float] | None = None) -> torch.Tensor:
@@ -357,8 +357,8 @@ class XRealPipeline(DiffusionPipeline):
             shares one scheduler.
             latent_handoff: give stage 2 the stage-1 latent instead of decoding and re-encoding it.
             restore_outside: keep the healthy twin's pixels away from the pathology mask: stage 2's image is
-                blended in through the mask widened by one latent cell and feathered. The decoder's group
-                norms otherwise shift the whole image a little; False gives the reference's output.
+                blended in through the mask, feathered over a latent cell. The decoder's group norms otherwise
+                shift the whole image a little; False gives the reference's output.
             autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
             callback_on_step_end: called after every sampler step as ``(pipeline, step, timestep, kwargs)`` with
                 ``kwargs = {"latents": ..., "stage": 1 or 2}`` (stage 2 holds only the items with a pathology);

@@ -95,6 +95,9 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     assert not all(torch.equal(trained[k], tuned[k]) for k in trained if k.startswith("decoder."))
     missing = CliRunner().invoke(cli, [*decoder, "--autoencoder", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--autoencoder" in missing.output and "nowhere" in missing.output
+    other_sizes = [a if a != "tiny" else "demo" for a in decoder]  # the tiny autoencoder, at the demo preset
+    refused = CliRunner().invoke(cli, [*other_sizes, "--autoencoder", str(tmp_path / "autoencoder")])
+    assert refused.exit_code == 2 and "--preset demo needs 64 px" in refused.output, refused.output
     backbone = ["train", "backbone", *map(str, common), "--out", str(tmp_path / "b"), "--autoencoder"]
     missing = CliRunner().invoke(
         cli, [*backbone, str(tmp_path / "decoder"), "--anatomy-controller", str(tmp_path / "nowhere")]

@@ -59,14 +59,26 @@ def _run_and_data(index, out, preset, steps, batch_size, learning_rate, seed, ch
     return run, data
 
 
-def _trained_autoencoder(folder: Path, option: str):
-    """The autoencoder a training run saved in ``folder``/model, or a usage error naming ``option``."""
+def _trained_autoencoder(folder: Path, option: str, preset: str):
+    """The autoencoder a training run saved in ``folder``/model at ``preset``'s sizes, or a usage error naming
+    ``option`` (before the training set is read)."""
     from diffusers import AutoencoderKL
+
+    from xreal.model.bundle import get_preset
 
     model = folder / "model"
     if not (model / "config.json").is_file():
         raise click.BadParameter(f"{model} holds no trained model (no config.json)", param_hint=option)
-    return AutoencoderKL.from_pretrained(model, use_safetensors=True)
+    found = AutoencoderKL.from_pretrained(model, use_safetensors=True)
+    sizes = get_preset(preset)
+    trained = (found.config.sample_size, tuple(found.config.block_out_channels))
+    if trained != (sizes.image_size, tuple(sizes.autoencoder_channels)):
+        raise click.BadParameter(
+            f"{model} was trained at {trained[0]} px with channels {list(trained[1])}; --preset {preset} needs "
+            f"{sizes.image_size} px with {list(sizes.autoencoder_channels)}",
+            param_hint=option,
+        )
+    return found
 
 
 @train.command("autoencoder")
@@ -116,7 +128,7 @@ def train_decoder_command(autoencoder: Path, texture_weight: float, perceptual_w
     from xreal.model.autoencoder_loss import PERCEPTUAL_FILE
     from xreal.model.training import DECODER_DETAIL, train_autoencoder
 
-    start = _trained_autoencoder(autoencoder, "--autoencoder")
+    start = _trained_autoencoder(autoencoder, "--autoencoder", options["preset"])
     run, data = _run_and_data(**options)
     detail = replace(DECODER_DETAIL, perceptual_weight=perceptual_weight, texture_weight=texture_weight)
     tuned = train_autoencoder(
@@ -161,8 +173,8 @@ def train_backbone_command(autoencoder: Path, anatomy_controller: Path, **option
     from xreal.model.bundle import save_bundle, write_model_card
     from xreal.model.training import train_backbone
 
-    vae = _trained_autoencoder(autoencoder, "--autoencoder")
-    controller = _trained_autoencoder(anatomy_controller, "--anatomy-controller")
+    vae = _trained_autoencoder(autoencoder, "--autoencoder", options["preset"])
+    controller = _trained_autoencoder(anatomy_controller, "--anatomy-controller", options["preset"])
     run, data = _run_and_data(**options)
     pipeline = train_backbone(data, run, vae, controller, preset=options["preset"])
     training = {

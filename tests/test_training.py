@@ -1,11 +1,21 @@
+import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from xreal.data.training_index import write_phantom_training_set
+from xreal.core.masks import read_binary_mask, resize_mask
+from xreal.data.training_index import read_training_index, write_phantom_training_set
 from xreal.model.bundle import build_autoencoder, get_preset
-from xreal.model.training import TrainingRun, load_training_set, train_autoencoder, train_backbone
+from xreal.model.training import (
+    TrainingRun,
+    continue_with_findings,
+    finding_weights,
+    load_training_set,
+    train_autoencoder,
+    train_backbone,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +84,48 @@ def test_anatomy_controller_and_backbone_resume_exactly(data, tmp_path):
     }
 
 
+def test_the_training_set_marks_the_pixels_of_every_finding(tmp_path):
+    write_phantom_training_set(tmp_path, count=12, size=64, seed=4)
+    data = load_training_set(tmp_path, size=32, split=None)
+    frame = read_training_index(tmp_path)
+    assert data.finding_masks.shape == (12, 32, 32) and data.finding_masks.dtype == torch.bool
+    with_findings = 0
+    for i, masks in enumerate(frame["pathology_masks"]):
+        expected = np.zeros((32, 32), bool)
+        for mask in masks if masks is not None else []:
+            expected |= resize_mask(read_binary_mask(tmp_path / mask["path"]), 32)
+        assert np.array_equal(data.finding_masks[i].numpy(), expected), i
+        with_findings += bool(expected.any())
+    assert 0 < with_findings < 12  # healthy rows have an empty mask
+
+
+def test_finding_weights_mark_every_latent_cell_a_finding_touches():
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 13, 21] = True  # one pixel: cell (3, 5) of a 16x16 latent
+    masks[1, 8:16, 0:4] = True  # two cells tall, one wide
+    weights = finding_weights(masks, (16, 16), 5.0)
+    assert weights.shape == (2, 1, 16, 16)
+    assert weights[0, 0, 3, 5] == 6.0 and (weights[0] == 6.0).sum() == 1 and (weights[0] == 1.0).sum() == 255
+    assert weights[1, 0, 2:4, 0].tolist() == [6.0, 6.0] and (weights[1] == 6.0).sum() == 2
+    assert torch.equal(finding_weights(masks, (16, 16), 0.0), torch.ones(2, 1, 16, 16))
+
+
+def test_the_findings_part_continues_the_backbone_and_its_weight_changes_what_it_learns(data, tmp_path):
+    ac = train_autoencoder(
+        data, TrainingRun(tmp_path / "ac", steps=2, batch_size=4), preset="tiny", anatomy_controller=True
+    )
+    base = train_backbone(data, TrainingRun(tmp_path / "b", steps=2, batch_size=4), ac, ac, preset="tiny")
+    frozen = TrainingRun(tmp_path / "frozen", steps=2, batch_size=4, learning_rate=0.0)
+    assert states_equal(continue_with_findings(data, frozen, copy.deepcopy(base)).unet, base.unet)  # base's weights
+    plain, weighted = (
+        continue_with_findings(data, TrainingRun(tmp_path / f"w{w}", steps=2, batch_size=4), copy.deepcopy(base), w)
+        for w in (0.0, 20.0)
+    )
+    assert not states_equal(plain.unet, base.unet)
+    assert not states_equal(weighted.unet, plain.unet)  # the same batches and noise: only the weights differ
+    assert (tmp_path / "w20.0" / "checkpoints" / "step-2").is_dir()
+
+
 def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     from click.testing import CliRunner
     from safetensors.torch import load_file
@@ -121,6 +173,14 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     pipeline = load_pipeline(tmp_path / "backbone" / "bundle")
     assert pipeline.config.preset == "tiny"
     assert "| backbone | 2 | 2 |" in (tmp_path / "backbone" / "bundle" / "MODEL_CARD.md").read_text()
+    parts = ["--autoencoder", str(tmp_path / "decoder"), "--anatomy-controller", str(tmp_path / "anatomy-controller")]
+    go_on = ["train", "backbone", *map(str, common), *parts, "--out", str(tmp_path / "more"), "--finding-weight", "5"]
+    result = CliRunner().invoke(cli, [*go_on, "--start-from", str(tmp_path / "backbone" / "bundle")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "more" / "bundle" / "xreal_bundle.json").read_text())["training"]
+    assert record["runs"]["backbone"]["finding_weight"] == 5.0 and record["start_from"].endswith("backbone/bundle")
+    missing = CliRunner().invoke(cli, [*go_on, "--start-from", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "--start-from" in missing.output and "nowhere" in missing.output
     empty = CliRunner().invoke(
         cli, ["train", "autoencoder", "--index", str(tmp_path), "--out", str(tmp_path / "x"), "--steps", "1"]
     )

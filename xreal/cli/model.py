@@ -81,6 +81,23 @@ def _trained_autoencoder(folder: Path, option: str, preset: str):
     return found
 
 
+def _bundle_to_continue(folder: Path, preset: str):
+    """The pipeline of the model bundle in ``folder`` (checksums verified), or a usage error naming --start-from."""
+    from xreal.core.errors import XRealError
+    from xreal.model.bundle import load_pipeline
+
+    try:
+        pipeline = load_pipeline(folder)
+    except (XRealError, OSError, ValueError) as error:
+        raise click.BadParameter(str(error), param_hint="--start-from") from None
+    if pipeline.config.preset != preset:
+        raise click.BadParameter(
+            f"{folder} was trained at the {pipeline.config.preset} preset, not --preset {preset}",
+            param_hint="--start-from",
+        )
+    return pipeline
+
+
 @train.command("autoencoder")
 @_training_options
 def train_autoencoder_command(**options) -> None:
@@ -168,21 +185,40 @@ def train_anatomy_controller_command(**options) -> None:
     required=True,
     help="Run folder of `xreal train anatomy-controller`.",
 )
-def train_backbone_command(autoencoder: Path, anatomy_controller: Path, **options) -> None:
+@click.option(
+    "--finding-weight",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Weigh the error in the latent cells a pathology touches 1 + this times the rest (the demo's last part: 5).",
+)
+@click.option(
+    "--start-from",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="A model bundle (OUT/bundle of an earlier run on the same index) whose UNet and text encoder to train on.",
+)
+def train_backbone_command(
+    autoencoder: Path, anatomy_controller: Path, finding_weight: float, start_from: Path | None, **options
+) -> None:
     """Train UNet and text encoder on the frozen autoencoder; saves the model bundle OUT/bundle."""
     from xreal.model.bundle import save_bundle, write_model_card
     from xreal.model.training import train_backbone
 
     vae = _trained_autoencoder(autoencoder, "--autoencoder", options["preset"])
     controller = _trained_autoencoder(anatomy_controller, "--anatomy-controller", options["preset"])
+    start = _bundle_to_continue(start_from, options["preset"]) if start_from is not None else None
     run, data = _run_and_data(**options)
-    pipeline = train_backbone(data, run, vae, controller, preset=options["preset"])
+    pipeline = train_backbone(
+        data, run, vae, controller, preset=options["preset"], finding_weight=finding_weight, start_from=start
+    )
     training = {
         "data": f"{len(data)} training images from {options['index']}",
         "command": " ".join(sys.argv),
-        "runs": {"backbone": {**run.log, "batch_size": run.batch_size}},
+        "runs": {"backbone": {**run.log, "batch_size": run.batch_size, "finding_weight": finding_weight}},
         "autoencoder": str(autoencoder),
         "anatomy_controller": str(anatomy_controller),
+        **({"start_from": str(start_from)} if start_from is not None else {}),
     }
     bundle = save_bundle(pipeline, run.out / "bundle", training=training)
     write_model_card(bundle)

@@ -41,7 +41,7 @@ from xreal.core.errors import XRealError
 from xreal.core.files import resolve_under
 from xreal.core.images import read_image
 from xreal.core.labels import CHEXPERT_LABELS, prompt_for
-from xreal.core.masks import read_label_map, resize_label_map
+from xreal.core.masks import read_binary_mask, read_label_map, resize_label_map, resize_mask
 from xreal.data.training_index import read_training_index
 from xreal.model.autoencoder_loss import (
     PERCEPTUAL_FILE,
@@ -68,6 +68,7 @@ class TrainingSet:
     prompts: list[str]
     findings: list[str]
     labels: torch.Tensor  # [N, len(CHEXPERT_LABELS)] bool: the positive labels
+    finding_masks: torch.Tensor  # [N, size, size] bool: where any pathology is (all false without masks)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -82,7 +83,7 @@ def load_training_set(index_dir: str | Path, size: int, split: str | None = "tra
     frame = frame[frame["anatomy_path"].notna()]
     if frame.empty:
         raise XRealError(f"{index_dir}: no {split or ''} images with an anatomy map to train on")
-    images, maps, prompts = [], [], []
+    images, maps, findings = [], [], []
     for row in frame.itertuples(index=False):
         row = row._asdict()
         image = read_image(resolve_under(index_dir, row["image_path"]))
@@ -90,6 +91,10 @@ def load_training_set(index_dir: str | Path, size: int, split: str | None = "tra
             image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
         images.append(image)
         maps.append(resize_label_map(read_label_map(resolve_under(index_dir, row["anatomy_path"])), size))
+        where = np.zeros((size, size), bool)
+        for mask in row["pathology_masks"] if row["pathology_masks"] is not None else []:
+            where |= resize_mask(read_binary_mask(resolve_under(index_dir, mask["path"])), size)
+        findings.append(where)
     labels = frame[list(CHEXPERT_LABELS)].fillna(0.0).to_numpy() == 1.0
     prompts = [prompt_for([lab for lab, on in zip(CHEXPERT_LABELS, row, strict=True) if on]) for row in labels]
     image_tensor = torch.from_numpy(np.stack(images)).float()[:, None].expand(-1, 3, -1, -1) * 2.0 - 1.0
@@ -99,6 +104,7 @@ def load_training_set(index_dir: str | Path, size: int, split: str | None = "tra
         prompts,
         frame["finding"].fillna("").tolist(),
         torch.from_numpy(labels),
+        torch.from_numpy(np.stack(findings)),
     )
 
 
@@ -371,6 +377,11 @@ def train_autoencoder(
     return model
 
 
+def finding_weights(finding_masks: torch.Tensor, latent_size: tuple[int, int], weight: float) -> torch.Tensor:
+    """Loss weights per latent cell, [N, 1, h, w]: ``1 + weight`` where a pathology touches the cell, 1 elsewhere."""
+    return 1.0 + weight * F.adaptive_max_pool2d(finding_masks[:, None].float(), latent_size)
+
+
 def train_backbone(
     data: TrainingSet,
     run: TrainingRun,
@@ -378,10 +389,22 @@ def train_backbone(
     anatomy_controller: AutoencoderKL,
     preset: str = "demo",
     ema_decay: float = 0.999,
+    finding_weight: float = 0.0,
+    start_from=None,
 ):
-    """Train UNet and text encoder on the frozen autoencoder's latents; return the full pipeline."""
-    with _seeded(run.seed):
-        pipeline = build_pipeline(preset, texts=data.findings + data.prompts)
+    """Train UNet and text encoder on the frozen autoencoder's latents; return the full pipeline.
+
+    ``finding_weight`` weighs the noise-prediction error in the latent cells a
+    pathology touches ``1 + finding_weight`` times the rest (the loss stays a
+    weighted mean), so a nodule a cell wide is not drowned by the lungs around it.
+    ``start_from`` is a pipeline (trained on the same index) whose UNet and text
+    encoder training continues from; it is trained in place.
+    """
+    if start_from is not None:
+        pipeline = start_from
+    else:
+        with _seeded(run.seed):
+            pipeline = build_pipeline(preset, texts=data.findings + data.prompts)
     pipeline.vae, pipeline.anatomy_controller = autoencoder, anatomy_controller
     unet, text_encoder, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
     scheduler = pipeline.scheduler
@@ -397,6 +420,7 @@ def train_backbone(
         [""], padding="max_length", max_length=text_encoder.config.max_positions, return_tensors="pt"
     ).input_ids
     alphas = scheduler.alphas_cumprod
+    weights = finding_weights(data.finding_masks, latents.shape[-2:], finding_weight)
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
 
     def loss_fn(step, rng, generator, device, modules):
@@ -411,7 +435,9 @@ def train_backbone(
         ids[torch.from_numpy(rng.random(run.batch_size) < PROMPT_DROPOUT)] = empty[0]
         context = text_encoder(ids.to(device))
         prediction = unet(noisy.to(device), t.to(device), encoder_hidden_states=context).sample
-        return F.mse_loss(prediction.float(), noise.to(device))
+        error = (prediction.float() - noise.to(device)) ** 2
+        weight = weights[idx].to(device).expand_as(error)
+        return (error * weight).sum() / weight.sum()
 
     @torch.no_grad()
     def preview(modules):
@@ -436,9 +462,30 @@ DEMO_SCHEDULE = {
     "decoder": (400, 16),
     "anatomy_controller": (1200, 16),
     "backbone": (8000, 16),
+    "findings": (1500, 16),
 }
+# The backbone's last part, "findings": trained on, at half the learning rate, with the error in the latent cells a
+# pathology touches weighing 1 + FINDING_WEIGHT times the rest. The findings touch 3.7% of the training latents'
+# cells, a nodule a handful of the 32x32, and a plain mean let the backbone all but ignore them (control_phantom,
+# seed 1049: nodules detected in 0.10 of draws, 0.00 after 1500 more plain steps; 0.55 with weight 5).
+FINDING_WEIGHT = 5.0
+FINDINGS_LEARNING_RATE = 1e-4
 # The decoder's fine-tuning: the texture term brings back the fine detail the autoencoder's round trip lost.
 DECODER_DETAIL = DetailLoss(discriminator_start=0, texture_weight=10.0)
+
+
+def continue_with_findings(data: TrainingSet, run: TrainingRun, pipeline, finding_weight: float = FINDING_WEIGHT):
+    """The demo's "findings" part: ``pipeline``'s backbone trained on with the finding-weighted loss, in place."""
+    run.log["finding_weight"] = finding_weight
+    return train_backbone(
+        data,
+        run,
+        pipeline.vae,
+        pipeline.anatomy_controller,
+        preset=pipeline.config.preset,
+        finding_weight=finding_weight,
+        start_from=pipeline,
+    )
 
 
 def train_demo_bundle(
@@ -459,6 +506,8 @@ def train_demo_bundle(
         name: TrainingRun(work / name, steps=steps, batch_size=batch_size, seed=seed)
         for name, (steps, batch_size) in schedule.items()
     }
+    if "findings" in runs:
+        runs["findings"].learning_rate = FINDINGS_LEARNING_RATE
     autoencoder = train_autoencoder(data, runs["autoencoder"], detail=DetailLoss())
     if "decoder" in runs:
         autoencoder = train_autoencoder(
@@ -466,10 +515,14 @@ def train_demo_bundle(
         )
     controller = train_autoencoder(data, runs["anatomy_controller"], anatomy_controller=True)
     pipeline = train_backbone(data, runs["backbone"], autoencoder, controller)
+    if "findings" in runs:
+        pipeline = continue_with_findings(data, runs["findings"], pipeline)
     training = {
         "data": f"{len(data)} phantom training images ({index_dir})",
         "command": command,
-        "runs": {name: {**r.log, "batch_size": r.batch_size} for name, r in runs.items()},
+        "runs": {
+            name: {**r.log, "batch_size": r.batch_size, "learning_rate": r.learning_rate} for name, r in runs.items()
+        },
     }
     save_bundle(pipeline, out, training=training, weights_dtype=torch.float16)
     write_model_card(out)

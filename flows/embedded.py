@@ -62,6 +62,32 @@ def exit_on_interrupt(out: Path) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then send them again to the handlers they would have met.
+
+    Around code that calls into a library which turns any exception into one of its own: prefect-dask
+    serialises the run's context with pydantic on every submit, and a signal whose handler raised in there
+    (Prefect's TerminationSignal, :class:`Interrupted`) came out as a PydanticSerializationError, failing
+    the run instead of interrupting it. Outside the main thread, where handlers cannot be set, it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            os.kill(os.getpid(), signum)
+
+
 def start_embedded_api() -> None:
     """Start Prefect's embedded API server, when this process uses one, so that it ends with this process.
 

@@ -30,7 +30,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Failed
 from tqdm.auto import tqdm
 
-from flows.embedded import start_embedded_api
+from flows.embedded import signals_held, start_embedded_api
 from flows.execution import Execution
 from xreal.core.errors import XRealError
 from xreal.core.settings import DEFAULT_SETTINGS
@@ -113,10 +113,11 @@ def _draw_rounds(config, state, batch_size, execution, runner, progress, logger)
 def _run_round(config, batches, execution, runner, run_id, bar, progress_id, done, total, logger) -> tuple:
     """Run one round's batches; returns their summaries, the names of the failed ones and the user errors met."""
     devices = execution.task_devices
-    futures = {
-        runner.submit(generate_batch, {"config": config, "batch": b, "devices": devices, "run_id": run_id}): b
-        for b in batches
-    }
+    with signals_held():  # a Ctrl-C or SIGTERM mid-submit interrupts the run, after the submits
+        futures = {
+            runner.submit(generate_batch, {"config": config, "batch": b, "devices": devices, "run_id": run_id}): b
+            for b in batches
+        }
     summaries, failed, errors = [], [], []
     for future in as_completed(list(futures)):
         batch = futures[future]

@@ -188,6 +188,28 @@ def test_the_embedded_server_does_not_outlive_a_killed_run(setup, jobs, tmp_path
     print(f"server gone {time.monotonic() - killed:.1f} s after the run was killed")
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_submits_interrupts_after_them_not_inside_them(signum):
+    # prefect-dask serialises the run's context with pydantic on every submit; a handler raising in there came out
+    # as a PydanticSerializationError and the run ended Failed (exit 1) instead of interrupted (seen in CI).
+    from flows.embedded import Interrupted, signals_held
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signum, interrupt)
+    reached = []
+    try:
+        with pytest.raises(Interrupted) as stopped, signals_held():
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)  # without the hold, the handler raises here
+            reached.append("end of block")
+        assert reached == ["end of block"] and stopped.value.signum == signum
+        assert signal.getsignal(signum) is interrupt  # the handler is back
+    finally:
+        signal.signal(signum, previous)
+
+
 def _fake_disk_error(setup, tmp_path, where: str, code: int) -> subprocess.CompletedProcess:
     """`xreal generate` whose ``where`` (``run_batch`` or ``open_run``) meets OSError ``code`` on --out."""
     out = tmp_path / "out"

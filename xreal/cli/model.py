@@ -215,7 +215,7 @@ def train_backbone_command(
     training = {
         "data": f"{len(data)} training images from {options['index']}",
         "command": " ".join(sys.argv),
-        "runs": {"backbone": {**run.log, "batch_size": run.batch_size, "finding_weight": finding_weight}},
+        "runs": {"backbone": {**run.log, "batch_size": run.batch_size}},
         "autoencoder": str(autoencoder),
         "anatomy_controller": str(anatomy_controller),
         **({"start_from": str(start_from)} if start_from is not None else {}),

@@ -421,6 +421,7 @@ def train_backbone(
     ).input_ids
     alphas = scheduler.alphas_cumprod
     weights = finding_weights(data.finding_masks, latents.shape[-2:], finding_weight)
+    run.log["finding_weight"] = finding_weight
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
 
     def loss_fn(step, rng, generator, device, modules):
@@ -476,7 +477,6 @@ DECODER_DETAIL = DetailLoss(discriminator_start=0, texture_weight=10.0)
 
 def continue_with_findings(data: TrainingSet, run: TrainingRun, pipeline, finding_weight: float = FINDING_WEIGHT):
     """The demo's "findings" part: ``pipeline``'s backbone trained on with the finding-weighted loss, in place."""
-    run.log["finding_weight"] = finding_weight
     return train_backbone(
         data,
         run,

@@ -174,6 +174,16 @@ def test_a_report_too_small_for_prdc_says_so_among_its_warnings(reports):
     assert any("not computed: with k=5 they need more than 5 accepted images" in w for w in _warnings(report))
 
 
+@pytest.mark.slow
+def test_memorisation_warns_only_when_the_rate_is_surely_above_what_real_images_reach(reports):
+    report = copy.deepcopy(reports["demo"])
+    # 3 likely copies of 31: above the 5% of held-out real images that reach tau, but not surely so
+    report["memorisation"]["rate"] = {"value": 3 / 31, "low": 0.0, "high": 0.226, "n": 31}
+    assert not any("memorisation" in w for w in _warnings(report))
+    report["memorisation"]["rate"] = {"value": 0.3, "low": 0.12, "high": 0.48, "n": 31}
+    assert any("memorisation: 30.0% [12.0%, 48.0%]" in w for w in _warnings(report))
+
+
 def _chromium():
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path("/usr/bin/chromium").exists():

@@ -87,7 +87,8 @@ SETTINGS = [
     _setting("unipc-10", "unipc", 10),
     _setting("unipc-8", "unipc", 8),
     Setting("fast", SPEEDS["fast"]),
-    Setting("fast-16", SPEEDS["fast"].with_overrides(steps=16, anatomy_steps=14)),  # the preset's share at 16
+    Setting("dpmsolver++-8-anatomy-7", SPEEDS["fast"].with_overrides(steps=8, anatomy_steps=7)),  # fast until stop 29
+    Setting("dpmsolver++-16-anatomy-14", SPEEDS["fast"].with_overrides(steps=16, anatomy_steps=14)),
 ]
 # (report path, higher is better) of the figures that must hold
 FIGURES = {

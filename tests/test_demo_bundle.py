@@ -35,18 +35,19 @@ def test_bundle_is_small_safetensors_and_records_its_training():
     assert record["preset"]["name"] == "demo" and "phantom" in record["training"]["data"]
 
 
-def test_healthy_twins_follow_the_requested_anatomy_keep_the_lung_texture_and_replicas_still_differ(pipe):
+def test_healthy_twins_follow_the_requested_anatomy_keep_the_lung_texture_and_no_finding(pipe):
     """Anatomy control recovers most of the room between random pairing and the segmenter's ceiling, the lungs keep
-    the real phantoms' fine detail, and two seeds of one anatomy still give two images.
+    the real phantoms' fine detail, the healthy twins show no finding, and two seeds of one anatomy are still not
+    the Anatomy Controller's image pasted in.
 
-    Measured by the bundle's judge segmenter (trained on phantoms apart from the diffusion model) on 16 held-out
-    anatomies with the fast preset. Random pairing scores each generated image against another request's anatomy;
-    the ceiling is the segmenter on the real phantoms. With the preset's 7 of 8 anatomy steps this bundle's replicas
-    are at MS-SSIM 0.963 (the stop-24 bundle, 6000 backbone steps: recovered 0.87, replicas 0.947; the 16x16 bundle
-    before it recovered 0.72 with its 6 of 8, and the issue-17 bundle 0.2-0.3). Blending all 8 steps recovers more
-    by pasting the Anatomy Controller's coarse image: replicas at 0.993, near-identical. The twins' lungs keep 0.76
-    of the real phantoms' high-frequency power (ribs, vessels); 0.47 before the decoder was fine-tuned with the
-    texture term.
+    Measured by the bundle's judges (trained on phantoms apart from the diffusion model) on 16 held-out anatomies
+    with the fast preset. Random pairing scores each generated image against another request's anatomy; the
+    ceiling is the segmenter on the real phantoms. With the preset's 11 of 12 anatomy steps the judges call a
+    finding on 2 of these 32 twins (1 of the 16 real phantoms); with the preset before it, 7 of 8 steps, on 17:
+    its one free step, a jump from t = 124, drew haze and opacities. That freedom was also all that told two seeds
+    apart: replicas at MS-SSIM 0.983 now against 0.959, and 0.999 when every step blends (the controller's image).
+    The twins' lungs keep 0.76 of the real phantoms' high-frequency power (ribs, vessels); 0.47 before the decoder
+    was fine-tuned with the texture term.
     """
     from xreal.evaluate.metrics import lung_detail_power, ms_ssim
 
@@ -74,7 +75,13 @@ def test_healthy_twins_follow_the_requested_anatomy_keep_the_lung_texture_and_re
     generated_detail, real_detail = (lung_detail_power(x, healthy.anatomy).mean() for x in (controlled, healthy.images))
     assert 0.7 <= generated_detail / real_detail <= 1.3  # issue 18's texture goal
     replicas = twins(FAST["anatomy_steps"], first_seed=800)
-    assert ms_ssim(controlled, replicas).mean() < 0.975  # pasting the controller's image: 0.993
+    called = [
+        max(v for key, v in row.items() if key.startswith("p_"))
+        for row in judges.score(np.concatenate([controlled, replicas]))
+    ]
+    assert sum(p >= 0.5 for p in called) <= 5, sorted(called)  # 0.5: each label's operating point
+    pasted = twins(FAST["num_inference_steps"]), twins(FAST["num_inference_steps"], first_seed=800)
+    assert ms_ssim(controlled, replicas).mean() < 0.99 <= ms_ssim(*pasted).mean()
 
 
 def test_pathology_appears_inside_its_mask_only(generated):

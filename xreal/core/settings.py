@@ -128,13 +128,13 @@ class SamplerSettings:
 
 DEFAULT_SETTINGS = SamplerSettings()
 
-# Named presets for ``xreal generate --speed``. "fast" was chosen by benchmarks/sampler_quality.py: the cheapest
-# setting whose xreal evaluate control and fidelity figures stay within the reference settings' intervals (README).
-# Its stage 1 blends the anatomy latent in for 7 of its 8 steps: on phantoms whose anatomy varies like real chests,
-# half of 8 leaves the anatomy near the backbone's prior, while all 8 paste the Anatomy Controller's coarse image
-# into the lungs and heart and a request's replicas come out identical (README, "Re-chosen for the 32x32 demo
-# model").
+# Named presets for ``xreal generate --speed``. "fast" holds the xreal evaluate control and fidelity figures of the
+# reference settings within their intervals at a twentieth of the UNet evaluations (benchmarks/sampler_quality.py).
+# Its stage 1 blends the anatomy latent in for 11 of its 12 steps: fewer leave the anatomy near the backbone's prior
+# or, with one free step from higher noise (7 of 8), draw findings nobody asked for on a third of the healthy twins;
+# all 12 paste the Anatomy Controller's coarse image in and a request's replicas come out identical (README,
+# "Re-chosen for healthy twins without findings").
 SPEEDS = {
     "reference": DEFAULT_SETTINGS,
-    "fast": SamplerSettings(sampler="dpmsolver++", steps=8, anatomy_steps=7),
+    "fast": SamplerSettings(sampler="dpmsolver++", steps=12, anatomy_steps=11),
 }

@@ -110,6 +110,23 @@ def test_finding_weights_mark_every_latent_cell_a_finding_touches():
     assert torch.equal(finding_weights(masks, (16, 16), 0.0), torch.ones(2, 1, 16, 16))
 
 
+def test_small_findings_are_weighed_up_to_min_cells_and_large_ones_stay():
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, 13, 21] = True  # one cell
+    masks[1, 8:16, 0:4] = True  # two cells
+    masks[2, 0:32, 0:32] = True  # 64 cells, above min_cells
+    weights = finding_weights(masks, (16, 16), 5.0, min_cells=8)
+    assert weights[0, 0, 3, 5] == 1 + 5.0 * 8 and (weights[0] > 1).sum() == 1
+    assert weights[1, 0, 2:4, 0].tolist() == [1 + 5.0 * 4] * 2  # the two cells share the weight of eight
+    assert torch.equal(weights[2], finding_weights(masks, (16, 16), 5.0)[2])
+    assert torch.equal(
+        finding_weights(torch.zeros(1, 64, 64, dtype=torch.bool), (16, 16), 5.0, 8), torch.ones(1, 1, 16, 16)
+    )
+    # every image's extra weight adds up to at least min_cells cells' worth
+    extra = (weights - 1).sum(dim=(1, 2, 3)) / 5.0
+    assert extra[:2].tolist() == [8.0, 8.0] and extra[2] == 64.0
+
+
 def test_the_findings_part_continues_the_backbone_and_its_weight_changes_what_it_learns(data, tmp_path):
     ac = train_autoencoder(
         data, TrainingRun(tmp_path / "ac", steps=2, batch_size=4), preset="tiny", anatomy_controller=True
@@ -175,10 +192,12 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     assert "| backbone | 2 | 2 |" in (tmp_path / "backbone" / "bundle" / "MODEL_CARD.md").read_text()
     parts = ["--autoencoder", str(tmp_path / "decoder"), "--anatomy-controller", str(tmp_path / "anatomy-controller")]
     go_on = ["train", "backbone", *map(str, common), *parts, "--out", str(tmp_path / "more"), "--finding-weight", "5"]
-    result = CliRunner().invoke(cli, [*go_on, "--start-from", str(tmp_path / "backbone" / "bundle")])
+    started = ["--start-from", str(tmp_path / "backbone" / "bundle"), "--finding-min-cells", "8"]
+    result = CliRunner().invoke(cli, [*go_on, *started])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "more" / "bundle" / "xreal_bundle.json").read_text())["training"]
     assert record["runs"]["backbone"]["finding_weight"] == 5.0 and record["start_from"].endswith("backbone/bundle")
+    assert record["runs"]["backbone"]["finding_min_cells"] == 8
     missing = CliRunner().invoke(cli, [*go_on, "--start-from", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--start-from" in missing.output and "nowhere" in missing.output
     empty = CliRunner().invoke(

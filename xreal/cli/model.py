@@ -193,13 +193,25 @@ def train_anatomy_controller_command(**options) -> None:
     help="Weigh the error in the latent cells a pathology touches 1 + this times the rest (the demo's last part: 5).",
 )
 @click.option(
+    "--finding-min-cells",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Weigh up findings that touch fewer latent cells than this, as if they touched this many.",
+)
+@click.option(
     "--start-from",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="A model bundle (OUT/bundle of an earlier run on the same index) whose UNet and text encoder to train on.",
 )
 def train_backbone_command(
-    autoencoder: Path, anatomy_controller: Path, finding_weight: float, start_from: Path | None, **options
+    autoencoder: Path,
+    anatomy_controller: Path,
+    finding_weight: float,
+    finding_min_cells: int,
+    start_from: Path | None,
+    **options,
 ) -> None:
     """Train UNet and text encoder on the frozen autoencoder; saves the model bundle OUT/bundle."""
     from xreal.model.bundle import save_bundle, write_model_card
@@ -210,7 +222,14 @@ def train_backbone_command(
     start = _bundle_to_continue(start_from, options["preset"]) if start_from is not None else None
     run, data = _run_and_data(**options)
     pipeline = train_backbone(
-        data, run, vae, controller, preset=options["preset"], finding_weight=finding_weight, start_from=start
+        data,
+        run,
+        vae,
+        controller,
+        preset=options["preset"],
+        finding_weight=finding_weight,
+        start_from=start,
+        finding_min_cells=finding_min_cells,
     )
     training = {
         "data": f"{len(data)} training images from {options['index']}",

@@ -377,9 +377,17 @@ def train_autoencoder(
     return model
 
 
-def finding_weights(finding_masks: torch.Tensor, latent_size: tuple[int, int], weight: float) -> torch.Tensor:
-    """Loss weights per latent cell, [N, 1, h, w]: ``1 + weight`` where a pathology touches the cell, 1 elsewhere."""
-    return 1.0 + weight * F.adaptive_max_pool2d(finding_masks[:, None].float(), latent_size)
+def finding_weights(
+    finding_masks: torch.Tensor, latent_size: tuple[int, int], weight: float, min_cells: int = 0
+) -> torch.Tensor:
+    """Loss weights per latent cell, [N, 1, h, w]: ``1 + weight`` where a pathology touches the cell, 1 elsewhere.
+
+    An image whose findings touch fewer than ``min_cells`` cells has them weighed up so their extra weight adds up
+    to that of ``min_cells`` cells: ``1 + weight * min_cells / touched``.
+    """
+    touched = F.adaptive_max_pool2d(finding_masks[:, None].float(), latent_size)
+    scale = (min_cells / touched.sum(dim=(1, 2, 3), keepdim=True).clamp(min=1.0)).clamp(min=1.0)
+    return 1.0 + weight * scale * touched
 
 
 def train_backbone(
@@ -391,12 +399,15 @@ def train_backbone(
     ema_decay: float = 0.999,
     finding_weight: float = 0.0,
     start_from=None,
+    finding_min_cells: int = 0,
 ):
     """Train UNet and text encoder on the frozen autoencoder's latents; return the full pipeline.
 
     ``finding_weight`` weighs the noise-prediction error in the latent cells a
     pathology touches ``1 + finding_weight`` times the rest (the loss stays a
-    weighted mean), so a nodule a cell wide is not drowned by the lungs around it.
+    weighted mean), so a nodule a cell wide is not drowned by the lungs around it;
+    findings smaller than ``finding_min_cells`` latent cells are weighed as if that
+    large (:func:`finding_weights`).
     ``start_from`` is a pipeline (trained on the same index) whose UNet and text
     encoder training continues from; it is trained in place.
     """
@@ -420,8 +431,10 @@ def train_backbone(
         [""], padding="max_length", max_length=text_encoder.config.max_positions, return_tensors="pt"
     ).input_ids
     alphas = scheduler.alphas_cumprod
-    weights = finding_weights(data.finding_masks, latents.shape[-2:], finding_weight)
+    weights = finding_weights(data.finding_masks, latents.shape[-2:], finding_weight, finding_min_cells)
     run.log["finding_weight"] = finding_weight
+    if finding_min_cells:
+        run.log["finding_min_cells"] = finding_min_cells
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
 
     def loss_fn(step, rng, generator, device, modules):
@@ -470,12 +483,21 @@ DEMO_SCHEDULE = {
 # cells, a nodule a handful of the 32x32, and a plain mean let the backbone all but ignore them (control_phantom,
 # seed 1049: nodules detected in 0.10 of draws, 0.00 after 1500 more plain steps; 0.55 with weight 5).
 FINDING_WEIGHT = 5.0
+# Nodules and plates of atelectasis touch about 8 latent cells, a tenth of an enlarged heart: weighed up as if they
+# touched 24, nodules were detected in 0.80 of draws instead of 0.55, with no more unasked findings (seed 1049).
+FINDING_MIN_CELLS = 24
 FINDINGS_LEARNING_RATE = 1e-4
 # The decoder's fine-tuning: the texture term brings back the fine detail the autoencoder's round trip lost.
 DECODER_DETAIL = DetailLoss(discriminator_start=0, texture_weight=10.0)
 
 
-def continue_with_findings(data: TrainingSet, run: TrainingRun, pipeline, finding_weight: float = FINDING_WEIGHT):
+def continue_with_findings(
+    data: TrainingSet,
+    run: TrainingRun,
+    pipeline,
+    finding_weight: float = FINDING_WEIGHT,
+    finding_min_cells: int = FINDING_MIN_CELLS,
+):
     """The demo's "findings" part: ``pipeline``'s backbone trained on with the finding-weighted loss, in place."""
     return train_backbone(
         data,
@@ -485,6 +507,7 @@ def continue_with_findings(data: TrainingSet, run: TrainingRun, pipeline, findin
         preset=pipeline.config.preset,
         finding_weight=finding_weight,
         start_from=pipeline,
+        finding_min_cells=finding_min_cells,
     )
 
 

@@ -43,7 +43,7 @@ def test_healthy_twins_follow_the_requested_anatomy_keep_the_lung_texture_and_no
     Measured by the bundle's judges (trained on phantoms apart from the diffusion model) on 16 held-out anatomies
     with the fast preset. Random pairing scores each generated image against another request's anatomy; the
     ceiling is the segmenter on the real phantoms. With the preset's 11 of 12 anatomy steps the judges call a
-    finding on 2 of these 32 twins (1 of the 16 real phantoms); with the preset before it, 7 of 8 steps, on 17:
+    finding on 2 of these 32 twins (1 of the 16 real phantoms); with the preset before it, 7 of 8 steps, on 19:
     its one free step, a jump from t = 124, drew haze and opacities. That freedom was also all that told two seeds
     apart: replicas at MS-SSIM 0.983 now against 0.959, and 0.999 when every step blends (the controller's image).
     The twins' lungs keep 0.76 of the real phantoms' high-frequency power (ribs, vessels); 0.47 before the decoder

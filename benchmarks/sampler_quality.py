@@ -18,10 +18,14 @@ model's training phantoms (seed 11) and held-out phantoms (seed 12). It prints:
   Dice (every draw), the share of change inside the requested mask (every
   draw), the requested label's hit rate (every pathology draw), Fréchet
   distance (accepted images) and the acceptance rate;
+- of the accepted images, the share in which a classifier trained apart from the
+  judges (control_phantom's, at 95% specificity on other real phantoms) calls a
+  finding nobody asked for, and the UNet evaluations per clean image (accepted
+  without one);
 - whether each figure holds: not worse than the reference settings beyond their
   interval (Dice, inside mask and hit rate at least the reference's lower bound;
-  Fréchet distance at most its upper bound); and the cheapest setting that holds
-  them all.
+  Fréchet distance at most its upper bound); and the cheapest setting, per clean
+  image, that holds them all.
 
 Runs and reports are kept under --work; a rerun reuses finished runs (delete
 the folder to start again). The demo preset on this CPU takes about 40 minutes.
@@ -42,11 +46,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from control_phantom import classifier_thresholds
+from control_phantom import judges as independent_judges
 
 from xreal.core.labels import NO_FINDING
 from xreal.core.settings import DEFAULT_SETTINGS, SPEEDS, SamplerSettings
 from xreal.evaluate import metrics
+from xreal.evaluate.inputs import image_batches
 from xreal.evaluate.report import evaluate_run
+from xreal.judges.phantom_judges import classify
+from xreal.phantom import renderer as phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,12 +150,35 @@ def figure(report: dict, report_dir: Path, name: str) -> dict:
     return entry
 
 
-def measure(setting: Setting, run: Path, report_dir: Path, reference: Path, test: Path, cache: dict) -> dict:
+def unasked(samples: pd.DataFrame, run: Path, independent) -> np.ndarray:
+    """Per accepted image: whether control_phantom's classifier, trained apart from the judges (95% specificity on
+    other real phantoms), calls a finding that was not asked for, which the gate let through."""
+    kept = samples[samples["decision"] == "accepted"]
+    if kept.empty:
+        return np.zeros(0, bool)
+    classifier, thresholds = independent
+    images = next(image_batches([run / p for p in kept["image_path"]], len(kept)))
+    scores = classify(classifier, images, 2 * images.shape[-1])
+    asked = [set(labels) for labels in kept["labels"]]
+    return np.array(
+        [
+            any(scores[label][i] >= t for label, t in thresholds.items() if label not in asked[i])
+            for i in range(len(kept))
+        ]
+    )
+
+
+def measure(
+    setting: Setting, run: Path, report_dir: Path, reference: Path, test: Path, cache: dict, independent
+) -> dict:
     record = json.loads((run / "dataset.json").read_text())
     samples = pd.read_parquet(run / "samples.parquet")
     accepted = int((samples["decision"] == "accepted").sum())
     started = time.perf_counter()
     report = evaluate_run(run, reference, report_dir, test=test, progress=False, html=False, reference_cache=cache)
+    wrong = unasked(samples, run, independent).astype(float)
+    clean = accepted - int(wrong.sum())
+    low, high = metrics.mean_interval(wrong) if len(wrong) else (None, None)
     return {
         "setting": setting.name,
         "options": " ".join(setting.options),
@@ -155,6 +187,8 @@ def measure(setting: Setting, run: Path, report_dir: Path, reference: Path, test
         "accepted": accepted,
         "unet_per_draw": float(samples["unet_evaluations"].mean()),
         "unet_per_accepted": float(samples["unet_evaluations"].sum() / max(accepted, 1)),
+        "unasked": {"value": float(wrong.mean()) if len(wrong) else None, "low": low, "high": high},
+        "unet_per_clean": float(samples["unet_evaluations"].sum() / max(clean, 1)),
         "figures": {name: figure(report, report_dir, name) for name in FIGURES},
         "evaluate_s": round(time.perf_counter() - started, 1),
     }
@@ -214,7 +248,10 @@ def fmt(entry: dict) -> str:
 def table(results: list[dict]) -> str:
     base = results[0]
     names = list(FIGURES)
-    header = ["setting", "UNet/draw", "UNet/accepted", "x fewer", "accepted", "accepted/h ratio", *names, "holds"]
+    header = [
+        "setting", "UNet/draw", "UNet/accepted", "x fewer", "accepted", "accepted/h ratio", "unasked finding",
+        "UNet/clean", *names, "holds",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         verdicts = [holds(r["figures"][n], base["figures"][n], FIGURES[n][1]) for n in names]
@@ -226,6 +263,8 @@ def table(results: list[dict]) -> str:
             f"{base['unet_per_accepted'] / r['unet_per_accepted']:.1f}x",
             f"{r['accepted']}/{r['draws']}",
             f"{r['accepted_per_hour'] / base['accepted_per_hour']:.1f}x" if "accepted_per_hour" in r else "-",
+            fmt(r["unasked"]),
+            f"{r['unet_per_clean']:.1f}",
             *[fmt(r["figures"][n]) + ("" if v else " (worse)") for n, v in zip(names, verdicts, strict=True)],
             "yes" if all(verdicts) else "no: " + ", ".join(n for n, v in zip(names, verdicts, strict=True) if not v),
         ]
@@ -243,6 +282,7 @@ def main() -> None:
     parser.add_argument("--healthy", type=int, default=7, help="No Finding requests")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--only", nargs="+", default=None, help="these settings (and the baseline)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "build" / "phantom-judges", help="control_phantom's cache")
     parser.add_argument("--baseline", default="ddim-100", help="the setting the others are compared with")
     parser.add_argument("--timing-batch", type=int, default=4, help="pathology requests per timed batch")
     parser.add_argument("--timing-repeats", type=int, default=2, help="interleaved timed passes (median); 0: no timing")
@@ -256,12 +296,14 @@ def main() -> None:
     chosen = [s for s in SETTINGS if s.name == args.baseline]
     chosen += [s for s in SETTINGS if s.name != args.baseline and (args.only is None or s.name in args.only)]
     cache: dict = {}
+    _, classifier = independent_judges(args.cache, 64)
+    independent = (classifier, classifier_thresholds(classifier, phantom.generate(600, 64, seed=args.phantom_seed + 2)))
     results = []
     for setting in chosen:
         run, report_dir = args.work / "runs" / setting.name, args.work / "reports" / setting.name
         started = time.perf_counter()
         generate(setting, manifest, policy, run, args.batch_size)
-        result = measure(setting, run, report_dir, args.reference, args.test, cache)
+        result = measure(setting, run, report_dir, args.reference, args.test, cache, independent)
         results.append(result)
         print(f"{setting.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
@@ -271,7 +313,7 @@ def main() -> None:
         r["accepted_per_hour"] = 3600 / per_image[r["setting"]] * r["accepted"] / r["draws"]
     text = table(results)
     matching = [r for r in results[1:] if all(r["holds"].values())]
-    fastest = min(matching, key=lambda r: r["unet_per_accepted"]) if matching else None
+    fastest = min(matching, key=lambda r: r["unet_per_clean"]) if matching else None
     base = results[0]
     print(
         f"demo preset, {len(results)} settings, {base['draws']} draws each; reference settings: DDIM "
@@ -281,9 +323,9 @@ def main() -> None:
     print(text)
     if fastest:
         print(
-            f"\ncheapest setting whose figures hold: {fastest['setting']} ({fastest['options']}), "
-            f"{base['unet_per_accepted'] / fastest['unet_per_accepted']:.1f}x fewer UNet evaluations per accepted "
-            "image than the reference settings"
+            f"\ncheapest setting whose figures hold, per clean image (accepted, and no unasked finding): "
+            f"{fastest['setting']} ({fastest['options']}), {base['unet_per_clean'] / fastest['unet_per_clean']:.1f}x "
+            "fewer UNet evaluations per clean image than the reference settings"
         )
     else:
         print("\nno setting holds every figure of the reference settings")

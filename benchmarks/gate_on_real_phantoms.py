@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from control_phantom import FAST, classifier_thresholds
+from control_phantom import FAST, called, classifier_thresholds, unasked
 from control_phantom import judges as independent_judges
 
 from xreal.core.labels import NO_FINDING
 from xreal.evaluate.metrics import mean_interval
 from xreal.judges.judging import load_phantom_judges
-from xreal.judges.phantom_judges import classify
 from xreal.model.bundle import DEMO_BUNDLE, load_pipeline
 from xreal.phantom import renderer as phantom
 from xreal.run.policy import QualityPolicy
@@ -38,24 +37,24 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 SCORE_PREFIXES = ("p_", "dice_", "sanity_", "realism_")
 
 
-def decisions_at(absent: float, scores: list[dict], asked: list[list[str]], judges) -> np.ndarray:
-    """Whether the default policy, with ``absent`` as its absent check, accepts each scored image."""
+def decisions_at(absent: float, scores: list[dict], asked: list[list[str]], judges) -> list:
+    """The default policy's decisions, with ``absent`` as its absent check, on each scored image."""
     policy = QualityPolicy.from_dict({"classifier": {"absent": absent}})
-    return np.array(
-        [
-            policy.decide(s, labels, judges.labels, realism_threshold=judges.realism_threshold).accepted
-            for s, labels in zip(scores, asked, strict=True)
-        ]
-    )
+    return [
+        policy.decide(s, labels, judges.labels, realism_threshold=judges.realism_threshold)
+        for s, labels in zip(scores, asked, strict=True)
+    ]
+
+
+def accepted_at(absent: float, scores: list[dict], asked: list[list[str]], judges) -> np.ndarray:
+    return np.array([d.accepted for d in decisions_at(absent, scores, asked, judges)])
 
 
 def independent_calls(classifier, thresholds, images: np.ndarray, asked: list[list[str]]):
     """Per image: whether the independent classifier misses a requested label, and whether it calls another."""
-    scores = classify(classifier, images, 2 * images.shape[-1])
-    found = {label: scores[label] >= threshold for label, threshold in thresholds.items()}
+    found = called(classifier, thresholds, images)
     missed = [any(not found[label][i] for label in labels if label != NO_FINDING) for i, labels in enumerate(asked)]
-    extra = [any(found[other][i] for other in found if other not in labels) for i, labels in enumerate(asked)]
-    return np.array(missed), np.array(extra)
+    return np.array(missed), unasked(found, asked)
 
 
 def share(values: np.ndarray) -> str:
@@ -94,11 +93,7 @@ def main() -> None:
     print(f"  {'absent':>6s} {'accepted':>9s}  most common reasons for rejection")
     real_accepted = {}
     for absent in THRESHOLDS:
-        policy = QualityPolicy.from_dict({"classifier": {"absent": absent}})
-        decisions = [
-            policy.decide(s, labels, judges.labels, realism_threshold=judges.realism_threshold)
-            for s, labels in zip(scores, asked, strict=True)
-        ]
+        decisions = decisions_at(absent, scores, asked, judges)
         real_accepted[absent] = np.array([d.accepted for d in decisions])
         reasons = collections.Counter(
             part.split(" (")[0] for d in decisions if not d.accepted for part in d.reason.split("; ")
@@ -118,7 +113,7 @@ def main() -> None:
     print(f"\n{args.run}: its {len(frame)} draws re-decided from their recorded scores")
     recorded = [{c: row[c] for c in columns if pd.notna(row[c])} for _, row in frame.iterrows()]
     for absent in THRESHOLDS:
-        accepted = decisions_at(absent, recorded, [list(labels) for labels in frame["labels"]], judges)
+        accepted = accepted_at(absent, recorded, [list(labels) for labels in frame["labels"]], judges)
         print(f"  absent {absent:.1f}: {accepted.sum()} accepted")
 
 
@@ -164,7 +159,7 @@ def check_generated(args, judges, real_cases, real_asked, real_accepted) -> None
     )
     print(f"  {'absent':>6s} {'accepted':>9s} {'missed':>18s} {'other called':>18s}   real: missed  other")
     for absent in THRESHOLDS:
-        accepted = decisions_at(absent, scores, asked, judges)
+        accepted = accepted_at(absent, scores, asked, judges)
         real = real_accepted[absent]
         print(
             f"  {absent:6.1f} {accepted.sum():4d}/{len(accepted):<4d} {share(missed[accepted]):>18s} "

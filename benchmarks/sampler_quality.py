@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from control_phantom import classifier_thresholds
+from control_phantom import called, classifier_thresholds, unasked
 from control_phantom import judges as independent_judges
 
 from xreal.core.labels import NO_FINDING
@@ -54,7 +54,6 @@ from xreal.core.settings import DEFAULT_SETTINGS, SPEEDS, SamplerSettings
 from xreal.evaluate import metrics
 from xreal.evaluate.inputs import image_batches
 from xreal.evaluate.report import evaluate_run
-from xreal.judges.phantom_judges import classify
 from xreal.phantom import renderer as phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,22 +149,14 @@ def figure(report: dict, report_dir: Path, name: str) -> dict:
     return entry
 
 
-def unasked(samples: pd.DataFrame, run: Path, independent) -> np.ndarray:
+def unasked_on_accepted(samples: pd.DataFrame, run: Path, independent) -> np.ndarray:
     """Per accepted image: whether control_phantom's classifier, trained apart from the judges (95% specificity on
     other real phantoms), calls a finding that was not asked for, which the gate let through."""
     kept = samples[samples["decision"] == "accepted"]
     if kept.empty:
         return np.zeros(0, bool)
-    classifier, thresholds = independent
     images = next(image_batches([run / p for p in kept["image_path"]], len(kept)))
-    scores = classify(classifier, images, 2 * images.shape[-1])
-    asked = [set(labels) for labels in kept["labels"]]
-    return np.array(
-        [
-            any(scores[label][i] >= t for label, t in thresholds.items() if label not in asked[i])
-            for i in range(len(kept))
-        ]
-    )
+    return unasked(called(*independent, images), [list(labels) for labels in kept["labels"]])
 
 
 def measure(
@@ -176,7 +167,7 @@ def measure(
     accepted = int((samples["decision"] == "accepted").sum())
     started = time.perf_counter()
     report = evaluate_run(run, reference, report_dir, test=test, progress=False, html=False, reference_cache=cache)
-    wrong = unasked(samples, run, independent).astype(float)
+    wrong = unasked_on_accepted(samples, run, independent).astype(float)
     clean = accepted - int(wrong.sum())
     low, high = metrics.mean_interval(wrong) if len(wrong) else (None, None)
     return {

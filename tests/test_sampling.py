@@ -108,19 +108,30 @@ def test_autocast_runs_in_reduced_precision(pipeline, requests):
     assert np.abs(full.images - reduced.images).mean() < 0.05
 
 
-def test_restore_outside_keeps_the_healthy_twin_away_from_the_mask(pipeline):
+@pytest.mark.parametrize("latent_handoff", [False, True])
+def test_restore_outside_keeps_the_healthy_twin_away_from_the_mask(pipeline, latent_handoff):
     case = phantom.generate(1, 64, seed=4, pathologies=[["Lung Lesion"]])[0]
     mask = np.zeros((64, 64), dtype=bool)
-    mask[8:40, 8:40] = True  # 4:20 at the tiny preset's 32 px; one latent cell is 4 px, the feather's sigma 2
+    mask[8:40, 8:40] = True  # 4:20 at the tiny preset's 32 px, where one latent cell is 4 px
     request = ([case.anatomy], [["Lung Lesion"]], [5], [mask])
-    restored = pipeline(*request, **STEPS)
-    reference = pipeline(*request, restore_outside=False, **STEPS)
-    far = (slice(28, None), slice(28, None))  # beyond the feather's reach (4 sigma)
-    assert np.array_equal(restored.images[0][far], restored.healthy_images[0][far])
-    assert not np.array_equal(reference.images[0][far], reference.healthy_images[0][far])
-    np.testing.assert_allclose(restored.images[0][10:14, 10:14], reference.images[0][10:14, 10:14], atol=2e-3)
-    edge = restored.images[0][4:20, 3], reference.images[0][4:20, 3], restored.healthy_images[0][4:20, 3]
-    assert 0.3 < np.abs(edge[0] - edge[2]).sum() / np.abs(edge[1] - edge[2]).sum() < 0.7  # half blended at the edge
+    restored = pipeline(*request, latent_handoff=latent_handoff, **STEPS)
+    reference = pipeline(*request, latent_handoff=latent_handoff, restore_outside=False, **STEPS)
+    image, healthy, unrestored = restored.images[0], restored.healthy_images[0], reference.images[0]
+    assert np.array_equal(healthy, reference.healthy_images[0])
+    # A cell or more from the mask, the twin's own pixels.
+    far = (slice(24, None), slice(24, None))
+    assert np.array_equal(image[far], healthy[far])
+    np.testing.assert_array_equal(image[4:20, 0], healthy[4:20, 0])
+    assert not np.array_equal(unrestored[far], healthy[far])
+    # On the mask, stage 2's change in full, up to the edge: a thin finding keeps its contrast.
+    change, unrestored_change = np.abs(image - healthy)[4:20, 4:20], np.abs(unrestored - healthy)[4:20, 4:20]
+    assert unrestored_change.mean() > 0.01
+    if latent_handoff:  # the twin's latent is stage 2's starting point itself: its change is the whole difference
+        np.testing.assert_allclose(image[4:20, 4:20], unrestored[4:20, 4:20], atol=2e-3)
+        edge = np.abs(image - healthy)[4:20, 2].sum() / np.abs(unrestored - healthy)[4:20, 2].sum()
+        assert 0.4 < edge < 0.6  # half a cell outside, half of it
+    else:
+        assert 0.8 < change.mean() / unrestored_change.mean() < 1.25
 
 
 def test_settings_per_item(pipeline, requests):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from xreal.core.labels import score_key
 from xreal.core.settings import SPEEDS
 from xreal.judges.judging import load_judges
 from xreal.judges.phantom_judges import anatomy_dice
@@ -82,6 +83,37 @@ def test_healthy_twins_follow_the_requested_anatomy_keep_the_lung_texture_and_no
     assert sum(p >= 0.5 for p in called) <= 5, sorted(called)  # 0.5: each label's operating point
     pasted = twins(FAST["num_inference_steps"]), twins(FAST["num_inference_steps"], first_seed=800)
     assert ms_ssim(controlled, replicas).mean() < 0.99 <= ms_ssim(*pasted).mean()
+
+
+def test_thin_findings_keep_their_contrast_and_are_found(pipe):
+    """Plates of atelectasis and nodules, a latent cell or two wide, are drawn at the real phantoms' contrast and
+    the bundle's judges find them, with the fast preset, on 12 held-out requests.
+
+    Contrast: the mean |final - twin| on the mask over the real phantom's |finding - twin|; a median of 1.09 here.
+    Blended in through the mask blurred by half a cell (the placement before stop 30), the same draws kept 0.82
+    (0.84 at guidance 7). The judges find 11 of the 12 either way, as they find 12 of the real ones.
+    """
+    judges = load_judges(str(DEMO_BUNDLE / "judges"))
+    n = 12
+    labels = ["Atelectasis", "Lung Lesion"] * (n // 2)
+    cases = phantom.generate(n, 64, seed=310, pathologies=[[label] for label in labels])
+    healthy = phantom.generate(n, 64, seed=310, pathologies=[[]] * n)
+    masks = [cases.pathology_masks[label][i] for i, label in enumerate(labels)]
+    out = pipe(
+        healthy.anatomy,
+        [[label] for label in labels],
+        list(range(310, 310 + n)),
+        masks,
+        guidance_scale=SPEEDS["fast"].guidance_scale,
+        **FAST,
+    )
+    contrast = [
+        np.abs(out.images[i] - out.healthy_images[i])[m].mean() / np.abs(cases.images[i] - healthy.images[i])[m].mean()
+        for i, m in enumerate(masks)
+    ]
+    found = [row[score_key("p", label)] >= 0.5 for row, label in zip(judges.score(out.images), labels, strict=True)]
+    assert np.median(contrast) > 0.95, np.round(contrast, 2)
+    assert sum(found) >= 10, found
 
 
 def test_pathology_appears_inside_its_mask_only(generated):

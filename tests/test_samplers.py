@@ -163,7 +163,9 @@ def test_batch_invariance(pipe, requests, outputs, sampler):
         alone = pipe(
             anatomy[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], masks[i : i + 1], **STEPS, sampler=sampler
         )
-        np.testing.assert_allclose(alone.images[0], together.images[i], atol=1e-5, rtol=0)
+        # The final image is the twin plus the difference of two decodes, so their batch-dependent float rounding
+        # (about 1e-5 each) adds up; the twin is one decode.
+        np.testing.assert_allclose(alone.images[0], together.images[i], atol=5e-5, rtol=0)
         np.testing.assert_allclose(alone.healthy_images[0], together.healthy_images[i], atol=1e-5, rtol=0)
 
 

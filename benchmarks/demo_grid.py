@@ -47,6 +47,7 @@ def main() -> None:
         num_inference_steps=args.steps,
         anatomy_steps=FAST.anatomy_steps_for(args.steps),
         sampler=args.sampler,
+        guidance_scale=FAST.guidance_scale,
     )
     rows = []
     for i in range(len(labels)):

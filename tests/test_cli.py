@@ -193,11 +193,15 @@ def test_sampler_options_become_the_runs_sampler_settings(manifest, tmp_path, mo
     run("generate", manifest, "--out", tmp_path / "o", "--sampler", "unipc", "--steps", "12", "--anatomy-steps", "3")
     run("generate", manifest, "--out", tmp_path / "o", "--guidance-interval", "0", "0.5")
     run("generate", manifest, "--out", tmp_path / "o", "--speed", "fast", "--steps", "10")
+    run("generate", manifest, "--out", tmp_path / "o", "--guidance-scale", "4", "--healthy-guidance", "2.5")
+    run("generate", manifest, "--out", tmp_path / "o", "--speed", "fast", "--healthy-guidance", "1")
     assert seen[0] == SPEEDS["fast"]
     assert (seen[1].sampler, seen[1].steps, seen[1].anatomy_steps) == ("ddim", 30, 15)
     assert (seen[2].sampler, seen[2].steps, seen[2].anatomy_steps) == ("unipc", 12, 3)
     assert seen[3].guidance_interval == (0.0, 0.5) and seen[3].steps == 100
     assert (seen[4].sampler, seen[4].steps, seen[4].anatomy_steps) == ("dpmsolver++", 10, 9)  # fast: 7/8 of stage 1
+    assert (seen[5].guidance_scale, seen[5].healthy_guidance_scale, seen[5].sampler) == (4.0, 2.5, "ddim")
+    assert (seen[6].guidance_scale, seen[6].healthy_guidance_scale) == (SPEEDS["fast"].guidance_scale, 1.0)
 
 
 def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_path, monkeypatch):

@@ -234,6 +234,38 @@ def test_guidance_interval(pipe, requests, outputs):
         pipe(*requests, **STEPS, guidance_interval=(0.5, 0.5))
 
 
+def test_healthy_guidance(pipe, requests, outputs):
+    """Off by default (the reference's twins, unchanged). On, every stage-1 step runs the UNet twice, the
+    unconditional half on the prompt naming every finding the model knows, and the twins change; counted UNet
+    evaluations match SamplerSettings.unet_evaluations."""
+    from xreal.core.labels import NO_FINDING
+    from xreal.core.settings import SamplerSettings
+
+    assert np.array_equal(pipe(*requests, **STEPS, healthy_guidance_scale=1.0).images, outputs["ddim"].images)
+    findings = pipe.findings_prompt()
+    assert NO_FINDING not in findings and all(label in findings for label in pipe.config.labels if label != NO_FINDING)
+    negative = pipe.encode_prompt([findings])[0]
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((len(args[0]), kwargs["encoder_hidden_states"]))
+
+    hook = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        guided = pipe(*requests, **STEPS, healthy_guidance_scale=3.0)
+    finally:
+        hook.remove()
+    stage_one = calls[: STEPS["num_inference_steps"]]
+    assert all(n == 2 * len(SEEDS) for n, _ in stage_one)
+    assert all(torch.equal(context[: len(SEEDS)], negative.expand(len(SEEDS), -1, -1)) for _, context in stage_one)
+    assert not np.allclose(guided.healthy_images, outputs["ddim"].healthy_images, atol=1e-3)
+    pathology = [m is not None for m in requests[3]]
+    settings = SamplerSettings(steps=8, anatomy_steps=4, healthy_guidance_scale=3.0)
+    assert sum(n for n, _ in calls) == sum(settings.unet_evaluations(p) for p in pathology) == 4 * 16 + 3 * 16
+    with pytest.raises(XRealError, match="healthy guidance"):
+        SamplerSettings(healthy_guidance_scale=-1.0).check()
+
+
 @pytest.mark.parametrize("steps, expected", [(30, 31), (60, 63), (100, 100), (8, 8)])
 def test_reference_step_grid(pipe, steps, expected):
     """The reference's DDIM grid: every 1000 // steps from t = 1; DDIM's own step then goes back the same way."""

@@ -12,7 +12,16 @@ from xreal.cli.base import _Group, cli
 from xreal.core.errors import XRealError
 from xreal.core.settings import SAMPLER_NAMES, SPEEDS, STEP_GRIDS, SamplerSettings
 
-SAMPLER_OPTIONS = ("speed", "sampler", "steps", "anatomy_steps", "step_grid", "guidance_interval")
+SAMPLER_OPTIONS = (
+    "speed",
+    "sampler",
+    "steps",
+    "anatomy_steps",
+    "step_grid",
+    "guidance_interval",
+    "guidance_scale",
+    "healthy_guidance_scale",
+)
 
 
 def _run_options(function):
@@ -72,6 +81,19 @@ def _run_options(function):
             default=None,
             metavar="START STOP",
             help="Fractions of stage 2's steps (noisiest first) where guidance runs [0 1].",
+        ),
+        click.option(
+            "--guidance-scale",
+            type=click.FloatRange(0, 50),
+            default=None,
+            help="Classifier-free guidance of stage 2 for rows without their own (1: off) [reference: 7, fast: 5.5].",
+        ),
+        click.option(
+            "--healthy-guidance",
+            "healthy_guidance_scale",
+            type=click.FloatRange(0, 50),
+            default=None,
+            help="Guidance of stage 1 away from every finding the model knows (1: off) [reference: 1, fast: 2].",
         ),
     ]
     for option in reversed(options):

@@ -44,6 +44,8 @@ class SamplerSettings:
 
     ``guidance_interval``: the part of stage 2's steps, as fractions ``[start, stop)`` of the step sequence
     (noisiest first), where classifier-free guidance runs; outside it each step costs one UNet evaluation.
+    ``healthy_guidance_scale``: classifier-free guidance of stage 1 away from the findings the model knows (the
+    healthy twin's empty prompt against a negative prompt naming them); 1 or less turns it off, as the reference.
     """
 
     steps: int = 100
@@ -54,6 +56,7 @@ class SamplerSettings:
     sampler: str = "ddim"
     step_grid: str = "exact"
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    healthy_guidance_scale: float = 1.0
 
     def with_overrides(self, **overrides: Any) -> SamplerSettings:
         """A copy with the non-None overrides applied."""
@@ -89,6 +92,8 @@ class SamplerSettings:
             raise XRealError(
                 f"{where}: the guidance interval must be two fractions 0 <= start < stop <= 1, got {start}, {stop}"
             )
+        if not 0.0 <= self.healthy_guidance_scale <= 50.0:
+            raise XRealError(f"{where}: healthy guidance must lie in [0, 50], got {self.healthy_guidance_scale}")
         return self
 
     def anatomy_steps_for(self, steps: int) -> int:
@@ -103,11 +108,12 @@ class SamplerSettings:
     def unet_evaluations(self, has_pathology: bool) -> int:
         """UNet evaluations (per image) for one sample: stage 1, plus stage 2 unless No Finding, where every
         guided step costs two."""
-        if not has_pathology:
-            return self.steps_run
         n = self.steps_run
+        stage1 = 2 * n if self.healthy_guidance_scale > 1.0 else n
+        if not has_pathology:
+            return stage1
         guided = sum(guided_step(self.guidance_interval, i, n) for i in range(n)) if self.guidance_scale > 1.0 else 0
-        return 2 * n + guided
+        return stage1 + n + guided
 
     def shared_arguments(self) -> dict[str, Any]:
         """The ``XRealPipeline`` arguments every item of a batch shares (one scheduler per call); guidance and
@@ -119,7 +125,12 @@ class SamplerSettings:
             "sampler": self.sampler,
             "step_grid": self.step_grid,
             "guidance_interval": self.guidance_interval,
+            "healthy_guidance_scale": self.healthy_guidance_scale,
         }
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        """Every ``XRealPipeline`` argument these settings set, for a call whose items all take them."""
+        return {**self.shared_arguments(), "guidance_scale": self.guidance_scale, "soft_scale": self.soft_scale}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the guidance interval as a list), as run records pin it."""

@@ -191,6 +191,10 @@ class XRealPipeline(DiffusionPipeline):
         so a lesion smaller than a pixel keeps a place to be generated in."""
         return resize_mask(mask, self.config.image_size, rule="any")
 
+    def findings_prompt(self) -> str:
+        """Every finding the model knows, as one prompt: stage 1's negative prompt (``healthy_guidance_scale``)."""
+        return prompt_for([label for label in self.config.labels if label != NO_FINDING])
+
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(
             list(prompts),
@@ -332,6 +336,7 @@ class XRealPipeline(DiffusionPipeline):
         sampler: str = DEFAULT_SETTINGS.sampler,
         step_grid: str = DEFAULT_SETTINGS.step_grid,
         guidance_interval: tuple[float, float] = DEFAULT_SETTINGS.guidance_interval,
+        healthy_guidance_scale: float = DEFAULT_SETTINGS.healthy_guidance_scale,
         latent_handoff: bool = False,
         restore_outside: bool = True,
         autocast_dtype: torch.dtype | None = None,
@@ -358,6 +363,9 @@ class XRealPipeline(DiffusionPipeline):
                 grid, every 1000 // ``num_inference_steps`` timesteps, e.g. 31 steps for 30).
             guidance_interval: ``(start, stop)``, the fractions of stage 2's steps (noisiest first) where guidance
                 runs; elsewhere a step costs one UNet evaluation. ``(0, 1)``: every step, as the reference.
+            healthy_guidance_scale: classifier-free guidance of stage 1 away from every finding the model knows:
+                the healthy image's empty prompt is guided against :meth:`findings_prompt` as the negative prompt,
+                at twice the UNet evaluations of stage 1. 1 or less turns it off, as the reference.
             Steps, anatomy steps and eta may also be given per item, but must then be equal: a batch
             shares one scheduler.
             latent_handoff: give stage 2 the stage-1 latent instead of decoding and re-encoding it.
@@ -392,6 +400,7 @@ class XRealPipeline(DiffusionPipeline):
             sampler=sampler,
             step_grid=step_grid,
             guidance_interval=(start, stop),
+            healthy_guidance_scale=float(healthy_guidance_scale),
             latent_handoff=latent_handoff,
             restore_outside=restore_outside,
             autocast_dtype=autocast_dtype,
@@ -464,6 +473,7 @@ class XRealPipeline(DiffusionPipeline):
         sampler="ddim",
         step_grid="exact",
         guidance_interval=(0.0, 1.0),
+        healthy_guidance_scale=1.0,
         latent_handoff,
         restore_outside,
         autocast_dtype,
@@ -476,17 +486,21 @@ class XRealPipeline(DiffusionPipeline):
             scheduler = self.make_scheduler(sampler, num_inference_steps, step_grid)
             dtype = self.unet.dtype
 
-            # Stage 1: anatomy control, empty prompt, no guidance.
+            # Stage 1: anatomy control, empty prompt, guided away from the findings when asked.
             maps = torch.from_numpy(label_maps).to(device)
             z_anatomy = self.encode(self.vae, self.anatomy_prior(maps), generators).to(dtype)
             soft = np.stack([self.anatomy_blend(m, s) for m, s in zip(label_maps, soft_scales, strict=True)])
             soft = torch.from_numpy(soft).to(device=device, dtype=dtype)[:, None]
             empty = self.encode_prompt([""] * len(texts)).to(dtype)
             start = self._noise(generators, z_anatomy) * scheduler.init_noise_sigma
-            no_guidance = torch.ones(len(texts))
+            healthy_scale = torch.full((len(texts),), healthy_guidance_scale)
+            negative = None
+            if healthy_guidance_scale > 1.0:
+                negative = self.encode_prompt([self.findings_prompt()] * len(texts)).to(dtype)
             healthy_latents = self._denoise(
-                start, z_anatomy, soft, anatomy_steps, empty, None, no_guidance, eta, generators, 1, callback, scheduler
-            )
+                start, z_anatomy, soft, anatomy_steps, empty, negative, healthy_scale, eta, generators, 1, callback,
+                scheduler,
+            )  # fmt: skip
             healthy = self.decode(healthy_latents)
 
             # Stage 2: pathology control, only where a pathology was asked for.

@@ -81,6 +81,7 @@ BASE_FIELDS = [
     pa.field("sampler", pa.string()),
     pa.field("step_grid", pa.string()),
     pa.field("guidance_interval", pa.list_(pa.float64())),
+    pa.field("healthy_guidance_scale", pa.float64()),
     pa.field("unet_evaluations", pa.int64()),
     pa.field("decision", pa.string()),
     pa.field("reason", pa.string()),

@@ -22,6 +22,8 @@ request and every draw scored (no quality gate), prints:
   classifier's features, beside that between other such real phantoms and the
   same real ones; and the lungs' high-frequency power (ribs, vessels, noise) of the
   generated healthy twins over that of the real phantoms of the same anatomies.
+``--boxes`` asks for each finding with its annotation boxes instead of its mask,
+as a manifest row with boxes does (placement is then measured against the boxes).
 The segmenter (a small U-Net) and the classifier (torchxrayvision DenseNet) are
 trained here on phantoms, apart from the model's own judges (the classifier
 sees images upsampled twice: at 64 px its stem would leave a nodule a fraction
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 
 from xreal.core.labels import Anatomy
+from xreal.core.masks import boxes_to_mask
 from xreal.core.settings import SPEEDS
 from xreal.evaluate.metrics import change_share, frechet_distance_of, lung_detail_power, mean_interval, ms_ssim
 from xreal.judges.judging import classifier_input, resize_inputs
@@ -89,6 +92,18 @@ def findings_and_twins(labels: list[str], size: int, seed: int) -> np.ndarray:
     n = len(labels)
     with_findings = phantom.generate(n, size, seed=seed, pathologies=[[label] for label in labels])
     return np.concatenate([with_findings.images, phantom.generate(n, size, seed=seed, pathologies=[[]] * n).images])
+
+
+def request_masks(cases: phantom.PhantomBatch, labels: list[str], boxes: bool = False) -> list[np.ndarray]:
+    """Where each request's finding goes: the finding's own mask, or with ``boxes`` its annotation boxes filled in
+    (what a manifest row with boxes gives a run)."""
+    if not boxes:
+        return [cases.pathology_masks[label][i] for i, label in enumerate(labels)]
+    size = cases.images.shape[-1]
+    return [
+        boxes_to_mask([box[1:] for box in cases.boxes[i] if box[0] == label], size, size)
+        for i, label in enumerate(labels)
+    ]
 
 
 def classifier_thresholds(classifier, calibration: phantom.PhantomBatch) -> dict[str, float]:
@@ -143,8 +158,16 @@ def main() -> None:
         "--guidance-scale", type=float, default=FAST.guidance_scale, help="stage 2's classifier-free guidance"
     )
     parser.add_argument(
+        "--healthy-guidance", type=float, default=FAST.healthy_guidance_scale, help="stage 1's guidance away from "
+        "the findings (1: off)"
+    )  # fmt: skip
+    parser.add_argument(
         "--seed", type=int, default=HELD_OUT_SEED, help="phantom seed of the requests (+1, +2: the real phantoms "
         "for texture and thresholds); tune on another seed than the default, report on the default"
+    )  # fmt: skip
+    parser.add_argument(
+        "--boxes", action="store_true", help="locate each finding by its boxes (as the phantom's annotations give "
+        "them: one per lung it touches), rasterised as a run rasterises a manifest's boxes, not by its mask"
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
@@ -164,17 +187,19 @@ def main() -> None:
     healthy_cases = phantom.generate(n, size, seed=args.seed, pathologies=[[]] * n)
     diseased_cases = phantom.generate(n, size, seed=args.seed, pathologies=[[label] for label in labels])
     requested = healthy_cases.anatomy
-    masks = [diseased_cases.pathology_masks[label][i] for i, label in enumerate(labels)]
+    masks = request_masks(diseased_cases, labels, boxes=args.boxes)
     seeds = list(range(n))
 
     started = time.perf_counter()
     anatomy_steps = FAST.anatomy_steps_for(args.steps) if args.anatomy_steps is None else args.anatomy_steps
-    settings = dict(
-        num_inference_steps=args.steps,
+    sampling = FAST.with_overrides(
+        steps=args.steps,
         anatomy_steps=anatomy_steps,
         sampler=args.sampler,
         guidance_scale=args.guidance_scale,
-    )
+        healthy_guidance_scale=args.healthy_guidance,
+    ).check("the options")
+    settings = sampling.pipeline_arguments()
     controlled, unrestored, uncontrolled = [], [], []
     for lo in range(0, n, args.batch_size):
         hi = min(n, lo + args.batch_size)
@@ -193,7 +218,8 @@ def main() -> None:
     print(
         f"{n} held-out phantom requests (seed {args.seed}), {size} px, latent cell {cell} px, "
         f"{args.sampler} {args.steps} steps per stage ({anatomy_steps} with anatomy), guidance "
-        f"{args.guidance_scale:g}, one draw each, "
+        f"{args.guidance_scale:g}, healthy guidance {args.healthy_guidance:g}, one draw each, "
+        f"{'boxes' if args.boxes else 'masks'} locating the findings, "
         f"generated in {seconds:.0f} s"
     )
 

@@ -44,10 +44,9 @@ def main() -> None:
         [[lab] for lab in labels],
         seeds,
         masks,
-        num_inference_steps=args.steps,
-        anatomy_steps=FAST.anatomy_steps_for(args.steps),
-        sampler=args.sampler,
-        guidance_scale=FAST.guidance_scale,
+        **FAST.with_overrides(
+            steps=args.steps, anatomy_steps=FAST.anatomy_steps_for(args.steps), sampler=args.sampler
+        ).pipeline_arguments(),
     )
     rows = []
     for i in range(len(labels)):

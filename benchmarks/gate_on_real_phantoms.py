@@ -27,6 +27,7 @@ from control_phantom import FAST, called, classifier_thresholds, unasked
 from control_phantom import judges as independent_judges
 
 from xreal.core.labels import NO_FINDING
+from xreal.core.masks import boxes_to_mask
 from xreal.evaluate.metrics import mean_interval
 from xreal.judges.judging import load_phantom_judges
 from xreal.model.bundle import DEMO_BUNDLE, load_pipeline
@@ -76,6 +77,7 @@ def main() -> None:
         "--draw-seed", type=int, default=1049, help="phantom seed of the generated requests (+2: the real phantoms "
         "that set the independent classifier's thresholds)"
     )  # fmt: skip
+    parser.add_argument("--boxes", action="store_true", help="locate the draws' findings by their boxes")
     parser.add_argument("--sampler", default=FAST.sampler, help="the generated draws' sampler (default: fast preset)")
     parser.add_argument("--steps", type=int, default=FAST.steps, help="their steps per stage")
     parser.add_argument("--anatomy-steps", type=int, default=None, help="their stage-1 steps with the anatomy")
@@ -128,6 +130,12 @@ def check_generated(args, judges, real_cases, real_asked, real_accepted) -> None
         np.any([requests.pathology_masks[label][i] for label in labels], axis=0) if labels else None
         for i, labels in enumerate(findings)
     ]
+    if args.boxes:  # every finding located by its annotation boxes, as a manifest row with boxes gives a run
+        size = args.size
+        masks = [boxes_to_mask([b[1:] for b in requests.boxes[i]], size, size) if m is not None else None
+                 for i, m in enumerate(masks)]  # fmt: skip
+    anatomy_steps = FAST.anatomy_steps_for(args.steps) if args.anatomy_steps is None else args.anatomy_steps
+    sampling = FAST.with_overrides(steps=args.steps, anatomy_steps=anatomy_steps, sampler=args.sampler)
     scores, images = [], []
     for lo in range(0, args.draws, 16):
         hi = min(args.draws, lo + 16)
@@ -137,10 +145,7 @@ def check_generated(args, judges, real_cases, real_asked, real_accepted) -> None
             asked[lo:hi],
             list(range(lo, hi)),
             masks[lo:hi],
-            num_inference_steps=args.steps,
-            anatomy_steps=FAST.anatomy_steps_for(args.steps) if args.anatomy_steps is None else args.anatomy_steps,
-            sampler=args.sampler,
-            guidance_scale=FAST.guidance_scale,
+            **sampling.pipeline_arguments(),
         )
         images.append(output.images)
         scores += judges.score(output.images, anatomy, masks[lo:hi])
@@ -166,6 +171,16 @@ def check_generated(args, judges, real_cases, real_asked, real_accepted) -> None
             f"{share(extra[accepted]):>18s}   {real_missed[real].mean():11.2f} {real_extra[real].mean():6.2f}"
         )
     print(f"  {'all':>6s} {len(missed):4d}/{len(missed):<4d} {share(missed):>18s} {share(extra):>18s}")
+
+    print("\n  per label asked for, at absent 0.5: draws accepted, and the gate's most common reasons for rejection")
+    decisions = decisions_at(0.5, scores, asked, judges)
+    for label in sorted({label for labels in asked for label in labels}):
+        mine = [d for d, labels in zip(decisions, asked, strict=True) if label in labels]
+        reasons = collections.Counter(
+            part.split(" (")[0] for d in mine if not d.accepted for part in d.reason.split("; ")
+        )
+        common = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(2))
+        print(f"  {label:18s} {sum(d.accepted for d in mine):3d}/{len(mine):<3d}  {common}")
 
 
 if __name__ == "__main__":

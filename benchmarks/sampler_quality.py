@@ -71,7 +71,8 @@ class Setting:
         interval = [f"{v:g}" for v in x.guidance_interval]
         return (
             "--sampler", x.sampler, "--steps", str(x.steps), "--anatomy-steps", str(x.anatomy_steps),
-            "--step-grid", x.step_grid, "--guidance-interval", *interval,
+            "--step-grid", x.step_grid, "--guidance-interval", *interval, "--guidance-scale", f"{x.guidance_scale:g}",
+            "--healthy-guidance", f"{x.healthy_guidance_scale:g}",
         )  # fmt: skip
 
 
@@ -213,9 +214,7 @@ def time_side_by_side(settings: list[Setting], batch: int, repeats: int) -> dict
                     prompts,
                     seeds,
                     masks,
-                    **x.shared_arguments(),
-                    guidance_scale=x.guidance_scale,
-                    soft_scale=x.soft_scale,
+                    **x.pipeline_arguments(),
                 )
                 judges.score(out.images, maps, masks)
             seconds[setting.name].append((time.perf_counter() - started) / batch)

@@ -150,6 +150,26 @@ def test_rerun_is_a_no_op_and_changed_inputs_are_refused(finished_run, tmp_path)
     assert sorted(p.name for p in config.out.rglob("*")) == before
 
 
+def test_a_run_pinned_before_a_sampler_setting_existed_resumes_at_its_default(finished_run):
+    """run.json written before healthy guidance existed: the run drew at its default (off), so it resumes; one
+    asked to resume with it on is refused, naming the setting."""
+    config, state, *_ = finished_run
+    path = config.out / "run.json"
+    original = path.read_text()
+    record = json.loads(original)
+    del record["identity"]["sampler"]["healthy_guidance_scale"]
+    path.write_text(json.dumps(record))
+    try:
+        assert generation.open_run(config).run_id == state.run_id
+        guided = SamplerSettings(healthy_guidance_scale=2.0)
+        with pytest.raises(RunConflict, match=r"sampler settings: healthy_guidance_scale 1.0 -> 2.0"):
+            generation.open_run(
+                RunConfig(config.manifest, config.out, formats="both", keep_rejected=True, sampler=guided)
+            )
+    finally:
+        path.write_text(original)
+
+
 def test_audit_accepts_the_run_and_catches_damage(finished_run, tmp_path):
     import shutil
 

@@ -173,6 +173,8 @@ def preflight(config: RunConfig, check_lock: bool = False) -> Preflight:
                 f"writes {RUN_FORMAT}); finish it with the xreal that started it, or use a new --out"
             )
         pinned = record.get("identity") if isinstance(record.get("identity"), dict) else {}
+        if isinstance(pinned.get("sampler"), dict):  # a setting added since the run started ran at its default
+            pinned = {**pinned, "sampler": {**DEFAULT_SETTINGS.to_dict(), **pinned["sampler"]}}
         changed = [key for key, value in identity.items() if pinned.get(key) != value]
         if changed:
             details = ""

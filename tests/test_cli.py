@@ -204,6 +204,28 @@ def test_sampler_options_become_the_runs_sampler_settings(manifest, tmp_path, mo
     assert (seen[6].guidance_scale, seen[6].healthy_guidance_scale) == (SPEEDS["fast"].guidance_scale, 1.0)
 
 
+def test_sampler_quality_runs_each_of_its_settings_as_it_is(manifest, tmp_path, monkeypatch):
+    """The benchmark's xreal generate options rebuild every setting it compares, guidance included (stop 30's fast
+    row was drawn at the reference's guidance 7: the options carried the preset's sampler and steps only)."""
+    import importlib.util
+    from pathlib import Path
+
+    from xreal.cli import run as run_commands
+
+    path = Path(__file__).parents[1] / "benchmarks" / "sampler_quality.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # it imports control_phantom beside it
+    spec = importlib.util.spec_from_file_location("sampler_quality", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "sampler_quality", benchmark)  # its dataclasses look their module up
+    spec.loader.exec_module(benchmark)
+    seen = []
+    monkeypatch.setattr(run_commands, "_preflight", lambda *args, sampler, **kwargs: seen.append(sampler))
+    monkeypatch.setattr(run_commands, "_run_parameters", lambda **kwargs: (_ for _ in ()).throw(SystemExit(0)))
+    for setting in benchmark.SETTINGS:
+        run("generate", manifest, "--out", tmp_path / "o", *setting.options)
+    assert seen == [setting.settings for setting in benchmark.SETTINGS]
+
+
 def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_path, monkeypatch):
     import flows.deploy
 

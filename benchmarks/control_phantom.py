@@ -42,8 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from autoencoder_detail import reconstruct
 
-from xreal.core.labels import Anatomy
+from xreal.core.labels import NO_FINDING, Anatomy
 from xreal.core.masks import boxes_to_mask
 from xreal.core.settings import SPEEDS
 from xreal.evaluate.metrics import change_share, frechet_distance_of, lung_detail_power, mean_interval, ms_ssim
@@ -96,16 +97,20 @@ def findings_and_twins(labels: list[str], size: int, seed: int) -> np.ndarray:
     return np.concatenate([with_findings.images, phantom.generate(n, size, seed=seed, pathologies=[[]] * n).images])
 
 
-def request_masks(cases: phantom.PhantomBatch, labels: list[str], boxes: bool = False) -> list[np.ndarray]:
-    """Where each request's finding goes: the finding's own mask, or with ``boxes`` its annotation boxes filled in
-    (what a manifest row with boxes gives a run)."""
-    if not boxes:
-        return [cases.pathology_masks[label][i] for i, label in enumerate(labels)]
+def request_masks(cases: phantom.PhantomBatch, asked: list[list[str]], boxes: bool = False) -> list[np.ndarray | None]:
+    """Where each request's findings go (None for a healthy one): their masks, or with ``boxes`` their annotation
+    boxes filled in (what a manifest row with boxes gives a run)."""
     size = cases.images.shape[-1]
-    return [
-        boxes_to_mask([box[1:] for box in cases.boxes[i] if box[0] == label], size, size)
-        for i, label in enumerate(labels)
-    ]
+    masks: list[np.ndarray | None] = []
+    for i, labels in enumerate(asked):
+        findings = [label for label in labels if label != NO_FINDING]
+        if not findings:
+            masks.append(None)
+        elif boxes:
+            masks.append(boxes_to_mask([box[1:] for box in cases.boxes[i] if box[0] in findings], size, size))
+        else:
+            masks.append(np.any([cases.pathology_masks[label][i] for label in findings], axis=0))
+    return masks
 
 
 def classifier_thresholds(classifier, calibration: phantom.PhantomBatch) -> dict[str, float]:
@@ -131,16 +136,6 @@ def unasked(found: dict[str, np.ndarray], asked: list[list[str]]) -> np.ndarray:
 
 def mean_dice(requested: np.ndarray, found: np.ndarray) -> np.ndarray:
     return np.array([np.mean(list(anatomy_dice(a, f).values())) for a, f in zip(requested, found, strict=True)])
-
-
-@torch.no_grad()
-def round_trip(pipe, images: np.ndarray) -> np.ndarray:
-    """Images in [0, 1] encoded and decoded by the model's autoencoder, nothing else."""
-    out = []
-    for i in range(0, len(images), 64):
-        x = pipe.to_model_range(torch.from_numpy(images[i : i + 64])[:, None].expand(-1, 3, -1, -1))
-        out.append(pipe.to_unit_range(pipe.decode(pipe.encode(pipe.vae, x)).float()).mean(1).numpy())
-    return np.concatenate(out)
 
 
 @torch.no_grad()
@@ -199,7 +194,7 @@ def main() -> None:
     healthy_cases = phantom.generate(n, size, seed=args.seed, pathologies=[[]] * n)
     diseased_cases = phantom.generate(n, size, seed=args.seed, pathologies=[[label] for label in labels])
     requested = healthy_cases.anatomy
-    masks = request_masks(diseased_cases, labels, boxes=args.boxes)
+    masks = request_masks(diseased_cases, [[label] for label in labels], boxes=args.boxes)
     seeds = list(range(n))
 
     started = time.perf_counter()
@@ -329,7 +324,7 @@ def main() -> None:
         f"{fd_generated / fd_real:.2f} (goal <= 2)"
     )
     requests_real = np.concatenate([diseased_cases.images, healthy_cases.images])
-    fd_round_trip = frechet_distance_of(features(classifier, round_trip(pipe, requests_real)), real)
+    fd_round_trip = frechet_distance_of(features(classifier, reconstruct(pipe.vae, requests_real)), real)
     print(
         f"  the same for the real phantoms of the requests through the model's autoencoder alone (no sampling: "
         f"about what a perfect sampler would score): {fd_round_trip:.1f}, ratio {fd_round_trip / fd_real:.2f}"

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from control_phantom import FAST, called, classifier_thresholds, unasked
+from control_phantom import FAST, called, classifier_thresholds, request_masks, unasked
 from control_phantom import judges as independent_judges
 
 from xreal.core.labels import NO_FINDING
-from xreal.core.masks import boxes_to_mask
 from xreal.evaluate.metrics import mean_interval
 from xreal.judges.judging import load_phantom_judges
 from xreal.model.bundle import DEMO_BUNDLE, load_pipeline
@@ -125,15 +124,7 @@ def check_generated(args, judges, real_cases, real_asked, real_accepted) -> None
     pipe.set_progress_bar_config(disable=True)
     requests = phantom.generate(args.draws, args.size, seed=args.draw_seed)
     asked = [list(labels) or [NO_FINDING] for labels in requests.labels]
-    findings = [[label for label in labels if label != NO_FINDING] for labels in asked]
-    masks = [
-        np.any([requests.pathology_masks[label][i] for label in labels], axis=0) if labels else None
-        for i, labels in enumerate(findings)
-    ]
-    if args.boxes:  # every finding located by its annotation boxes, as a manifest row with boxes gives a run
-        size = args.size
-        masks = [boxes_to_mask([b[1:] for b in requests.boxes[i]], size, size) if m is not None else None
-                 for i, m in enumerate(masks)]  # fmt: skip
+    masks = request_masks(requests, asked, boxes=args.boxes)
     anatomy_steps = FAST.anatomy_steps_for(args.steps) if args.anatomy_steps is None else args.anatomy_steps
     sampling = FAST.with_overrides(steps=args.steps, anatomy_steps=anatomy_steps, sampler=args.sampler)
     scores, images = [], []

@@ -12,7 +12,7 @@ from xreal.phantom import renderer as phantom
 
 pytestmark = pytest.mark.slow
 STEPS = dict(num_inference_steps=25, anatomy_steps=12)
-FAST = SPEEDS["fast"].shared_arguments()
+FAST = SPEEDS["fast"].pipeline_arguments()
 RECOVERED = 0.75  # the share of the room between random pairing and the ceiling that control must recover (issue 18)
 
 
@@ -104,7 +104,6 @@ def test_thin_findings_keep_their_contrast_and_are_found(pipe):
         [[label] for label in labels],
         list(range(310, 310 + n)),
         masks,
-        guidance_scale=SPEEDS["fast"].guidance_scale,
         **FAST,
     )
     contrast = [

@@ -143,6 +143,37 @@ def test_the_findings_part_continues_the_backbone_and_its_weight_changes_what_it
     assert (tmp_path / "w20.0" / "checkpoints" / "step-2").is_dir()
 
 
+def test_max_timestep_trains_at_the_low_noise_levels_only(data, tmp_path):
+    from xreal.core.errors import XRealError
+
+    ac = train_autoencoder(
+        data, TrainingRun(tmp_path / "ac", steps=1, batch_size=4), preset="tiny", anatomy_controller=True
+    )
+    base = train_backbone(data, TrainingRun(tmp_path / "b", steps=1, batch_size=4), ac, ac, preset="tiny")
+
+    def drawn(max_timestep, name):
+        seen = []
+        def keep(module, args):  # a training step's timesteps, one per item (the preview samples with one)
+            if args[1].ndim == 1:
+                seen.append(args[1].clone())
+
+        hook = base.unet.register_forward_pre_hook(keep)
+        run = TrainingRun(tmp_path / name, steps=3, batch_size=4)
+        try:
+            train_backbone(data, run, ac, ac, preset="tiny", start_from=base, max_timestep=max_timestep)
+        finally:
+            hook.remove()
+        return torch.cat(seen), run.log
+
+    low, log = drawn(5, "low")
+    assert len(low) == 12 and int(low.max()) < 5 and log["max_timestep"] == 5
+    everywhere, log = drawn(None, "all")
+    assert int(everywhere.max()) >= 5 and "max_timestep" not in log
+    with pytest.raises(XRealError, match="max_timestep must lie in"):
+        train_backbone(data, TrainingRun(tmp_path / "bad", steps=1, batch_size=4), ac, ac, preset="tiny",
+                       max_timestep=1001)  # fmt: skip
+
+
 def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     from click.testing import CliRunner
     from safetensors.torch import load_file
@@ -193,11 +224,12 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     parts = ["--autoencoder", str(tmp_path / "decoder"), "--anatomy-controller", str(tmp_path / "anatomy-controller")]
     go_on = ["train", "backbone", *map(str, common), *parts, "--out", str(tmp_path / "more"), "--finding-weight", "5"]
     started = ["--start-from", str(tmp_path / "backbone" / "bundle"), "--finding-min-cells", "8"]
+    started += ["--max-timestep", "300"]
     result = CliRunner().invoke(cli, [*go_on, *started])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "more" / "bundle" / "xreal_bundle.json").read_text())["training"]
     assert record["runs"]["backbone"]["finding_weight"] == 5.0 and record["start_from"].endswith("backbone/bundle")
-    assert record["runs"]["backbone"]["finding_min_cells"] == 8
+    assert record["runs"]["backbone"]["finding_min_cells"] == 8 and record["runs"]["backbone"]["max_timestep"] == 300
     missing = CliRunner().invoke(cli, [*go_on, "--start-from", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--start-from" in missing.output and "nowhere" in missing.output
     empty = CliRunner().invoke(

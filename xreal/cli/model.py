@@ -200,6 +200,12 @@ def train_anatomy_controller_command(**options) -> None:
     help="Weigh up findings that touch fewer latent cells than this, as if they touched this many.",
 )
 @click.option(
+    "--max-timestep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train at the noise levels below this timestep only (the demo's detail part: 75, with --start-from).",
+)
+@click.option(
     "--start-from",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -210,6 +216,7 @@ def train_backbone_command(
     anatomy_controller: Path,
     finding_weight: float,
     finding_min_cells: int,
+    max_timestep: int | None,
     start_from: Path | None,
     **options,
 ) -> None:
@@ -230,6 +237,7 @@ def train_backbone_command(
         finding_weight=finding_weight,
         start_from=start,
         finding_min_cells=finding_min_cells,
+        max_timestep=max_timestep,
     )
     training = {
         "data": f"{len(data)} training images from {options['index']}",

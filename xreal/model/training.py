@@ -400,6 +400,7 @@ def train_backbone(
     finding_weight: float = 0.0,
     start_from=None,
     finding_min_cells: int = 0,
+    max_timestep: int | None = None,
 ):
     """Train UNet and text encoder on the frozen autoencoder's latents; return the full pipeline.
 
@@ -408,6 +409,8 @@ def train_backbone(
     weighted mean), so a nodule a cell wide is not drowned by the lungs around it;
     findings smaller than ``finding_min_cells`` latent cells are weighed as if that
     large (:func:`finding_weights`).
+    ``max_timestep`` draws the noise levels below it only (None: all of the
+    scheduler's): the low noise levels, where a sampler's last steps draw the fine detail.
     ``start_from`` is a pipeline (trained on the same index) whose UNet and text
     encoder training continues from; it is trained in place.
     """
@@ -431,6 +434,12 @@ def train_backbone(
         [""], padding="max_length", max_length=text_encoder.config.max_positions, return_tensors="pt"
     ).input_ids
     alphas = scheduler.alphas_cumprod
+    timesteps = scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        if not 1 <= max_timestep <= timesteps:
+            raise XRealError(f"max_timestep must lie in [1, {timesteps}], got {max_timestep}")
+        timesteps = max_timestep
+        run.log["max_timestep"] = max_timestep
     weights = finding_weights(data.finding_masks, latents.shape[-2:], finding_weight, finding_min_cells)
     run.log["finding_weight"] = finding_weight
     if finding_min_cells:
@@ -442,7 +451,7 @@ def train_backbone(
         idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (run.batch_size,), generator=generator)
+        t = torch.randint(0, timesteps, (run.batch_size,), generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
         ids = tokens[idx].clone()
@@ -470,15 +479,17 @@ def train_backbone(
     return pipeline
 
 
-# At 32x32 latents a backbone step costs 3.7x one at 16x16: half the batch keeps the whole run within 2 hours.
+# At 32x32 latents a backbone step costs 3.7x one at 16x16: half the batch keeps the whole run near 2 hours (126 min
+# on 2 cores with the detail part).
 DEMO_SCHEDULE = {
     "autoencoder": (1200, 16),
     "decoder": (400, 16),
     "anatomy_controller": (1200, 16),
     "backbone": (8000, 16),
     "findings": (1500, 16),
+    "detail": (800, 16),
 }
-# The backbone's last part, "findings": trained on, at half the learning rate, with the error in the latent cells a
+# The backbone's "findings" part: trained on, at half the learning rate, with the error in the latent cells a
 # pathology touches weighing 1 + FINDING_WEIGHT times the rest. The findings touch 3.7% of the training latents'
 # cells, a nodule a handful of the 32x32, and a plain mean let the backbone all but ignore them (control_phantom,
 # seed 1049: nodules detected in 0.10 of draws, 0.00 after 1500 more plain steps; 0.55 with weight 5).
@@ -487,6 +498,11 @@ FINDING_WEIGHT = 5.0
 # touched 24, nodules were detected in 0.80 of draws instead of 0.55, with no more unasked findings (seed 1049).
 FINDING_MIN_CELLS = 24
 FINDINGS_LEARNING_RATE = 1e-4
+# The last part, "detail": trained on as "findings" is, at the lowest noise levels only (t < 75 of 1000), where a
+# sampler's last steps draw ribs, vessels and the edges of findings. control_phantom, seed 1049: Frechet ratio 2.55
+# -> 1.82 (t < 300: 2.24, at 800 or 1600 steps; t < 150: 1.82), findings detected 0.96 before and after; held out
+# (seed 999): 2.81 -> 2.01, unasked findings on 0.21 -> 0.14 of the finals (README, "The demo model").
+DETAIL_MAX_TIMESTEP = 75
 # The decoder's fine-tuning: the texture term brings back the fine detail the autoencoder's round trip lost.
 DECODER_DETAIL = DetailLoss(discriminator_start=0, texture_weight=10.0)
 
@@ -497,8 +513,10 @@ def continue_with_findings(
     pipeline,
     finding_weight: float = FINDING_WEIGHT,
     finding_min_cells: int = FINDING_MIN_CELLS,
+    max_timestep: int | None = None,
 ):
-    """The demo's "findings" part: ``pipeline``'s backbone trained on with the finding-weighted loss, in place."""
+    """The demo's "findings" part: ``pipeline``'s backbone trained on with the finding-weighted loss, in place;
+    with ``max_timestep``, its "detail" part (the low noise levels only)."""
     return train_backbone(
         data,
         run,
@@ -508,6 +526,7 @@ def continue_with_findings(
         finding_weight=finding_weight,
         start_from=pipeline,
         finding_min_cells=finding_min_cells,
+        max_timestep=max_timestep,
     )
 
 
@@ -529,8 +548,9 @@ def train_demo_bundle(
         name: TrainingRun(work / name, steps=steps, batch_size=batch_size, seed=seed)
         for name, (steps, batch_size) in schedule.items()
     }
-    if "findings" in runs:
-        runs["findings"].learning_rate = FINDINGS_LEARNING_RATE
+    for name in ("findings", "detail"):
+        if name in runs:
+            runs[name].learning_rate = FINDINGS_LEARNING_RATE
     autoencoder = train_autoencoder(data, runs["autoencoder"], detail=DetailLoss())
     if "decoder" in runs:
         autoencoder = train_autoencoder(
@@ -540,6 +560,8 @@ def train_demo_bundle(
     pipeline = train_backbone(data, runs["backbone"], autoencoder, controller)
     if "findings" in runs:
         pipeline = continue_with_findings(data, runs["findings"], pipeline)
+    if "detail" in runs:
+        pipeline = continue_with_findings(data, runs["detail"], pipeline, max_timestep=DETAIL_MAX_TIMESTEP)
     training = {
         "data": f"{len(data)} phantom training images ({index_dir})",
         "command": command,

@@ -153,6 +153,7 @@ def test_max_timestep_trains_at_the_low_noise_levels_only(data, tmp_path):
 
     def drawn(max_timestep, name):
         seen = []
+
         def keep(module, args):  # a training step's timesteps, one per item (the preview samples with one)
             if args[1].ndim == 1:
                 seen.append(args[1].clone())

@@ -92,6 +92,17 @@ def test_bundle_record_and_checksums(tiny_bundle, tmp_path):
         load_pipeline(tmp_path)
 
 
+def test_a_bundle_saved_from_a_loaded_one_records_no_load_path(tiny_bundle, tmp_path):
+    _, folder = tiny_bundle
+    again = save_bundle(load_pipeline(folder), tmp_path / "again", training={"data": "none"})
+    configs = [p.relative_to(folder) for p in folder.rglob("*.json") if p.name != BUNDLE_FILE]
+    assert len(configs) >= 6
+    for name in configs:
+        assert "_name_or_path" not in (again / name).read_text(), name
+    for name in [p for p in configs if p.parts[0] != "tokenizer"]:
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+
+
 def test_tokenizer_is_reproducible_and_falls_back_to_characters():
     texts = ["Small left pleural effusion.", "Moderate perihilar haziness."]
     first, second = build_tokenizer(texts, 16), build_tokenizer(list(reversed(texts)), 16)

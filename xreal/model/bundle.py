@@ -9,6 +9,7 @@ bundle is loaded.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -219,6 +220,17 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
     return path
 
 
+def _drop_load_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` from the component configs: a pipeline loaded from disk records where it was loaded
+    from, and a bundle saved from it would carry that machine's path and differ by where it was saved from."""
+    for path in [folder / "model_index.json", *folder.glob("*/config.json"), *folder.glob("*/scheduler_config.json")]:
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as diffusers writes configs
+
+
 def save_bundle(
     pipeline,
     folder: str | os.PathLike[str],
@@ -241,6 +253,7 @@ def save_bundle(
             pipeline.save_pretrained(folder, safe_serialization=True)
         finally:
             pipeline.to(dtype=original)
+    _drop_load_paths(folder)
     pickled = [p for p in bundle_files(folder) if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     if pickled:
         raise XRealError(f"refusing to keep pickled weights in a bundle: {', '.join(map(str, pickled))}")

@@ -231,6 +231,8 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     record = json.loads((tmp_path / "more" / "bundle" / "xreal_bundle.json").read_text())["training"]
     assert record["runs"]["backbone"]["finding_weight"] == 5.0 and record["start_from"].endswith("backbone/bundle")
     assert record["runs"]["backbone"]["finding_min_cells"] == 8 and record["runs"]["backbone"]["max_timestep"] == 300
+    too_late = CliRunner().invoke(cli, [*go_on, *started[:2], "--max-timestep", "1001"])
+    assert too_late.exit_code == 2 and "--max-timestep" in too_late.output and "1000 timesteps" in too_late.output
     missing = CliRunner().invoke(cli, [*go_on, "--start-from", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--start-from" in missing.output and "nowhere" in missing.output
     empty = CliRunner().invoke(

@@ -221,12 +221,17 @@ def train_backbone_command(
     **options,
 ) -> None:
     """Train UNet and text encoder on the frozen autoencoder; saves the model bundle OUT/bundle."""
-    from xreal.model.bundle import save_bundle, write_model_card
+    from xreal.model.bundle import reference_scheduler, save_bundle, write_model_card
     from xreal.model.training import train_backbone
 
     vae = _trained_autoencoder(autoencoder, "--autoencoder", options["preset"])
     controller = _trained_autoencoder(anatomy_controller, "--anatomy-controller", options["preset"])
     start = _bundle_to_continue(start_from, options["preset"]) if start_from is not None else None
+    timesteps = (start.scheduler if start is not None else reference_scheduler()).config.num_train_timesteps
+    if max_timestep is not None and max_timestep > timesteps:  # before the training set is read
+        raise click.BadParameter(
+            f"the scheduler has {timesteps} timesteps; got {max_timestep}", param_hint="--max-timestep"
+        )
     run, data = _run_and_data(**options)
     pipeline = train_backbone(
         data,

@@ -422,6 +422,12 @@ def train_backbone(
     pipeline.vae, pipeline.anatomy_controller = autoencoder, anatomy_controller
     unet, text_encoder, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
     scheduler = pipeline.scheduler
+    timesteps = scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        if not 1 <= max_timestep <= timesteps:
+            raise XRealError(f"max_timestep must lie in [1, {timesteps}], got {max_timestep}")
+        timesteps = max_timestep
+        run.log["max_timestep"] = max_timestep
     latents = _latents(autoencoder, data.images) * autoencoder.config.scaling_factor
     tokens = tokenizer(
         data.prompts,
@@ -434,12 +440,6 @@ def train_backbone(
         [""], padding="max_length", max_length=text_encoder.config.max_positions, return_tensors="pt"
     ).input_ids
     alphas = scheduler.alphas_cumprod
-    timesteps = scheduler.config.num_train_timesteps
-    if max_timestep is not None:
-        if not 1 <= max_timestep <= timesteps:
-            raise XRealError(f"max_timestep must lie in [1, {timesteps}], got {max_timestep}")
-        timesteps = max_timestep
-        run.log["max_timestep"] = max_timestep
     weights = finding_weights(data.finding_masks, latents.shape[-2:], finding_weight, finding_min_cells)
     run.log["finding_weight"] = finding_weight
     if finding_min_cells:

@@ -55,6 +55,15 @@ def test_healthy_items_skip_stage_two(pipeline, requests):
     assert not np.allclose(out.images[~healthy], out.healthy_images[~healthy])
 
 
+def test_healthy_latents_decode_to_the_healthy_twins(pipeline, requests):
+    anatomy, prompts, seeds, masks = requests
+    out = pipeline(anatomy, prompts, seeds, masks, **STEPS)
+    with torch.no_grad():
+        decoded = pipeline.decode(torch.from_numpy(out.healthy_latents))
+    np.testing.assert_allclose(pipeline.to_unit_range(decoded).mean(1).numpy(), out.healthy_images, atol=1e-5)
+    assert out.healthy_latents.shape == (8, pipeline.vae.config.latent_channels, 8, 8)
+
+
 def test_stage_two_changes_only_near_the_pathology_mask(pipeline):
     case = phantom.generate(1, 64, seed=4, pathologies=[["Lung Lesion"]])[0]
     mask = np.zeros((64, 64), dtype=bool)
@@ -166,4 +175,5 @@ def test_out_of_memory_splits_the_batch_without_changing_images(pipeline, reques
     split = pipeline(anatomy[:4], prompts[:4], seeds[:4], masks[:4], **STEPS)
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
     np.testing.assert_allclose(split.images, expected.images, atol=1e-4)
+    np.testing.assert_allclose(split.healthy_latents, expected.healthy_latents, atol=1e-4)
     assert split.has_pathology.tolist() == expected.has_pathology.tolist()

@@ -35,11 +35,13 @@ from xreal.text import XRealTextEncoder
 @dataclass
 class XRealPipelineOutput(BaseOutput):
     """``images``: final X-rays ``[B, H, W]`` in [0, 1]; ``healthy_images``: the stage-1 healthy twins;
-    ``has_pathology``: which items went through stage 2."""
+    ``has_pathology``: which items went through stage 2; ``healthy_latents``: the twins' last stage-1 latents
+    ``[B, C, h, w]`` (scaled, as the UNet sees them), which decode to ``healthy_images``."""
 
     images: np.ndarray
     healthy_images: np.ndarray
     has_pathology: np.ndarray
+    healthy_latents: np.ndarray
 
 
 def _shared(name: str, value, n: int):
@@ -421,7 +423,7 @@ class XRealPipeline(DiffusionPipeline):
                 self._generate_splitting_on_oom([x[half:] for x in items], settings),
             ]
             return XRealPipelineOutput(
-                *(np.concatenate([getattr(p, f) for p in parts]) for f in ("images", "healthy_images", "has_pathology"))
+                *(np.concatenate([getattr(p, f) for p in parts]) for f in XRealPipelineOutput.__dataclass_fields__)
             )
 
     def _check_inputs(self, anatomy, prompts, seeds, pathology_masks, steps, anatomy_steps):
@@ -546,4 +548,9 @@ class XRealPipeline(DiffusionPipeline):
 
         to_numpy = lambda x: self.to_unit_range(x.float()).mean(dim=1).cpu().numpy()  # noqa: E731
         has = np.array([mask is not None for mask in pathology])
-        return XRealPipelineOutput(images=to_numpy(final), healthy_images=to_numpy(healthy), has_pathology=has)
+        return XRealPipelineOutput(
+            images=to_numpy(final),
+            healthy_images=to_numpy(healthy),
+            has_pathology=has,
+            healthy_latents=healthy_latents.float().cpu().numpy(),
+        )

@@ -39,7 +39,7 @@ build/demo-phantom/index.parquet: $(PHANTOM_CODE) | $(STAMP)
 build/held-out-phantom/index.parquet: $(PHANTOM_CODE) | $(STAMP)
 	$(VENV)/bin/xreal phantom --count 500 --size 64 --seed 12 --out build/held-out-phantom --overwrite
 
-# Retrain the bundled demo model from phantoms on CPU (about 2 hours on 2 cores; a rerun resumes).
+# Retrain the bundled demo model from phantoms on CPU (68 min on 2 otherwise idle cores; a rerun resumes).
 demo-model: $(STAMP) build/demo-phantom/index.parquet
 	$(VENV)/bin/xreal train demo --index build/demo-phantom --work build/demo-train --out xreal/bundles/demo
 

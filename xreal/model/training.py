@@ -479,8 +479,9 @@ def train_backbone(
     return pipeline
 
 
-# At 32x32 latents a backbone step costs 3.7x one at 16x16: half the batch keeps the whole run near 2 hours (126 min
-# on 2 cores with the detail part).
+# At 32x32 latents a backbone step costs 3.7x one at 16x16: half the batch keeps the whole run within 2 hours. From
+# scratch on 2 otherwise idle cores it took 68 min (stop 33): autoencoder 9 min, decoder 3, anatomy controller 9,
+# backbone 36, findings 7, detail 3.5.
 DEMO_SCHEDULE = {
     "autoencoder": (1200, 16),
     "decoder": (400, 16),

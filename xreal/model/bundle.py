@@ -220,14 +220,17 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
     return path
 
 
+# Config keys that record where and how a component was loaded, not what it is.
+LOAD_KEYS = ("_name_or_path", "is_local", "local_files_only")
+
+
 def _drop_load_paths(folder: Path) -> None:
-    """Remove ``_name_or_path`` from the component configs: a pipeline loaded from disk records where it was loaded
-    from, and a bundle saved from it would carry that machine's path and differ by where it was saved from."""
-    for path in [folder / "model_index.json", *folder.glob("*/config.json"), *folder.glob("*/scheduler_config.json")]:
-        if not path.is_file():
-            continue
+    """Remove what loading adds to the component configs (``_name_or_path``, the tokenizer's ``is_local``): a bundle
+    saved from a loaded pipeline would carry that machine's path and differ by where it was loaded from."""
+    configs = ("model_index.json", "*/config.json", "*/scheduler_config.json", "*/tokenizer_config.json")
+    for path in [p for pattern in configs for p in folder.glob(pattern)]:
         config = json.loads(path.read_text())
-        if config.pop("_name_or_path", None) is not None:
+        if [config.pop(key) for key in LOAD_KEYS if key in config]:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as diffusers writes configs
 
 
@@ -246,6 +249,9 @@ def save_bundle(
     """
     folder = Path(folder)
     original = pipeline.unet.dtype
+    backend = pipeline.tokenizer.backend_tokenizer  # keeps its last call's truncation and padding, and saves them
+    backend.no_truncation()
+    backend.no_padding()
     with quiet_diffusers():  # casting a whole pipeline warns once per component
         try:
             if weights_dtype is not None:

@@ -50,7 +50,14 @@ from autoencoder_detail import reconstruct
 from xreal.core.labels import NO_FINDING, Anatomy
 from xreal.core.masks import boxes_to_mask
 from xreal.core.settings import SPEEDS
-from xreal.evaluate.metrics import change_share, frechet_distance_of, lung_detail_power, mean_interval, ms_ssim
+from xreal.evaluate.metrics import (
+    change_share,
+    frechet_distance_of,
+    frechet_interval,
+    lung_detail_power,
+    mean_interval,
+    ms_ssim,
+)
 from xreal.judges.judging import classifier_input, resize_inputs
 from xreal.judges.phantom_judges import (
     PhantomSegmenter,
@@ -329,16 +336,18 @@ def main() -> None:
     generated = features(classifier, np.concatenate([final, twin]))
     fd_real = frechet_distance_of(other_real, real)
     fd_generated = frechet_distance_of(generated, real)
+    low, high = frechet_interval(generated, real, rounds=200, seed=args.seed)
     print(
         f"  Frechet distance, classifier features, {len(generated)} images (finals and twins) against as many real "
-        f"phantoms with the same findings: generated {fd_generated:.1f}; other real phantoms {fd_real:.1f}; ratio "
-        f"{fd_generated / fd_real:.2f} (goal <= 2)"
+        f"phantoms with the same findings: generated {fd_generated:.2f} [{low:.2f}, {high:.2f}]; other real "
+        f"phantoms {fd_real:.2f}; ratio {fd_generated / fd_real:.2f} [{low / fd_real:.2f}, {high / fd_real:.2f}] "
+        "(goal <= 2; the interval: fresh draws of the same count, against the same real sets)"
     )
     requests_real = np.concatenate([diseased_cases.images, healthy_cases.images])
     fd_round_trip = frechet_distance_of(features(classifier, reconstruct(pipe.vae, requests_real)), real)
     print(
         f"  the same for the real phantoms of the requests through the model's autoencoder alone (no sampling; "
-        f"no floor for the generated figure): {fd_round_trip:.1f}, ratio {fd_round_trip / fd_real:.2f}"
+        f"no floor for the generated figure): {fd_round_trip:.2f}, ratio {fd_round_trip / fd_real:.2f}"
     )
     real_power = lung_detail_power(healthy_cases.images, requested, sigma=size / 64)
     twin_power = lung_detail_power(twin, requested, sigma=size / 64)

@@ -151,7 +151,7 @@ def test_max_timestep_trains_at_the_low_noise_levels_only(data, tmp_path):
     )
     base = train_backbone(data, TrainingRun(tmp_path / "b", steps=1, batch_size=4), ac, ac, preset="tiny")
 
-    def drawn(max_timestep, name):
+    def drawn(max_timestep, name, share=0.0):
         seen = []
 
         def keep(module, args):  # a training step's timesteps, one per item (the preview samples with one)
@@ -161,7 +161,8 @@ def test_max_timestep_trains_at_the_low_noise_levels_only(data, tmp_path):
         hook = base.unet.register_forward_pre_hook(keep)
         run = TrainingRun(tmp_path / name, steps=3, batch_size=4)
         try:
-            train_backbone(data, run, ac, ac, preset="tiny", start_from=base, max_timestep=max_timestep)
+            train_backbone(data, run, ac, ac, preset="tiny", start_from=base, max_timestep=max_timestep,
+                           all_levels_share=share)  # fmt: skip
         finally:
             hook.remove()
         return torch.cat(seen), run.log
@@ -170,9 +171,15 @@ def test_max_timestep_trains_at_the_low_noise_levels_only(data, tmp_path):
     assert len(low) == 12 and int(low.max()) < 5 and log["max_timestep"] == 5
     everywhere, log = drawn(None, "all")
     assert int(everywhere.max()) >= 5 and "max_timestep" not in log
+    mixed, log = drawn(5, "mixed", share=0.5)  # per step: two of the four at all levels, two below 5
+    mixed = mixed.view(3, 4)
+    assert int(mixed[:, 2:].max()) < 5 and int(mixed[:, :2].max()) >= 5 and log["all_levels_share"] == 0.5
     with pytest.raises(XRealError, match="max_timestep must lie in"):
         train_backbone(data, TrainingRun(tmp_path / "bad", steps=1, batch_size=4), ac, ac, preset="tiny",
                        max_timestep=1001)  # fmt: skip
+    with pytest.raises(XRealError, match="all_levels_share must lie in"):
+        train_backbone(data, TrainingRun(tmp_path / "bad", steps=1, batch_size=4), ac, ac, preset="tiny",
+                       max_timestep=5, all_levels_share=1.5)  # fmt: skip
 
 
 def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
@@ -225,12 +232,13 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     parts = ["--autoencoder", str(tmp_path / "decoder"), "--anatomy-controller", str(tmp_path / "anatomy-controller")]
     go_on = ["train", "backbone", *map(str, common), *parts, "--out", str(tmp_path / "more"), "--finding-weight", "5"]
     started = ["--start-from", str(tmp_path / "backbone" / "bundle"), "--finding-min-cells", "8"]
-    started += ["--max-timestep", "300"]
+    started += ["--max-timestep", "300", "--all-levels-share", "0.25"]
     result = CliRunner().invoke(cli, [*go_on, *started])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "more" / "bundle" / "xreal_bundle.json").read_text())["training"]
     assert record["runs"]["backbone"]["finding_weight"] == 5.0 and record["start_from"].endswith("backbone/bundle")
     assert record["runs"]["backbone"]["finding_min_cells"] == 8 and record["runs"]["backbone"]["max_timestep"] == 300
+    assert record["runs"]["backbone"]["all_levels_share"] == 0.25
     too_late = CliRunner().invoke(cli, [*go_on, *started[:2], "--max-timestep", "1001"])
     assert too_late.exit_code == 2 and "--max-timestep" in too_late.output and "1000 timesteps" in too_late.output
     missing = CliRunner().invoke(cli, [*go_on, "--start-from", str(tmp_path / "nowhere")])

@@ -120,9 +120,8 @@ def train_autoencoder_command(**options) -> None:
 @click.option(
     "--texture-weight",
     type=click.FloatRange(min=0.0),
-    default=10.0,
-    show_default=True,
-    help="The texture term's weight.",
+    default=None,
+    help="The texture term's weight (default: the demo decoder part's).",
 )
 @click.option(
     "--perceptual-weight",
@@ -131,7 +130,7 @@ def train_autoencoder_command(**options) -> None:
     show_default=True,
     help="The perceptual term's weight (0: no perceptual network).",
 )
-def train_decoder_command(autoencoder: Path, texture_weight: float, perceptual_weight: float, **options) -> None:
+def train_decoder_command(autoencoder: Path, texture_weight: float | None, perceptual_weight: float, **options) -> None:
     """Fine-tune a trained autoencoder's decoder with its encoder frozen; saves OUT/model.
 
     The perceptual, texture and patch-discriminator terms bring back fine detail
@@ -147,7 +146,9 @@ def train_decoder_command(autoencoder: Path, texture_weight: float, perceptual_w
 
     start = _trained_autoencoder(autoencoder, "--autoencoder", options["preset"])
     run, data = _run_and_data(**options)
-    detail = replace(DECODER_DETAIL, perceptual_weight=perceptual_weight, texture_weight=texture_weight)
+    detail = replace(DECODER_DETAIL, perceptual_weight=perceptual_weight)
+    if texture_weight is not None:
+        detail = replace(detail, texture_weight=texture_weight)
     tuned = train_autoencoder(
         data,
         run,
@@ -206,6 +207,13 @@ def train_anatomy_controller_command(**options) -> None:
     help="Train at the noise levels below this timestep only (the demo's detail part: 75, with --start-from).",
 )
 @click.option(
+    "--all-levels-share",
+    type=click.FloatRange(min=0.0, max=1.0),
+    default=0.0,
+    show_default=True,
+    help="With --max-timestep: the share of each batch still drawn over all noise levels.",
+)
+@click.option(
     "--start-from",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -217,6 +225,7 @@ def train_backbone_command(
     finding_weight: float,
     finding_min_cells: int,
     max_timestep: int | None,
+    all_levels_share: float,
     start_from: Path | None,
     **options,
 ) -> None:
@@ -243,6 +252,7 @@ def train_backbone_command(
         start_from=start,
         finding_min_cells=finding_min_cells,
         max_timestep=max_timestep,
+        all_levels_share=all_levels_share,
     )
     training = {
         "data": f"{len(data)} training images from {options['index']}",

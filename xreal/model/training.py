@@ -401,6 +401,7 @@ def train_backbone(
     start_from=None,
     finding_min_cells: int = 0,
     max_timestep: int | None = None,
+    all_levels_share: float = 0.0,
 ):
     """Train UNet and text encoder on the frozen autoencoder's latents; return the full pipeline.
 
@@ -411,6 +412,8 @@ def train_backbone(
     large (:func:`finding_weights`).
     ``max_timestep`` draws the noise levels below it only (None: all of the
     scheduler's): the low noise levels, where a sampler's last steps draw the fine detail.
+    ``all_levels_share`` of each batch is still drawn over all noise levels, so the
+    levels above ``max_timestep`` are not forgotten.
     ``start_from`` is a pipeline (trained on the same index) whose UNet and text
     encoder training continues from; it is trained in place.
     """
@@ -422,12 +425,18 @@ def train_backbone(
     pipeline.vae, pipeline.anatomy_controller = autoencoder, anatomy_controller
     unet, text_encoder, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
     scheduler = pipeline.scheduler
-    timesteps = scheduler.config.num_train_timesteps
+    all_timesteps = scheduler.config.num_train_timesteps
+    timesteps = all_timesteps
     if max_timestep is not None:
         if not 1 <= max_timestep <= timesteps:
             raise XRealError(f"max_timestep must lie in [1, {timesteps}], got {max_timestep}")
+        if not 0.0 <= all_levels_share <= 1.0:
+            raise XRealError(f"all_levels_share must lie in [0, 1], got {all_levels_share}")
         timesteps = max_timestep
         run.log["max_timestep"] = max_timestep
+        if all_levels_share:
+            run.log["all_levels_share"] = all_levels_share
+    n_all_levels = round(all_levels_share * run.batch_size) if max_timestep is not None else 0
     latents = _latents(autoencoder, data.images) * autoencoder.config.scaling_factor
     tokens = tokenizer(
         data.prompts,
@@ -452,6 +461,8 @@ def train_backbone(
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, timesteps, (run.batch_size,), generator=generator)
+        if n_all_levels:
+            t[:n_all_levels] = torch.randint(0, all_timesteps, (n_all_levels,), generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
         ids = tokens[idx].clone()
@@ -515,6 +526,7 @@ def continue_with_findings(
     finding_weight: float = FINDING_WEIGHT,
     finding_min_cells: int = FINDING_MIN_CELLS,
     max_timestep: int | None = None,
+    all_levels_share: float = 0.0,
 ):
     """The demo's "findings" part: ``pipeline``'s backbone trained on with the finding-weighted loss, in place;
     with ``max_timestep``, its "detail" part (the low noise levels only)."""
@@ -528,6 +540,7 @@ def continue_with_findings(
         start_from=pipeline,
         finding_min_cells=finding_min_cells,
         max_timestep=max_timestep,
+        all_levels_share=all_levels_share,
     )
 
 

@@ -1,20 +1,22 @@
 """The generation run's library half, without Prefect: planning, batching, one batch, finalize, audit."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from xreal.core.images import to_uint16
-from xreal.core.settings import SamplerSettings
+from xreal.core.settings import SPEEDS
 from xreal.manifest.schema import ManifestInvalid, load_requests, write_manifest
 from xreal.run import dataset, generation
 from xreal.run.audit import audit_run
 from xreal.run.generation import RunConfig, RunConflict, Sample, make_batches, plan
 from xreal.run.policy import QualityPolicy
 
-FAST = {"steps": 6, "anatomy_steps": 3}
+# The demo bundle draws its findings at the fast preset; at fewer DDIM steps its judges reject most draws.
+FAST = {"steps": SPEEDS["fast"].steps, "anatomy_steps": SPEEDS["fast"].anatomy_steps}
 
 
 def small_manifest(path, rows=None):
@@ -90,7 +92,10 @@ def test_batches_share_sampler_settings_and_have_stable_names(tmp_path):
 def finished_run(tmp_path_factory):
     """One batch run through the library on the demo bundle, then finalized."""
     tmp = tmp_path_factory.mktemp("run")
-    config = RunConfig(manifest=small_manifest(tmp / "m.parquet"), out=tmp / "out", formats="both", keep_rejected=True)
+    config = RunConfig(
+        manifest=small_manifest(tmp / "m.parquet"), out=tmp / "out", formats="both", keep_rejected=True,
+        sampler=SPEEDS["fast"],
+    )  # fmt: skip
     state = generation.open_run(config)
     batches = make_batches(plan(state.requests, state.decisions, 3), batch_size=4)
     summaries = [generation.run_batch(config, b, "cpu", state.run_id) for b in batches]
@@ -136,23 +141,18 @@ def test_rerun_is_a_no_op_and_changed_inputs_are_refused(finished_run, tmp_path)
     )
     before = sorted(p.name for p in config.out.rglob("*"))
     with pytest.raises(RunConflict, match="manifest_sha256"):
-        generation.open_run(RunConfig(manifest=other, out=config.out, formats="both", keep_rejected=True))
+        generation.open_run(replace(config, manifest=other))
     with pytest.raises(RunConflict, match="policy_digest"):
         strict = QualityPolicy.from_dict({"classifier": {"present": 0.9}})
-        generation.open_run(
-            RunConfig(manifest=config.manifest, out=config.out, formats="both", keep_rejected=True, policy=strict)
-        )
-    with pytest.raises(RunConflict, match=r"different sampler \(sampler settings: sampler ddim -> unipc\)"):
-        other_sampler = SamplerSettings(sampler="unipc")
-        generation.open_run(
-            RunConfig(config.manifest, config.out, formats="both", keep_rejected=True, sampler=other_sampler)
-        )
+        generation.open_run(replace(config, policy=strict))
+    with pytest.raises(RunConflict, match=r"different sampler \(sampler settings: sampler dpmsolver\+\+ -> unipc\)"):
+        generation.open_run(replace(config, sampler=replace(config.sampler, sampler="unipc")))
     assert sorted(p.name for p in config.out.rglob("*")) == before
 
 
 def test_a_run_pinned_before_a_sampler_setting_existed_resumes_at_its_default(finished_run):
-    """run.json written before healthy guidance existed: the run drew at its default (off), so it resumes; one
-    asked to resume with it on is refused, naming the setting."""
+    """run.json written before healthy guidance existed: the run drew at its default (off), so it resumes with it
+    off; one asked to resume with it on is refused, naming the setting."""
     config, state, *_ = finished_run
     path = config.out / "run.json"
     original = path.read_text()
@@ -160,12 +160,11 @@ def test_a_run_pinned_before_a_sampler_setting_existed_resumes_at_its_default(fi
     del record["identity"]["sampler"]["healthy_guidance_scale"]
     path.write_text(json.dumps(record))
     try:
-        assert generation.open_run(config).run_id == state.run_id
-        guided = SamplerSettings(healthy_guidance_scale=2.0)
+        unguided = replace(config, sampler=replace(config.sampler, healthy_guidance_scale=1.0))
+        assert generation.open_run(unguided).run_id == state.run_id
+        guided = replace(config, sampler=replace(config.sampler, healthy_guidance_scale=2.0))
         with pytest.raises(RunConflict, match=r"sampler settings: healthy_guidance_scale 1.0 -> 2.0"):
-            generation.open_run(
-                RunConfig(config.manifest, config.out, formats="both", keep_rejected=True, sampler=guided)
-            )
+            generation.open_run(guided)
     finally:
         path.write_text(original)
 
@@ -349,7 +348,7 @@ def test_damaged_records_get_errors_that_name_the_file(finished_run, tmp_path):
     report = audit_run(copy)
     assert not report.consistent and f"{copy / 'dataset.json'}: damaged dataset record" in report.problems[0]
     (copy / "run.json").write_text("not json")
-    moved = RunConfig(manifest=config.manifest, out=copy, formats="both", keep_rejected=True)
+    moved = replace(config, out=copy)
     with pytest.raises(XRealError, match=r"run\.json: damaged run record"):
         generation.open_run(moved)
     bundle = tmp_path / "bundle"
@@ -443,11 +442,7 @@ def test_another_model_under_an_existing_run_is_refused(finished_run, tmp_path):
         verify_bundle(other)  # files added to a bundle after it was saved are refused until recorded
     record_bundle_files(other)
     with pytest.raises(RunConflict, match="model_digest"):
-        generation.open_run(
-            RunConfig(manifest=config.manifest, out=config.out, model=other, formats="both", keep_rejected=True)
-        )
+        generation.open_run(replace(config, model=other))
     same = tmp_path / "same-bundle"
     shutil.copytree(DEMO_BUNDLE, same)  # identical content elsewhere is the same model: resumes
-    assert generation.open_run(
-        RunConfig(manifest=config.manifest, out=config.out, model=same, formats="both", keep_rejected=True)
-    ).run_id
+    assert generation.open_run(replace(config, model=same)).run_id

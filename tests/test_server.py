@@ -18,7 +18,7 @@ from xreal.run.audit import audit_run
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--batch-size", "2"]
+FAST = ["--batch-size", "2", "--speed", "fast"]  # the demo bundle draws its findings at the fast preset
 
 
 def api(env: dict, path: str) -> dict:

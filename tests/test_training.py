@@ -180,6 +180,9 @@ def test_max_timestep_trains_at_the_low_noise_levels_only(data, tmp_path):
     with pytest.raises(XRealError, match="all_levels_share must lie in"):
         train_backbone(data, TrainingRun(tmp_path / "bad", steps=1, batch_size=4), ac, ac, preset="tiny",
                        max_timestep=5, all_levels_share=1.5)  # fmt: skip
+    with pytest.raises(XRealError, match="all_levels_share needs max_timestep"):
+        train_backbone(data, TrainingRun(tmp_path / "bad", steps=1, batch_size=4), ac, ac, preset="tiny",
+                       all_levels_share=0.5)  # fmt: skip
 
 
 def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
@@ -241,6 +244,8 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     assert record["runs"]["backbone"]["all_levels_share"] == 0.25
     too_late = CliRunner().invoke(cli, [*go_on, *started[:2], "--max-timestep", "1001"])
     assert too_late.exit_code == 2 and "--max-timestep" in too_late.output and "1000 timesteps" in too_late.output
+    alone = CliRunner().invoke(cli, [*go_on, *started[:2], "--all-levels-share", "0.5"])
+    assert alone.exit_code == 2 and "--all-levels-share" in alone.output and "needs --max-timestep" in alone.output
     missing = CliRunner().invoke(cli, [*go_on, "--start-from", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--start-from" in missing.output and "nowhere" in missing.output
     empty = CliRunner().invoke(

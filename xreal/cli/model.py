@@ -237,7 +237,9 @@ def train_backbone_command(
     controller = _trained_autoencoder(anatomy_controller, "--anatomy-controller", options["preset"])
     start = _bundle_to_continue(start_from, options["preset"]) if start_from is not None else None
     timesteps = (start.scheduler if start is not None else reference_scheduler()).config.num_train_timesteps
-    if max_timestep is not None and max_timestep > timesteps:  # before the training set is read
+    if all_levels_share and max_timestep is None:  # before the training set is read
+        raise click.BadParameter("needs --max-timestep", param_hint="--all-levels-share")
+    if max_timestep is not None and max_timestep > timesteps:
         raise click.BadParameter(
             f"the scheduler has {timesteps} timesteps; got {max_timestep}", param_hint="--max-timestep"
         )

@@ -427,16 +427,18 @@ def train_backbone(
     scheduler = pipeline.scheduler
     all_timesteps = scheduler.config.num_train_timesteps
     timesteps = all_timesteps
+    if not 0.0 <= all_levels_share <= 1.0:
+        raise XRealError(f"all_levels_share must lie in [0, 1], got {all_levels_share}")
+    if all_levels_share and max_timestep is None:
+        raise XRealError("all_levels_share needs max_timestep: without it every level is drawn already")
     if max_timestep is not None:
         if not 1 <= max_timestep <= timesteps:
             raise XRealError(f"max_timestep must lie in [1, {timesteps}], got {max_timestep}")
-        if not 0.0 <= all_levels_share <= 1.0:
-            raise XRealError(f"all_levels_share must lie in [0, 1], got {all_levels_share}")
         timesteps = max_timestep
         run.log["max_timestep"] = max_timestep
         if all_levels_share:
             run.log["all_levels_share"] = all_levels_share
-    n_all_levels = round(all_levels_share * run.batch_size) if max_timestep is not None else 0
+    n_all_levels = round(all_levels_share * run.batch_size)
     latents = _latents(autoencoder, data.images) * autoencoder.config.scaling_factor
     tokens = tokenizer(
         data.prompts,

@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from autoencoder_detail import reconstruct
 
 from xreal.core.labels import NO_FINDING, Anatomy
 from xreal.core.masks import boxes_to_mask
@@ -344,7 +343,7 @@ def main() -> None:
         "(goal <= 2; the interval: fresh draws of the same count, against the same real sets)"
     )
     requests_real = np.concatenate([diseased_cases.images, healthy_cases.images])
-    fd_round_trip = frechet_distance_of(features(classifier, reconstruct(pipe.vae, requests_real)), real)
+    fd_round_trip = frechet_distance_of(features(classifier, pipe.round_trip(requests_real)), real)
     print(
         f"  the same for the real phantoms of the requests through the model's autoencoder alone (no sampling; "
         f"no floor for the generated figure): {fd_round_trip:.2f}, ratio {fd_round_trip / fd_real:.2f}"

@@ -222,6 +222,17 @@ class XRealPipeline(DiffusionPipeline):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample
 
+    @torch.no_grad()
+    def round_trip(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Images ``[B, H, W]`` in [0, 1] through the autoencoder alone (posterior mean, no sampling), returned as
+        the pipeline returns its images: what the decoder makes of an image it could have drawn."""
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None].expand(-1, 3, -1, -1)
+        out = []
+        for chunk in x.split(batch_size):
+            latents = self.encode(self.vae, self.to_model_range(chunk.to(self.device, self.vae.dtype)))
+            out.append(self.to_unit_range(self.decode(latents).float()).mean(dim=1).cpu())
+        return torch.cat(out).numpy()
+
     def anatomy_prior(self, label_maps: torch.Tensor) -> torch.Tensor:
         """The Anatomy Controller's coarse X-ray for each label map, clamped to the model's value range."""
         ac = self.anatomy_controller

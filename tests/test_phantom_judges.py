@@ -109,3 +109,116 @@ def test_the_judge_card_reports_the_classifier_on_blurred_phantoms_beside_the_pl
     assert "blurred: sensitivity" in card
     row = next(line for line in card.splitlines() if line.startswith("| Edema |"))
     assert row.count("|") == 6  # label, plain sensitivity and specificity, blurred sensitivity and specificity
+
+
+def test_a_classifier_trained_through_an_autoencoder_sees_each_phantom_twice_with_its_labels(monkeypatch):
+    """``round_trip`` adds every training phantom once more as the autoencoder gives it back, labels unchanged."""
+    from xreal.judges import phantom_judges
+    from xreal.judges.judging import classifier_input, resize_inputs
+
+    seen = {}
+
+    def fit(model, inputs, targets, *args, **kwargs):
+        seen.update(inputs=inputs, targets=targets)
+        return model.eval()
+
+    monkeypatch.setattr(phantom_judges, "fit", fit)
+    phantom_judges.train_phantom_classifier(64, count=12, steps=1, seed=4, input_size=128, round_trip=lambda x: 1 - x)
+    cases = phantom.generate(12, 64, seed=4)
+    assert seen["inputs"].shape == (24, 1, 128, 128)
+    assert torch.equal(seen["inputs"][:12], resize_inputs(classifier_input(cases.images), 128))
+    assert torch.equal(seen["inputs"][12:], resize_inputs(classifier_input(1 - cases.images), 128))
+    assert torch.equal(seen["targets"][12:], seen["targets"][:12])
+    expected = [[float(label in labels) for label in phantom.PHANTOM_PATHOLOGIES] for labels in cases.labels]
+    assert seen["targets"][:12].tolist() == expected
+
+
+def test_the_judge_card_reports_the_classifier_on_phantoms_through_the_autoencoder(tmp_path):
+    from xreal.judges.judging import judges_card
+    from xreal.judges.phantom_judges import train_phantom_judges
+
+    calls = []
+
+    def round_trip(images):
+        calls.append(images.shape)
+        return np.clip(images + 0.05, 0.0, 1.0)
+
+    folder = train_phantom_judges(
+        tmp_path / "judges",
+        size=64,
+        segmenter_steps=2,
+        classifier_steps=2,
+        train_count=16,
+        held_out_count=24,
+        round_trip=round_trip,
+        round_trip_source="the autoencoder of demo",
+    )
+    assert calls == [(16, 64, 64), (24, 64, 64)]  # the training phantoms, then the held-out ones
+    record = json.loads((folder / "judges.json").read_text())
+    returned = record["metrics"]["through_autoencoder"]
+    assert set(returned) == set(phantom.PHANTOM_PATHOLOGIES)
+    assert all(0.0 <= v["sensitivity"] <= 1.0 and 0.0 <= v["specificity"] <= 1.0 for v in returned.values())
+    assert "each also through the autoencoder of demo), feature network and realism reference" in record["trained_on"]
+    card = judges_card(folder)
+    assert "blurred: sensitivity" in card and "autoencoder: sensitivity" in card
+    row = next(line for line in card.splitlines() if line.startswith("| Edema |"))
+    assert row.count("|") == 8  # label, plain, blurred and autoencoder sensitivity and specificity
+
+
+def test_judges_trained_through_an_autoencoder_measure_with_a_feature_network_that_never_saw_it(tmp_path):
+    """The classifier that learnt to read the decoder's texture as nothing does not give the features: realism and
+    ``xreal evaluate`` read a network trained without the autoencoder, checksummed like every other file."""
+    from xreal.judges.judging import JudgeError, load_judges
+    from xreal.judges.phantom_judges import train_phantom_judges
+
+    common = dict(size=64, segmenter_steps=2, classifier_steps=3, train_count=16, held_out_count=16)
+    folder = train_phantom_judges(tmp_path / "judges", round_trip=lambda x: 1 - x, **common)
+    record = json.loads((folder / "judges.json").read_text())
+    assert record["features"]["file"] == "features.safetensors" and "features.safetensors" in record["files"]
+    judges = load_judges(str(folder))
+    images = phantom.generate(3, 64, seed=9).images
+    inputs = judges.classifier_inputs(images)
+    with torch.no_grad():
+        own, classifier = judges.feature_network.features2(inputs).numpy(), judges.classifier.features2(inputs).numpy()
+    assert np.array_equal(judges.features(images), own) and not np.allclose(own, classifier)
+    distances = [row["realism_distance"] for row in judges.score(images)]
+    assert np.allclose(distances, judges.realism.distance(torch.from_numpy(own)), rtol=1e-5)
+
+    plain = load_judges(str(train_phantom_judges(tmp_path / "plain", **common)))
+    assert plain.feature_network is None and "features" not in json.loads((tmp_path / "plain/judges.json").read_text())
+    with torch.no_grad():
+        assert np.array_equal(
+            plain.features(images), plain.classifier.features2(plain.classifier_inputs(images)).numpy()
+        )
+
+    (folder / "features.safetensors").write_bytes((folder / "classifier.safetensors").read_bytes())
+    with pytest.raises(JudgeError, match=r"features\.safetensors"):
+        load_judges(str(folder))
+
+
+def test_train_judges_trains_through_the_named_bundles_autoencoder_and_names_it(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from xreal.cli import cli
+    from xreal.core.files import sha256_file
+    from xreal.judges import phantom_judges
+    from xreal.model.bundle import DEMO_BUNDLE
+
+    calls = []
+    monkeypatch.setattr(phantom_judges, "train_phantom_judges", lambda out, **kw: calls.append(kw) or out)
+    command = ["train", "judges", "--out", str(tmp_path / "judges"), "--autoencoder", str(DEMO_BUNDLE)]
+    refused = CliRunner().invoke(cli, [*command, "--size", "128"])
+    assert refused.exit_code == 2 and "--autoencoder" in refused.output and "64 px" in refused.output
+    assert not calls
+
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 0, result.output
+    (kwargs,) = calls
+    vae = sha256_file(next((DEMO_BUNDLE / "vae").glob("*.safetensors")))
+    assert kwargs["round_trip_source"] == f"the autoencoder of {DEMO_BUNDLE}, vae sha256 {vae[:12]}"
+    # The round trip is the bundle's autoencoder: it gives a phantom back close to itself.
+    images = phantom.generate(8, 64, seed=31).images
+    returned = kwargs["round_trip"](images)
+    assert returned.shape == images.shape and returned.min() >= 0.0 and returned.max() <= 1.0
+    psnr = 10 * np.log10(1.0 / ((returned - images) ** 2).mean(axis=(1, 2)))
+    assert psnr.mean() > 25.0  # 28 here; the bundle's held-out figure is 30 dB

@@ -298,13 +298,39 @@ def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
     help="Upsample the phantoms to this size before the judges see them (default: --size); generated images are "
     "upsampled the same way when judged.",
 )
+@click.option(
+    "--autoencoder",
+    "autoencoder_of",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Model bundle whose autoencoder the classifier also trains through: each phantom once more as the decoder "
+    "gives it back, so it reads the findings, not the decoder's texture, in the images it will judge. Retrain the "
+    "judges when that autoencoder changes.",
+)
 @click.option("--seed", type=int, default=2024, show_default=True)
-def train_judges_command(out: Path, size: int, input_size: int | None, seed: int) -> None:
+def train_judges_command(out: Path, size: int, input_size: int | None, autoencoder_of: Path | None, seed: int) -> None:
     """Train and calibrate the phantom judge set (classifier, segmenter, realism reference) on phantoms."""
+    from xreal.core.files import sha256_file
     from xreal.core.records import BUNDLE_FILE, record_bundle_files
     from xreal.judges.phantom_judges import train_phantom_judges
 
-    click.echo(f"wrote {train_phantom_judges(out, size=size, seed=seed, input_size=input_size)}")
+    round_trip, source = None, "an autoencoder"
+    if autoencoder_of is not None:
+        from xreal.model.bundle import load_pipeline
+
+        pipe = load_pipeline(autoencoder_of)
+        if pipe.config.image_size != size:
+            raise click.BadParameter(
+                f"{autoencoder_of} makes {pipe.config.image_size} px images, the judges are trained on {size} px",
+                param_hint="--autoencoder",
+            )
+        weights = sorted((autoencoder_of / "vae").glob("*.safetensors"))
+        digest = f", vae sha256 {sha256_file(weights[0])[:12]}" if weights else ""
+        round_trip, source = pipe.round_trip, f"the autoencoder of {autoencoder_of}{digest}"
+    judges = train_phantom_judges(
+        out, size=size, seed=seed, input_size=input_size, round_trip=round_trip, round_trip_source=source
+    )
+    click.echo(f"wrote {judges}")
     if (out.resolve().parent / BUNDLE_FILE).is_file():  # a bundle's own judge set: its record pins the new files
         record_bundle_files(out.resolve().parent)
         click.echo(f"recorded the new judge files in {out.resolve().parent / BUNDLE_FILE}")

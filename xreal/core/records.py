@@ -88,6 +88,7 @@ def bundle_digest(folder: str | os.PathLike[str]) -> str:
 
 
 JUDGE_PARTS = ("classifier", "segmenter", "realism")
+OPTIONAL_JUDGE_PARTS = ("features",)  # a feature network of its own (else the classifier's features)
 
 
 def read_judges_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def verify_judge_set(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """
     record = read_judges_record(folder)
     problems = checksum_problems(folder, record["files"])
-    for part in JUDGE_PARTS:
+    for part in (*JUDGE_PARTS, *(p for p in OPTIONAL_JUDGE_PARTS if p in record)):
         spec = record[part]
         name = spec.get("file") if isinstance(spec, dict) else None
         if not isinstance(name, str) or name not in record["files"]:

@@ -5,9 +5,10 @@ conditioned them) and the reference images through the judge set, keeping per
 image only its features, a small pixel thumbnail and its control figures; the
 figures are then computed from those:
 
-- fidelity: Fréchet distance and KID on the classifier's ``features2`` (the FXD
-  convention), precision / recall / density / coverage, each beside the same
-  figure for two halves of the reference (what "good" is on these data);
+- fidelity: Fréchet distance and KID on the judges' ``features2`` (the FXD
+  convention: their classifier's, or their own feature network's), precision /
+  recall / density / coverage, each beside the same figure for two halves of the
+  reference (what "good" is on these data);
 - diversity: MS-SSIM among a request's replicas, across requests and among real images;
 - control: anatomy Dice against the requested map beside random pairing and the
   segmenter's ceiling; the share of the image-twin change inside the requested
@@ -184,7 +185,7 @@ def evaluate_run(
             "source": source,
             "kind": judge_set.kind,
             "digest": judges_digest(source),
-            "feature": "classifier features2 on inputs in [-1024, 1024] (FXD convention)",
+            "feature": f"{judge_set.feature_source} features2 on inputs in [-1024, 1024] (FXD convention)",
             "feature_size": int(synthetic["features"].shape[1]),
             "image_size": judge_set.image_size,
         },

@@ -190,6 +190,18 @@ class JudgeSet:
     files: dict[str, str] = field(default_factory=dict)  # weight file -> sha256
     folder: Path | None = None
     segmenter_size: int | None = None  # when the segmenter works at another size than the classifier
+    # Whose features2 the realism reference and every figure of `xreal evaluate` use (default: the classifier's).
+    feature_network: torch.nn.Module | None = None
+
+    @property
+    def feature_model(self) -> torch.nn.Module:
+        """The network whose ``features2`` :meth:`features` and the realism reference read."""
+        return self.classifier if self.feature_network is None else self.feature_network
+
+    @property
+    def feature_source(self) -> str:
+        """What :meth:`features` reads, as reports name it."""
+        return "classifier" if self.feature_network is None else "own feature network"
 
     @property
     def labels(self) -> list[str]:
@@ -203,13 +215,13 @@ class JudgeSet:
 
     @torch.no_grad()
     def features(self, images: np.ndarray) -> np.ndarray:
-        """The classifier's ``features2`` of images ``[B, H, W]`` in [0, 1], float32 ``[B, D]``.
+        """The :attr:`feature_model`'s ``features2`` of images ``[B, H, W]`` in [0, 1], float32 ``[B, D]``.
 
         This is the FXD convention (torchxrayvision DenseNet ``features2`` on
         inputs in [-1024, 1024] at the classifier's size), the space every
         fidelity and memorisation figure of ``xreal evaluate`` is measured in.
         """
-        return self.classifier.features2(self.classifier_inputs(images)).float().cpu().numpy()
+        return self.feature_model.features2(self.classifier_inputs(images)).float().cpu().numpy()
 
     @property
     def segmentation_size(self) -> int:
@@ -264,7 +276,7 @@ class JudgeSet:
                 }
             )
         if isinstance(self.realism, RealismReference):
-            distances = self.realism.distance(self.classifier.features2(inputs).float().cpu())
+            distances = self.realism.distance(self.feature_model.features2(inputs).float().cpu())
         elif self.realism is not None:
             distances = self.realism(inputs).float().cpu().numpy()
         if self.realism is not None:
@@ -285,7 +297,7 @@ class JudgeSet:
         return self.realism.threshold if self.realism is not None else None
 
     def to(self, device: str | torch.device) -> JudgeSet:
-        for model in (self.classifier, self.segmenter, self.realism):
+        for model in (self.classifier, self.segmenter, self.realism, self.feature_network):
             if isinstance(model, torch.nn.Module):
                 model.to(device)
         return self
@@ -318,8 +330,13 @@ def save_phantom_judges(
     trained_on: str,
     metrics: dict[str, Any] | None = None,
     segmenter_size: int | None = None,
+    feature_network: torch.nn.Module | None = None,
 ) -> Path:
-    """Write a phantom judge set: safetensors weights and ``judges.json`` with thresholds and checksums."""
+    """Write a phantom judge set: safetensors weights and ``judges.json`` with thresholds and checksums.
+
+    ``feature_network`` (same architecture as the classifier) gives the set features of its own: those of
+    :meth:`JudgeSet.features` and the ``realism`` reference, which must then be fitted on them.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
@@ -330,6 +347,13 @@ def save_phantom_judges(
         folder / "realism.safetensors",
     )
     files = ["classifier.safetensors", "segmenter.safetensors", "realism.safetensors"]
+    feature_part = {}
+    if feature_network is not None:
+        files.append("features.safetensors")
+        save_file({k: v.contiguous() for k, v in feature_network.state_dict().items()}, folder / files[3])
+        feature_part = {
+            "features": {"file": files[3], "class": "torchxrayvision.models.DenseNet", "architecture": architecture}
+        }
     record = {
         "judges_version": JUDGES_VERSION,
         "kind": "phantom",
@@ -348,6 +372,7 @@ def save_phantom_judges(
             "image_size": segmenter_size or image_size,
         },
         "realism": {"file": files[2], "threshold": realism.threshold},
+        **feature_part,
         "trained_on": trained_on,
         "metrics": metrics or {},
         "files": {name: sha256_file(folder / name) for name in files},
@@ -371,20 +396,29 @@ def judges_card(folder: str | os.PathLike[str]) -> str:
             "(each keeps 95% specificity, so a healthy image is rarely rejected for a finding it does not show):",
             "",
         ]
-        blurred = metrics.get("blurred_1px", {})
-        if blurred:
-            lines += [
-                "The blurred columns score the same phantoms blurred by 1 px, as smooth as a generated image may be.",
-                "",
-                "| label | sensitivity | specificity | blurred: sensitivity | blurred: specificity |",
-                "|---|---:|---:|---:|---:|",
-            ]
-        else:
-            lines += ["| label | sensitivity | specificity |", "|---|---:|---:|"]
+        variants = {
+            name: metrics[key]
+            for key, name in (("blurred_1px", "blurred"), ("through_autoencoder", "autoencoder"))
+            if metrics.get(key)
+        }
+        notes = {
+            "blurred": "The blurred columns score the same phantoms blurred by 1 px, as smooth as a generated image "
+            "may be.",
+            "autoencoder": "The autoencoder columns score them as the model's autoencoder gives them back: in the "
+            "decoder's texture, which every generated image has.",
+        }
+        if variants:
+            lines += [" ".join(notes[name] for name in variants), ""]
+        lines += [
+            "| label | sensitivity | specificity |"
+            + "".join(f" {name}: sensitivity | {name}: specificity |" for name in variants),
+            "|---|---:|---:|" + "---:|---:|" * len(variants),
+        ]
         for label, value in metrics["sensitivity"].items():
             row = f"| {label} | {value:.3f} | {metrics['specificity'][label]:.3f} |"
-            if label in blurred:
-                row += f" {blurred[label]['sensitivity']:.3f} | {blurred[label]['specificity']:.3f} |"
+            for rates in variants.values():
+                if label in rates:
+                    row += f" {rates[label]['sensitivity']:.3f} | {rates[label]['specificity']:.3f} |"
             lines.append(row)
     if "segmenter_dice" in metrics:
         dice_text = ", ".join(f"{k} {v:.3f}" for k, v in metrics["segmenter_dice"].items())
@@ -408,6 +442,11 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
     segmenter.load_state_dict(load_file(folder / record["segmenter"]["file"]))
     stats = load_file(folder / record["realism"]["file"])
     realism = RealismReference(stats["mean"], stats["precision"], float(record["realism"]["threshold"]))
+    feature_network = None
+    if "features" in record:
+        feature_network = build_phantom_classifier(spec["pathologies"], **record["features"]["architecture"])
+        feature_network.load_state_dict(load_file(folder / record["features"]["file"]))
+        feature_network.eval()
     judges = JudgeSet(
         "phantom",
         record["image_size"],
@@ -417,6 +456,7 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
         record["files"],
         folder,
         record["segmenter"].get("image_size"),
+        feature_network,
     )
     return judges.to(device)
 

@@ -1,7 +1,7 @@
 """The memorisation judge: is a generated image a near copy of a training image?
 
-A *feature bank* holds the judge set's classifier features (``features2``, the
-FXD convention) of every training image, L2-normalised, with the image ids and
+A *feature bank* holds the judge set's features (:meth:`JudgeSet.features`: ``features2``,
+the FXD convention) of every training image, L2-normalised, with the image ids and
 a data-driven threshold tau (EchoNet-Synthetic's recipe): the 95th percentile,
 over training images, of each one's highest cosine similarity to any held-out
 real image. A generated image whose highest similarity to a training image
@@ -403,7 +403,7 @@ def build_feature_bank(
         "bank_format": BANK_FORMAT,
         "tau": tau,
         "percentile": PERCENTILE,
-        "similarity": "cosine of L2-normalised classifier features2 (FXD convention)",
+        "similarity": f"cosine of L2-normalised {judges.feature_source} features2 (FXD convention)",
         "counts": {"bank": len(bank.rows), "held_out": len(held.rows)},
         "ids_file": BANK_IDS,
         "training_set": {

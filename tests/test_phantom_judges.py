@@ -131,6 +131,8 @@ def test_a_classifier_trained_through_an_autoencoder_sees_each_phantom_twice_wit
     assert torch.equal(seen["targets"][12:], seen["targets"][:12])
     expected = [[float(label in labels) for label in phantom.PHANTOM_PATHOLOGIES] for labels in cases.labels]
     assert seen["targets"][:12].tolist() == expected
+    with pytest.raises(ValueError, match=r"shape \(11, 64, 64\) for \(12, 64, 64\)"):
+        phantom_judges.train_phantom_classifier(64, count=12, steps=1, seed=4, round_trip=lambda x: x[1:])
 
 
 def test_the_judge_card_reports_the_classifier_on_phantoms_through_the_autoencoder(tmp_path):
@@ -151,14 +153,17 @@ def test_the_judge_card_reports_the_classifier_on_phantoms_through_the_autoencod
         train_count=16,
         held_out_count=24,
         round_trip=round_trip,
-        round_trip_source="the autoencoder of demo",
+        through_autoencoder={"bundle": "demo", "vae_sha256": "ab" * 32},
     )
     assert calls == [(16, 64, 64), (24, 64, 64)]  # the training phantoms, then the held-out ones
     record = json.loads((folder / "judges.json").read_text())
     returned = record["metrics"]["through_autoencoder"]
     assert set(returned) == set(phantom.PHANTOM_PATHOLOGIES)
     assert all(0.0 <= v["sensitivity"] <= 1.0 and 0.0 <= v["specificity"] <= 1.0 for v in returned.values())
-    assert "each also through the autoencoder of demo), feature network and realism reference" in record["trained_on"]
+    assert record["through_autoencoder"] == {"bundle": "demo", "vae_sha256": "ab" * 32}
+    assert (
+        "each also through the autoencoder of demo, vae sha256 abababababab), feature network" in record["trained_on"]
+    )
     card = judges_card(folder)
     assert "blurred: sensitivity" in card and "autoencoder: sensitivity" in card
     row = next(line for line in card.splitlines() if line.startswith("| Edema |"))
@@ -215,7 +220,7 @@ def test_train_judges_trains_through_the_named_bundles_autoencoder_and_names_it(
     assert result.exit_code == 0, result.output
     (kwargs,) = calls
     vae = sha256_file(next((DEMO_BUNDLE / "vae").glob("*.safetensors")))
-    assert kwargs["round_trip_source"] == f"the autoencoder of {DEMO_BUNDLE}, vae sha256 {vae[:12]}"
+    assert kwargs["through_autoencoder"] == {"bundle": str(DEMO_BUNDLE), "vae_sha256": vae}
     # The round trip is the bundle's autoencoder: it gives a phantom back close to itself.
     images = phantom.generate(8, 64, seed=31).images
     returned = kwargs["round_trip"](images)

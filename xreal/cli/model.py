@@ -310,12 +310,12 @@ def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
 @click.option("--seed", type=int, default=2024, show_default=True)
 def train_judges_command(out: Path, size: int, input_size: int | None, autoencoder_of: Path | None, seed: int) -> None:
     """Train and calibrate the phantom judge set (classifier, segmenter, realism reference) on phantoms."""
-    from xreal.core.files import sha256_file
     from xreal.core.records import BUNDLE_FILE, record_bundle_files
     from xreal.judges.phantom_judges import train_phantom_judges
 
-    round_trip, source = None, "an autoencoder"
+    round_trip, through = None, None
     if autoencoder_of is not None:
+        from xreal.core.records import autoencoder_weights
         from xreal.model.bundle import load_pipeline
 
         pipe = load_pipeline(autoencoder_of)
@@ -324,11 +324,11 @@ def train_judges_command(out: Path, size: int, input_size: int | None, autoencod
                 f"{autoencoder_of} makes {pipe.config.image_size} px images, the judges are trained on {size} px",
                 param_hint="--autoencoder",
             )
-        weights = sorted((autoencoder_of / "vae").glob("*.safetensors"))
-        digest = f", vae sha256 {sha256_file(weights[0])[:12]}" if weights else ""
-        round_trip, source = pipe.round_trip, f"the autoencoder of {autoencoder_of}{digest}"
+        weights = autoencoder_weights(autoencoder_of)
+        round_trip = pipe.round_trip
+        through = {"bundle": str(autoencoder_of), **({"vae_sha256": weights[1]} if weights else {})}
     judges = train_phantom_judges(
-        out, size=size, seed=seed, input_size=input_size, round_trip=round_trip, round_trip_source=source
+        out, size=size, seed=seed, input_size=input_size, round_trip=round_trip, through_autoencoder=through
     )
     click.echo(f"wrote {judges}")
     if (out.resolve().parent / BUNDLE_FILE).is_file():  # a bundle's own judge set: its record pins the new files

@@ -184,6 +184,11 @@ def _preflight(
         sampler=sampler,
     )
     preflight(config, check_lock=True)
+    if config.judges_source != "torchxrayvision":
+        from xreal.core.records import judges_autoencoder_mismatch
+
+        if mismatch := judges_autoencoder_mismatch(config.model, config.judges_source):
+            click.echo(f"warning: {mismatch}", err=True)
 
 
 @cli.command(context_settings={"show_default": True})

@@ -116,6 +116,33 @@ def verify_judge_set(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return record
 
 
+def autoencoder_weights(bundle: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """A bundle's autoencoder weight file, relative to it, and its recorded sha256 (None if it records none)."""
+    files = read_bundle_record(bundle)["files"]
+    found = sorted(
+        (name, sha) for name, sha in files.items() if name.startswith("vae/") and name.endswith(".safetensors")
+    )
+    return found[0] if found else None
+
+
+def judges_autoencoder_mismatch(bundle: str | os.PathLike[str], judges: str | os.PathLike[str]) -> str | None:
+    """Why the judge set ``judges`` does not fit ``bundle``: it was trained through another autoencoder than the
+    bundle's (see ``xreal train judges --autoencoder``). None when it fits, or was not trained through one."""
+    through = read_judges_record(judges).get("through_autoencoder")
+    if not isinstance(through, dict) or not through.get("vae_sha256"):
+        return None
+    weights = autoencoder_weights(bundle)
+    if weights is not None and weights[1] == through["vae_sha256"]:
+        return None
+    has = f"its autoencoder's sha256 is {weights[1][:12]}" if weights else "it records no autoencoder weights"
+    return (
+        f"{judges} was trained through another autoencoder than {bundle}'s (vae sha256 "
+        f"{str(through['vae_sha256'])[:12]}, from {through.get('bundle', 'an unnamed bundle')}; {has}): it may read "
+        f"that decoder's texture as findings; retrain it with `xreal train judges --autoencoder {bundle}` "
+        "(the demo bundle's: `make demo-judges`)"
+    )
+
+
 def judges_digest(source: str | os.PathLike[str], anatomy: bool = True, realism: bool = True) -> str:
     """A digest of everything that decides how a judge set scores: for a judge set folder, its whole record
     (labels, thresholds, operating points, architecture and every file's sha256); for torchxrayvision, the

@@ -331,11 +331,14 @@ def save_phantom_judges(
     metrics: dict[str, Any] | None = None,
     segmenter_size: int | None = None,
     feature_network: torch.nn.Module | None = None,
+    through_autoencoder: dict[str, str] | None = None,
 ) -> Path:
     """Write a phantom judge set: safetensors weights and ``judges.json`` with thresholds and checksums.
 
     ``feature_network`` (same architecture as the classifier) gives the set features of its own: those of
     :meth:`JudgeSet.features` and the ``realism`` reference, which must then be fitted on them.
+    ``through_autoencoder`` records the autoencoder the classifier also trained through (``bundle``,
+    ``vae_sha256``).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -373,6 +376,7 @@ def save_phantom_judges(
         },
         "realism": {"file": files[2], "threshold": realism.threshold},
         **feature_part,
+        **({"through_autoencoder": dict(through_autoencoder)} if through_autoencoder else {}),
         "trained_on": trained_on,
         "metrics": metrics or {},
         "files": {name: sha256_file(folder / name) for name in files},

@@ -95,6 +95,14 @@ def random_blur(max_sigma: float, probability: float = 0.5):
     return augment
 
 
+def given_back(round_trip: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """``images`` as ``round_trip`` gives them back, which must be as many images of the same size."""
+    returned = np.asarray(round_trip(images), dtype=np.float32)
+    if returned.shape != images.shape:
+        raise ValueError(f"the round trip gave back images of shape {returned.shape} for {images.shape}")
+    return returned
+
+
 def train_phantom_classifier(
     size: int = 64,
     count: int = 3000,
@@ -115,7 +123,9 @@ def train_phantom_classifier(
     the texture of every image it will judge.
     """
     cases = phantom.generate(count, size, seed=seed)
-    pictures = cases.images if round_trip is None else np.concatenate([cases.images, round_trip(cases.images)])
+    pictures = (
+        cases.images if round_trip is None else np.concatenate([cases.images, given_back(round_trip, cases.images)])
+    )
     images = resize_inputs(classifier_input(pictures), input_size)
     targets = torch.tensor(
         [[label in labels for label in phantom.PHANTOM_PATHOLOGIES] for labels in cases.labels], dtype=torch.float32
@@ -189,7 +199,7 @@ def train_phantom_judges(
     input_size: int | None = None,
     blur_sigma: float = 1.5,
     round_trip: Callable[[np.ndarray], np.ndarray] | None = None,
-    round_trip_source: str = "an autoencoder",
+    through_autoencoder: dict[str, str] | None = None,
 ) -> Path:
     """Train, calibrate and save the phantom judge set (classifier, segmenter, realism reference).
 
@@ -200,8 +210,9 @@ def train_phantom_judges(
     The classifier trains with ``blur_sigma`` (see :func:`train_phantom_classifier`): generated images are smoother
     than phantoms, and a classifier that never saw a blurred lung calls one oedema (86% of healthy phantoms blurred
     by 1.2 px). Its sensitivity and specificity on held-out phantoms blurred by 1 px are recorded beside the plain.
-    With ``round_trip`` (``round_trip_source`` names it in the judges' card) it also trains on the phantoms as the
-    autoencoder gives them back (see :func:`train_phantom_classifier`), and its rates on held-out phantoms through
+    With ``round_trip`` (``through_autoencoder`` records whose: ``bundle`` and ``vae_sha256``, which
+    :func:`~xreal.core.records.judges_autoencoder_mismatch` checks bundles against) it also trains on the phantoms as
+    the autoencoder gives them back (see :func:`train_phantom_classifier`), and its rates on held-out phantoms through
     it are recorded too. The set then gets a feature network of its own, trained as the classifier is but without
     the autoencoder: it gives the realism reference and every figure of ``xreal evaluate``. A network taught to
     read the decoder's texture as nothing cannot tell generated images from real ones (on the demo run: Fréchet
@@ -238,12 +249,12 @@ def train_phantom_judges(
     detected_blurred = blurred >= np.array(thresholds)
     sensitivity, specificity = _rates(detected, truth, classifier.pathologies)
     blurred_sensitivity, blurred_specificity = _rates(detected_blurred, truth, classifier.pathologies)
-    through_autoencoder = {}
+    returned_rates = {}
     if round_trip is not None:
-        returned = classify(classifier, round_trip(held_out.images), input_size)
+        returned = classify(classifier, given_back(round_trip, held_out.images), input_size)
         detected_returned = np.stack([returned[lab] >= 0.5 for lab in classifier.pathologies], axis=1)
         returned_sensitivity, returned_specificity = _rates(detected_returned, truth, classifier.pathologies)
-        through_autoencoder = {
+        returned_rates = {
             "through_autoencoder": {
                 lab: {"sensitivity": returned_sensitivity[lab], "specificity": returned_specificity[lab]}
                 for lab in classifier.pathologies
@@ -263,7 +274,7 @@ def train_phantom_judges(
             lab: {"sensitivity": blurred_sensitivity[lab], "specificity": blurred_specificity[lab]}
             for lab in classifier.pathologies
         },
-        **through_autoencoder,
+        **returned_rates,
         "segmenter_dice": {
             name: float(np.mean([dice(a == label, b == label) for a, b in zip(held_out.anatomy, found, strict=True)]))
             for name, label in STRUCTURES.items()
@@ -275,13 +286,16 @@ def train_phantom_judges(
     recipe = f"{train_count} (seed {seed + 1}, {classifier_steps} steps" + (
         f", half of them blurred by up to {blur_sigma:g} px" if blur_sigma > 0 else ""
     )
+    described = through_autoencoder or {}
+    source = "an autoencoder"
+    if described.get("bundle"):
+        source = f"the autoencoder of {described['bundle']}" + (
+            f", vae sha256 {described['vae_sha256'][:12]}" if described.get("vae_sha256") else ""
+        )
     if round_trip is None:
         trained = f"classifier and realism reference {recipe})"
     else:
-        trained = (
-            f"classifier {recipe}, each also through {round_trip_source}), "
-            f"feature network and realism reference {recipe})"
-        )
+        trained = f"classifier {recipe}, each also through {source}), feature network and realism reference {recipe})"
     trained_on = f"{seen}: segmenter {train_count} (seed {seed}, {segmenter_steps} steps), {trained}"
     return save_phantom_judges(
         out,
@@ -294,4 +308,5 @@ def train_phantom_judges(
         metrics,
         segmenter_size=size,
         feature_network=feature_network,
+        through_autoencoder=through_autoencoder if round_trip is not None else None,
     )

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from xreal.core.errors import XRealError
 from xreal.core.files import read_json, record_digest
-from xreal.core.records import bundle_digest, judges_digest, verify_bundle, verify_judge_set
+from xreal.core.records import (
+    bundle_digest,
+    judges_autoencoder_mismatch,
+    judges_digest,
+    verify_bundle,
+    verify_judge_set,
+)
 from xreal.core.weights import weights_status
 
 
@@ -35,6 +41,7 @@ def verify_files(
     """
     checked, problems = [], []
     for folder in map(Path, models):
+        record = None
         try:
             record = verify_bundle(folder)
             digest = record_digest(record)
@@ -46,6 +53,8 @@ def verify_files(
                 judges = verify_judge_set(folder / "judges")
                 digest = record_digest(judges)
                 checked.append(f"{folder / 'judges'}: judge set ok ({len(judges['files'])} files, digest {digest})")
+                if record is not None and (mismatch := judges_autoencoder_mismatch(folder, folder / "judges")):
+                    checked.append(f"warning: {mismatch}")
             except XRealError as exc:
                 problems.append(str(exc))
     for row in weights_status(cache_dir):

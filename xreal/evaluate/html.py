@@ -168,7 +168,7 @@ def _fidelity(report: dict[str, Any]) -> str:
         else ""
     )
     return (
-        "<h2>Fidelity per label</h2><p>Fréchet distance on the judge classifier's features between the accepted "
+        "<h2>Fidelity per label</h2><p>Fréchet distance on the judges' features between the accepted "
         "images showing a label and the reference images showing it, beside two halves of those reference images "
         "(as many as the synthetic ones). A Fréchet distance grows as samples shrink: compare within a row.</p>"
         + table_html(["label", "synthetic", "reference", "Fréchet distance", "real vs real"], rows)

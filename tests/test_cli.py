@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -224,6 +225,22 @@ def test_sampler_quality_runs_each_of_its_settings_as_it_is(manifest, tmp_path, 
     for setting in benchmark.SETTINGS:
         run("generate", manifest, "--out", tmp_path / "o", *setting.options)
     assert seen == [setting.settings for setting in benchmark.SETTINGS]
+
+
+def test_submit_starts_in_seconds_without_torch(manifest, tmp_path):
+    """`xreal submit` only talks to a server: it must not pay torch's and diffusers' imports (10 s on 2 cores)."""
+    from servers import free_port
+
+    script = (
+        "import sys; from xreal.cli import cli\n"
+        "try: cli(sys.argv[1:])\n"
+        "except SystemExit as e: print('exit', e.code, 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api", "PREFECT_HOME": str(tmp_path)}
+    args = [sys.executable, "-c", script, "submit", str(manifest), "--out", str(tmp_path / "o"), "--device", "cuda:1"]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert "cannot reach the Prefect server" in result.stderr, result.stderr
+    assert result.stderr.strip().endswith("exit 2 False"), result.stderr
 
 
 def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_path, monkeypatch):

@@ -134,12 +134,16 @@ def _run_parameters(
     ``local``: the run happens on this machine, so its devices can be checked here.
     """
     from flows.execution import Execution
-    from xreal.run.generation import parse_devices
     from xreal.run.policy import QualityPolicy
 
     if dask_address and device:
         raise XRealError("--device and --dask-address: the cluster's workers choose their own devices")
-    devices = parse_devices(device or "cpu") if local else [d.strip() for d in (device or "cpu").split(",")]
+    if local:
+        from xreal.run.generation import parse_devices  # imports torch: only for devices on this machine
+
+        devices = parse_devices(device or "cpu")
+    else:
+        devices = [d.strip() for d in (device or "cpu").split(",")]
     Execution(tuple(devices), options["dask_workers"], dask_address)
     if policy is not None:
         QualityPolicy.from_yaml(policy)

@@ -1,20 +1,42 @@
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from xreal.core.labels import NO_FINDING
+from xreal.core.masks import read_binary_mask
 from xreal.manifest.audit import audit_manifest
 from xreal.manifest.schema import load_requests
 from xreal.manifest.spec import build_manifest
 from xreal.phantom.renderer import PHANTOM_PATHOLOGIES
+from xreal.phantom.templates import template_finding_mask
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 
 
 def test_demo_parquet_is_built_from_its_spec(tmp_path):
-    report = build_manifest(MANIFESTS / "demo.yaml", tmp_path / "demo.parquet")
+    built = tmp_path / "demo.parquet"  # elsewhere, so its mask paths are rebased to lead back to manifests/
+    report = build_manifest(MANIFESTS / "demo.yaml", built, root=MANIFESTS)
     assert report.ok, report.summary()
-    assert pq.read_table(tmp_path / "demo.parquet").equals(pq.read_table(MANIFESTS / "demo.parquet"))
+    rows = {}
+    for name, path in (("built", built), ("committed", MANIFESTS / "demo.parquet")):
+        rows[name] = pq.read_table(path).to_pylist()
+        for row in rows[name]:
+            mask = row["pathology_mask_path"]
+            row["pathology_mask_path"] = (path.parent / mask).resolve() if mask else None
+    assert rows["built"] == rows["committed"]
+    assert any(row["pathology_mask_path"] for row in rows["built"])
+
+
+def test_demo_masks_are_where_the_phantom_renders_its_findings():
+    """A mask row asks for its findings where the phantom itself draws them on that template; rewrite a mask that
+    no longer matches with PIL.Image.fromarray(template_finding_mask(...)).save(path)."""
+    requests = [r for r in load_requests(MANIFESTS / "demo.parquet") if r.pathology_mask_path is not None]
+    assert requests
+    for request in requests:
+        expected = template_finding_mask(request.anatomy.value, list(request.labels), 64)
+        found = read_binary_mask(request.pathology_mask_path)
+        assert np.array_equal(found, expected), f"{request.pathology_mask_path} is not the phantom's {request.labels}"
 
 
 def test_demo_asks_for_every_phantom_pathology_with_healthy_twins():

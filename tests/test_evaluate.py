@@ -45,23 +45,34 @@ def demo_rows(**overrides) -> list[dict]:
     spec = yaml.safe_load((ROOT / "manifests" / "demo.yaml").read_text())
     rows = []
     for request in spec["requests"]:
-        boxes = []
-        for box in request["boxes"]:
-            label, box = (box["label"], box["box"]) if isinstance(box, dict) else (None, box)
-            boxes.append({"label": label, "x_min": box[0], "y_min": box[1], "x_max": box[2], "y_max": box[3]})
+        if "pathology_mask_path" in request:
+            location = {"pathology_mask_path": request["pathology_mask_path"]}
+        else:
+            boxes = []
+            for box in request["boxes"]:
+                label, box = (box["label"], box["box"]) if isinstance(box, dict) else (None, box)
+                boxes.append({"label": label, "x_min": box[0], "y_min": box[1], "x_max": box[2], "y_max": box[3]})
+            location = {"boxes": boxes}
         rows.append(
             {
                 "request_id": request["request_id"],
                 "labels": request["labels"],
                 "num_samples": 2,
                 "anatomy_template": request["anatomy_template"],
-                "boxes": boxes,
+                **location,
                 "seed": request["seed"],
                 **STEPS,
                 **overrides,
             }
         )
     return rows
+
+
+def write_demo_manifest(rows: list[dict], path: Path) -> Path:
+    """``rows`` written to ``path``, with the demo's mask files beside it (their paths are relative)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "manifests" / "demo-masks", path.parent / "demo-masks", dirs_exist_ok=True)
+    return write_manifest(rows, path)
 
 
 def generate(manifest: Path, out: Path, **policy: dict) -> Path:
@@ -89,11 +100,12 @@ def reports(tmp_path_factory, phantoms):
     """The demo run and the three broken ones, each evaluated."""
     reference, held_out = phantoms
     tmp = tmp_path_factory.mktemp("runs")
-    demo = generate(write_manifest(demo_rows(), tmp / "demo.parquet"), tmp / "demo")
+    demo = generate(write_demo_manifest(demo_rows(), tmp / "demo.parquet"), tmp / "demo")
     # Without control the judges reject every draw (the wrong anatomy, findings where none was asked for), and a run
     # that accepted nothing is not evaluated; its anatomy figures score every draw anyway, so only sanity judges it.
     off = {name: {"enabled": False} for name in ("anatomy", "classifier", "realism")}
-    control_off = generate(write_manifest(demo_rows(anatomy_steps=0), tmp / "off.parquet"), tmp / "control-off", **off)
+    off_manifest = write_demo_manifest(demo_rows(anatomy_steps=0), tmp / "off.parquet")
+    control_off = generate(off_manifest, tmp / "control-off", **off)
     runs = {
         "demo": demo,
         "control off": control_off,
@@ -228,7 +240,7 @@ def tiny_run(tmp_path_factory):
     """Two requests, one sample each, the fast preset's eight steps: a finished run to refuse bad inputs against."""
     tmp = tmp_path_factory.mktemp("tiny")
     rows = demo_rows(num_samples=1, steps=8, anatomy_steps=7)[:2]
-    return generate(write_manifest(rows, tmp / "tiny.parquet"), tmp / "run")
+    return generate(write_demo_manifest(rows, tmp / "tiny.parquet"), tmp / "run")
 
 
 def _evaluate(*args: str):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from xreal.cli.app import cli
 from xreal.core.labels import NO_FINDING
-from xreal.core.masks import write_mask_file
+from xreal.core.masks import area_fraction, boxes_to_mask, read_binary_mask, write_mask_file
 from xreal.manifest.audit import audit_manifest
 from xreal.manifest.audit_html import audit_page, collect_drawing, flagged_requests, write_audit_html
 from xreal.manifest.schema import write_manifest
@@ -106,14 +106,18 @@ def test_demo_page_has_decodable_figures_and_one_heatmap_per_label(demo_page):
     assert "all 16 valid requests" in page  # the anatomy sample's size is said
 
 
-def test_demo_heatmaps_follow_its_boxes():
+def test_demo_heatmaps_follow_its_boxes_and_masks():
     drawing = collect_drawing(DEMO)
+    size = drawing.size
     heat = drawing.heatmaps["Pleural Effusion"]
-    # effusion-right (x 0.09-0.27, y 0.73-0.84) and cardiomegaly-effusion (x 0.19-0.27, y 0.62-0.67): both on the
-    # image's left, low down, apart, so each box holds half of the effusion samples
-    assert heat.max() == pytest.approx(0.5)
-    rows, cols = np.nonzero(heat)
-    assert cols.max() < 0.5 * drawing.size and rows.min() > 0.5 * drawing.size
+    # effusion-right's box (x 0.09-0.27, y 0.73-0.84) holds half of the effusion samples; the other half is
+    # cardiomegaly-effusion's, whose one mask locates both its findings: the enlarged heart and a sliver of fluid
+    box = boxes_to_mask([(0.09, 0.73, 0.27, 0.84)], size, size, units="normalized")
+    combined = area_fraction(read_binary_mask(DEMO.parent / "demo-masks" / "cardiomegaly-effusion.png"), size)
+    np.testing.assert_allclose(heat, 0.5 * box + 0.5 * combined, atol=1e-6)
+    assert heat.max() == pytest.approx(0.5) and (box > 0).sum() and (combined > 0).sum()
+    own = area_fraction(read_binary_mask(DEMO.parent / "demo-masks" / "cardiomegaly.png"), size)
+    np.testing.assert_allclose(drawing.heatmaps["Cardiomegaly"], 0.5 * own + 0.5 * combined, atol=1e-6)
     assert set(drawing.heatmaps) == set(drawing.label_samples) - {NO_FINDING}
 
 

@@ -10,17 +10,21 @@ import pytest
 from xreal.core.labels import Anatomy
 
 
-@pytest.fixture(scope="module")
-def control_phantom():
+def load_benchmark(name: str):
     folder = Path(__file__).parents[1] / "benchmarks"
-    sys.path.insert(0, str(folder))  # it imports autoencoder_detail beside it
+    sys.path.insert(0, str(folder))  # benchmarks import each other
     try:
-        spec = importlib.util.spec_from_file_location("control_phantom", folder / "control_phantom.py")
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(folder))
     return module
+
+
+@pytest.fixture(scope="module")
+def control_phantom():
+    return load_benchmark("control_phantom")
 
 
 def test_latent_detail_power_counts_the_lungs_fine_detail_only(control_phantom):
@@ -35,3 +39,20 @@ def test_latent_detail_power_counts_the_lungs_fine_detail_only(control_phantom):
     assert power.shape == (2,) and (power > 0.5).all()
     assert (control_phantom.latent_detail_power(smooth, anatomy) == 0).all()
     assert (control_phantom.latent_detail_power(noisy_outside, anatomy) < 0.2 * power).all()
+
+
+def test_demo_fill_chance_follows_the_runs_redraws():
+    """demo_fill's chance that the policy's rounds fill a request: each round draws only what is still missing."""
+    fill = load_benchmark("demo_fill").fill_chance
+    assert fill(0.3, 1, 3) == pytest.approx(1 - 0.7**3)  # one sample: any of three tries
+    assert fill(0.5, 2, 1) == pytest.approx(0.25) and fill(0.0, 2, 3) == 0.0 and fill(1.0, 2, 3) == 1.0
+    # two samples, two rounds: both in the first, or one and then the missing one, or none and then both
+    assert fill(0.5, 2, 2) == pytest.approx(0.25 + 0.5 * 0.5 + 0.25 * 0.25)
+    rng = np.random.default_rng(0)  # against the plan simulated: six draws at most, fewer when some pass early
+    runs = []
+    for _ in range(20000):
+        accepted = 0
+        for _ in range(3):
+            accepted += int((rng.random(2 - accepted) < 0.62).sum())
+        runs.append(accepted >= 2)
+    assert fill(0.62, 2, 3) == pytest.approx(np.mean(runs), abs=0.01)

@@ -420,6 +420,22 @@ def test_anatomy_template_is_the_healthy_draw():
         assert cardiothoracic_ratio(enlarged) > 0.5 > cardiothoracic_ratio(template)
 
 
+def test_a_templates_finding_mask_is_where_the_phantom_draws_those_findings():
+    from xreal.core.errors import MaskError
+    from xreal.phantom.templates import template_finding_mask
+
+    both = generate(1, 64, 8, pathologies=[["Cardiomegaly", "Pleural Effusion"]])[0]
+    mask = template_finding_mask("phantom-8", ["Pleural Effusion", "cardiomegaly"], 64)  # any order, any case
+    assert mask.dtype == bool
+    assert np.array_equal(mask, both.pathology_masks["Cardiomegaly"] | both.pathology_masks["Pleural Effusion"])
+    alone = template_finding_mask("phantom-8", ["Pleural Effusion"], 64)
+    assert alone.sum() < mask.sum() and not (alone & ~mask).any()
+    with pytest.raises(MaskError, match="no finding to locate"):
+        template_finding_mask("phantom-8", ["No Finding"], 64)
+    with pytest.raises(MaskError, match="unknown anatomy template 'heart-8'"):
+        template_finding_mask("heart-8", ["Cardiomegaly"], 64)
+
+
 # --- rendering physics --------------------------------------------------------------------------------
 
 

@@ -8,9 +8,13 @@ import tempfile
 import numpy as np
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from flows import use_project_defaults  # imports no Prefect: its settings apply
+
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="xreal-test-prefect-")  # never the user's Prefect database
 os.environ.pop("PREFECT_API_URL", None)
+# The settings `xreal` commands run with, for the runs tests start in this process: among them the embedded
+# server's 90 s to start, where Prefect's own 20 s failed a run on a loaded 2-core machine.
+use_project_defaults()
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,13 @@ manifest. Healthy requests are left out (the gate accepts nearly all of them). U
 from __future__ import annotations
 
 import argparse
-import collections
 from math import comb
 from pathlib import Path
 
 import numpy as np
-from control_phantom import FAST, called, classifier_thresholds
+from control_phantom import FAST, HELD_OUT_SEED, classifier_thresholds
 from control_phantom import judges as independent_judges
-from gate_on_real_phantoms import share
+from gate_on_real_phantoms import independent_calls, rejection_reasons, share
 
 from xreal.judges.judging import load_phantom_judges
 from xreal.manifest.schema import load_requests
@@ -63,7 +62,8 @@ def main() -> None:
     judges = load_phantom_judges(args.model / "judges")
     policy = QualityPolicy()
     _, classifier = independent_judges(args.cache, size)
-    thresholds = classifier_thresholds(classifier, phantom.generate(600, size, seed=1001))
+    # the thresholds gate_on_real_phantoms sets on its held-out draws' calibration phantoms
+    thresholds = classifier_thresholds(classifier, phantom.generate(600, size, seed=HELD_OUT_SEED + 2))
     requests = [r for r in load_requests(args.manifest, root=args.root) if r.has_pathology]
 
     print(
@@ -87,14 +87,10 @@ def main() -> None:
         threshold = judges.realism_threshold
         decisions = [policy.decide(s, labels, judges.labels, realism_threshold=threshold) for s in scores]
         accepted = np.array([d.accepted for d in decisions])
-        found = called(classifier, thresholds, np.concatenate(images))
-        missed = np.array([any(not found[label][i] for label in labels) for i in range(args.draws)])
-        other = np.array([any(found[label][i] for label in found if label not in labels) for i in range(args.draws)])
+        missed, other = independent_calls(classifier, thresholds, np.concatenate(images), [labels] * args.draws)
         fills = fill_chance(accepted.mean(), request.num_samples, policy.retries.max_rounds)
         total *= fills
-        reasons = collections.Counter(
-            part.split(" (")[0] for d in decisions if not d.accepted for part in d.reason.split("; ")
-        )
+        reasons = rejection_reasons(decisions)
         location = "mask" if request.pathology_mask_path is not None else "boxes"
         print(
             f"  {request.request_id:24s} {location:8s} {share(accepted):>18s} {fills:6.3f} {missed.mean():6.2f} "

@@ -50,6 +50,13 @@ def accepted_at(absent: float, scores: list[dict], asked: list[list[str]], judge
     return np.array([d.accepted for d in decisions_at(absent, scores, asked, judges)])
 
 
+def rejection_reasons(decisions) -> collections.Counter:
+    """How often each reason of the rejected ``decisions`` was given (without its score)."""
+    return collections.Counter(
+        part.split(" (")[0] for d in decisions if not d.accepted for part in d.reason.split("; ")
+    )
+
+
 def independent_calls(classifier, thresholds, images: np.ndarray, asked: list[list[str]]):
     """Per image: whether the independent classifier misses a requested label, and whether it calls another."""
     found = called(classifier, thresholds, images)
@@ -96,9 +103,7 @@ def main() -> None:
     for absent in THRESHOLDS:
         decisions = decisions_at(absent, scores, asked, judges)
         real_accepted[absent] = np.array([d.accepted for d in decisions])
-        reasons = collections.Counter(
-            part.split(" (")[0] for d in decisions if not d.accepted for part in d.reason.split("; ")
-        )
+        reasons = rejection_reasons(decisions)
         common = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(3))
         print(f"  {absent:6.1f} {real_accepted[absent].mean():9.3f}  {common}")
 
@@ -167,9 +172,7 @@ def check_generated(args, judges, real_cases, real_asked, real_accepted) -> None
     decisions = decisions_at(0.5, scores, asked, judges)
     for label in sorted({label for labels in asked for label in labels}):
         mine = [d for d, labels in zip(decisions, asked, strict=True) if label in labels]
-        reasons = collections.Counter(
-            part.split(" (")[0] for d in mine if not d.accepted for part in d.reason.split("; ")
-        )
+        reasons = rejection_reasons(mine)
         common = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(2))
         print(f"  {label:18s} {sum(d.accepted for d in mine):3d}/{len(mine):<3d}  {common}")
 

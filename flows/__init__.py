@@ -8,6 +8,9 @@ is ``flows.generate``.
 import os
 from pathlib import Path
 
+EMBEDDED_STARTUP_SECONDS = 90
+"""How long the embedded Prefect API gets to start: Prefect's 20 s default ran out on a loaded 2-core machine."""
+
 
 def use_project_defaults() -> None:
     """Give embedded Prefect a project-chosen home unless the user chose one (or points at a server),
@@ -20,5 +23,5 @@ def use_project_defaults() -> None:
         os.environ["PREFECT_HOME"] = str(state / "xreal" / "prefect")
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EMBEDDED_STARTUP_SECONDS))
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")

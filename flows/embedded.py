@@ -19,7 +19,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_EPHEMERAL_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+)
+
+from flows import EMBEDDED_STARTUP_SECONDS
 
 
 class Interrupted(KeyboardInterrupt):
@@ -96,6 +102,9 @@ def start_embedded_api() -> None:
     parent. This one runs in a session of its own (Ctrl-C reaches only xreal, which stops it in
     order: :func:`stop_embedded_api`, or Prefect's exit hook) and, on Linux, the kernel sends it SIGTERM
     when the thread that started it (the main thread, here) dies, however it dies.
+    It gets at least :data:`~flows.EMBEDDED_STARTUP_SECONDS` to answer (more if Prefect's setting says so), also
+    for callers that never ran :func:`~flows.use_project_defaults`: Prefect's default, 20 s, is not enough on a
+    loaded 2-core machine.
     """
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
@@ -105,7 +114,9 @@ def start_embedded_api() -> None:
     if current is not None and current.running:
         return
     SubprocessASGIServer._instances.pop(None, None)  # Prefect's clients use the instance under None
-    _embedded_server_class()().start()
+    _embedded_server_class()().start(
+        timeout=max(EMBEDDED_STARTUP_SECONDS, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    )
 
 
 def stop_embedded_api() -> None:

@@ -210,6 +210,35 @@ def test_a_signal_during_the_submits_interrupts_after_them_not_inside_them(signu
         signal.signal(signum, previous)
 
 
+def test_the_embedded_server_gets_the_project_start_up_time_without_the_project_defaults(monkeypatch):
+    # A library caller of run_generation that never ran use_project_defaults got Prefect's 20 s, which a loaded
+    # 2-core CI machine ran past (stop 36); the longer of the two applies, so a user can still ask for more.
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    import flows.embedded as embedded
+    from flows import EMBEDDED_STARTUP_SECONDS
+
+    waits = []
+
+    class Recorder:
+        def start(self, timeout=None):
+            waits.append(timeout)
+
+    monkeypatch.setattr(embedded, "_embedded_server_class", lambda: Recorder)
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})  # not a server an earlier test left running
+    ephemeral = {PREFECT_API_URL: None, PREFECT_SERVER_EPHEMERAL_ENABLED: True}
+    for asked in (20, 300):
+        with temporary_settings({**ephemeral, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: asked}):
+            embedded.start_embedded_api()
+    assert waits == [EMBEDDED_STARTUP_SECONDS, 300] and EMBEDDED_STARTUP_SECONDS >= 60
+
+
 def _fake_disk_error(setup, tmp_path, where: str, code: int) -> subprocess.CompletedProcess:
     """`xreal generate` whose ``where`` (``run_batch`` or ``open_run``) meets OSError ``code`` on --out."""
     out = tmp_path / "out"

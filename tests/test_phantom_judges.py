@@ -176,10 +176,12 @@ def test_judges_trained_through_an_autoencoder_measure_with_a_feature_network_th
     from xreal.judges.judging import JudgeError, load_judges
     from xreal.judges.phantom_judges import train_phantom_judges
 
-    common = dict(size=64, segmenter_steps=2, classifier_steps=3, train_count=16, held_out_count=16)
+    common = dict(size=64, segmenter_steps=2, classifier_steps=3, feature_steps=2, train_count=16, held_out_count=16)
     folder = train_phantom_judges(tmp_path / "judges", round_trip=lambda x: 1 - x, **common)
     record = json.loads((folder / "judges.json").read_text())
     assert record["features"]["file"] == "features.safetensors" and "features.safetensors" in record["files"]
+    assert "classifier 16 (seed 2025, 3 steps" in record["trained_on"]  # each network trains as long as asked
+    assert "feature network and realism reference 16 (seed 2025, 2 steps" in record["trained_on"]
     judges = load_judges(str(folder))
     images = phantom.generate(3, 64, seed=9).images
     inputs = judges.classifier_inputs(images)

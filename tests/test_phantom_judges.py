@@ -150,6 +150,7 @@ def test_the_judge_card_reports_the_classifier_on_phantoms_through_the_autoencod
         size=64,
         segmenter_steps=2,
         classifier_steps=2,
+        feature_steps=2,
         train_count=16,
         held_out_count=24,
         round_trip=round_trip,

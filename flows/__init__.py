@@ -23,5 +23,6 @@ def use_project_defaults() -> None:
         os.environ["PREFECT_HOME"] = str(state / "xreal" / "prefect")
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # start_embedded_api gives xreal's own server this time anyway; the setting covers any server Prefect starts itself
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EMBEDDED_STARTUP_SECONDS))
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")

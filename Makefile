@@ -43,13 +43,15 @@ build/held-out-phantom/index.parquet: $(PHANTOM_CODE) | $(STAMP)
 demo-model: $(STAMP) build/demo-phantom/index.parquet
 	$(VENV)/bin/xreal train demo --index build/demo-phantom --work build/demo-train --out xreal/bundles/demo
 
-# Retrain the demo bundle's judges (classifier, feature network, segmenter, realism reference) on phantoms (14 min
-# on 2 cores). The classifier sees the 64 px phantoms upsampled to 128: at 64 its stem leaves a nodule or a plate of
-# atelectasis a fraction of a cell (sensitivity 0.51 and 0.40 at 95% specificity, against 0.85 and 0.84). Half its
-# training phantoms are blurred by up to 1.5 px: one that never saw a blurred lung calls half of them oedema. It
-# also sees every phantom as the bundle's autoencoder gives it back: one that never did calls a pneumothorax on 47%
-# of oedema phantoms through it (0% on the phantoms). So retrain the judges after `make demo-model`. The feature
-# network (realism, `xreal evaluate`) trains the same way without the autoencoder, so that it still sees it.
+# Retrain the demo bundle's judges (classifier, feature network, segmenter, realism reference) on phantoms (26 min on
+# 2 cores). The classifier is the mean of one run's snapshots at 2500, 3000, 3500 and 4000 steps: any single end point
+# has its own blind spot on generated images (README, "Judges trained longer"). The classifier sees the 64 px phantoms
+# upsampled to 128: at 64 its stem leaves a nodule or a plate of atelectasis a fraction of a cell (sensitivity 0.51
+# and 0.40 at 95% specificity, against 0.85 and 0.84). Half its training phantoms are blurred by up to 1.5 px: one
+# that never saw a blurred lung calls half of them oedema. It also sees every phantom as the bundle's autoencoder
+# gives it back: one that never did calls a pneumothorax on 47% of oedema phantoms through it (0% on the phantoms). So
+# retrain the judges after `make demo-model`. The feature network (realism, `xreal evaluate`) trains as the classifier
+# does, for 1500 steps and without the autoencoder, so that it still sees it.
 demo-judges: $(STAMP)
 	$(VENV)/bin/xreal train judges --input-size 128 --autoencoder xreal/bundles/demo --out xreal/bundles/demo/judges
 

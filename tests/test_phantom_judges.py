@@ -222,6 +222,7 @@ def test_train_judges_trains_through_the_named_bundles_autoencoder_and_names_it(
     result = CliRunner().invoke(cli, command)
     assert result.exit_code == 0, result.output
     (kwargs,) = calls
+    assert "classifier_steps" not in kwargs and "feature_steps" not in kwargs  # the function's recipe
     vae = sha256_file(next((DEMO_BUNDLE / "vae").glob("*.safetensors")))
     assert kwargs["through_autoencoder"] == {"bundle": str(DEMO_BUNDLE), "vae_sha256": vae}
     # The round trip is the bundle's autoencoder: it gives a phantom back close to itself.
@@ -230,3 +231,99 @@ def test_train_judges_trains_through_the_named_bundles_autoencoder_and_names_it(
     assert returned.shape == images.shape and returned.min() >= 0.0 and returned.max() <= 1.0
     psnr = 10 * np.log10(1.0 / ((returned - images) ** 2).mean(axis=(1, 2)))
     assert psnr.mean() > 25.0  # 28 here; the bundle's held-out figure is 30 dB
+
+
+def test_a_checkpoint_ensemble_is_the_mean_probability_of_its_members_calibrated_as_one():
+    from torchxrayvision.models import op_norm
+
+    from xreal.judges.judging import CheckpointEnsemble
+
+    torch.manual_seed(0)
+    members = [phantom_classifier().eval() for _ in range(3)]
+    ensemble = CheckpointEnsemble(members).eval()
+    assert ensemble.pathologies == list(phantom.PHANTOM_PATHOLOGIES)
+    inputs = torch.rand(4, 1, 64, 64) * 2048 - 1024
+    with torch.no_grad():
+        mean = torch.stack([torch.sigmoid(m(inputs)) for m in members]).mean(0)
+        assert torch.allclose(torch.sigmoid(ensemble(inputs)), mean, atol=1e-6)  # uncalibrated: logits, as a member
+        assert not torch.allclose(mean, torch.sigmoid(members[0](inputs)), atol=1e-3)  # the members do differ
+        thresholds = torch.linspace(0.2, 0.8, len(ensemble.pathologies))
+        ensemble.op_threshs = thresholds
+        assert torch.allclose(ensemble(inputs), op_norm(mean, thresholds), atol=1e-6)
+        assert torch.equal(ensemble.features2(inputs), members[-1].features2(inputs))
+    assert set(classify(ensemble, inputs[:, 0].numpy() * 0 + 0.5)) == set(ensemble.pathologies)
+    members[0].op_threshs = thresholds
+    with pytest.raises(ValueError, match="calibrated as a whole"):
+        CheckpointEnsemble(members)
+
+
+def test_a_classifier_trained_to_several_step_counts_is_the_ensemble_of_its_snapshots_at_each():
+    """Each member is exactly the network a run stopped at that step would give: the snapshots of one run."""
+    from xreal.judges.judging import CheckpointEnsemble
+    from xreal.judges.phantom_judges import train_phantom_classifier
+
+    common = dict(size=64, count=12, seed=4, blur_sigma=1.0)
+    ensemble = train_phantom_classifier(steps=[3, 1], **common)
+    assert isinstance(ensemble, CheckpointEnsemble) and len(ensemble.members) == 2
+    for member, steps in zip(ensemble.members, (1, 3), strict=True):
+        alone = train_phantom_classifier(steps=steps, **common)
+        assert not isinstance(alone, CheckpointEnsemble) and not member.training
+        kept, trained = member.state_dict(), alone.state_dict()
+        assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in kept)
+    first, last = (m.state_dict()["classifier.weight"] for m in ensemble.members)
+    assert not torch.equal(first, last)
+    for bad in ([], [0, 2], 0):
+        with pytest.raises(ValueError, match="whole numbers above 0"):
+            train_phantom_classifier(steps=bad, **common)
+
+
+def test_a_judge_set_with_a_checkpoint_ensemble_saves_loads_and_scores_the_same(tmp_path):
+    from xreal.judges.judging import CheckpointEnsemble, JudgeError, load_judges
+    from xreal.judges.phantom_judges import train_phantom_judges
+
+    folder = train_phantom_judges(
+        tmp_path / "judges",
+        size=64,
+        segmenter_steps=2,
+        classifier_steps=[2, 3],
+        train_count=16,
+        held_out_count=24,
+    )
+    record = json.loads((folder / "judges.json").read_text())
+    assert record["classifier"]["members"] == 2
+    assert record["segmenter"]["config"] == {"width": 16, "classes": 4}  # a retrain writes the same record
+    assert "classifier and realism reference 16 (seed 2025, mean of its snapshots at 2, 3 steps" in record["trained_on"]
+    judges = load_judges(str(folder))
+    assert isinstance(judges.classifier, CheckpointEnsemble) and len(judges.classifier.members) == 2
+    assert torch.equal(judges.classifier.op_threshs, torch.tensor(record["classifier"]["op_threshs"]))
+    images = phantom.generate(4, 64, seed=21).images
+    again = load_judges(str(folder))
+    assert judges.score(images) == again.score(images)
+    with torch.no_grad():  # the set's features (no feature network here) are the run's last snapshot's
+        last = judges.classifier.members[-1].features2(judges.classifier_inputs(images)).numpy()
+    assert np.array_equal(judges.features(images), last)
+
+    for members in (0, "2", 2.0):
+        record["classifier"]["members"] = members
+        (folder / "judges.json").write_text(json.dumps(record))
+        with pytest.raises(JudgeError, match=rf"judges\.json: classifier 'members' must be .*{members!r}"):
+            load_judges(str(folder))
+
+
+def test_train_judges_takes_the_classifier_steps_as_one_count_or_the_snapshots_of_an_ensemble(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from xreal.cli import cli
+    from xreal.judges import phantom_judges
+
+    calls = []
+    monkeypatch.setattr(phantom_judges, "train_phantom_judges", lambda out, **kw: calls.append(kw) or out)
+    command = ["train", "judges", "--out", str(tmp_path / "judges")]
+    for given, steps in (("1500", [1500]), ("2500,3000,4000", [2500, 3000, 4000])):
+        result = CliRunner().invoke(cli, [*command, "--classifier-steps", given, "--feature-steps", "7"])
+        assert result.exit_code == 0, result.output
+        assert calls.pop()["classifier_steps"] == steps
+    for bad in ("0", "1500,x", ""):
+        refused = CliRunner().invoke(cli, [*command, "--classifier-steps", bad])
+        assert refused.exit_code == 2 and "--classifier-steps" in refused.output and repr(bad) in refused.output
+    assert not calls

@@ -288,6 +288,19 @@ def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
     click.echo(f"wrote {train_demo_bundle(index, work, out, seed=seed, command=' '.join(sys.argv))}")
 
 
+def _step_counts(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """``--classifier-steps``: one count, or several separated by commas."""
+    if value is None:
+        return None
+    try:
+        counts = [int(part) for part in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{value!r} is not a count of steps above 0, or several separated by commas")
+    return counts
+
+
 @train.command("judges")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Judge set folder.")
 @click.option("--size", type=click.IntRange(64, 512), default=64, show_default=True, help="Image side in pixels.")
@@ -307,8 +320,31 @@ def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
     "gives it back, so it reads the findings, not the decoder's texture, in the images it will judge. Retrain the "
     "judges when that autoencoder changes.",
 )
+@click.option(
+    "--classifier-steps",
+    callback=_step_counts,
+    metavar="STEPS[,STEPS...]",
+    default=None,
+    help="Training steps of the classifier; several, comma-separated, make it the mean of its snapshots at each "
+    "(a checkpoint ensemble). Default: the demo judges' 2500,3000,3500,4000.",
+)
+@click.option(
+    "--feature-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training steps of the feature network that realism and `xreal evaluate` read (with --autoencoder). "
+    "Default: the demo judges' 1500.",
+)
 @click.option("--seed", type=int, default=2024, show_default=True)
-def train_judges_command(out: Path, size: int, input_size: int | None, autoencoder_of: Path | None, seed: int) -> None:
+def train_judges_command(
+    out: Path,
+    size: int,
+    input_size: int | None,
+    autoencoder_of: Path | None,
+    classifier_steps: list[int] | None,
+    feature_steps: int | None,
+    seed: int,
+) -> None:
     """Train and calibrate the phantom judge set (classifier, segmenter, realism reference) on phantoms."""
     from xreal.core.records import BUNDLE_FILE, record_bundle_files
     from xreal.judges.phantom_judges import train_phantom_judges
@@ -328,7 +364,14 @@ def train_judges_command(out: Path, size: int, input_size: int | None, autoencod
         round_trip = pipe.round_trip
         through = {"bundle": str(autoencoder_of), **({"vae_sha256": weights[1]} if weights else {})}
     judges = train_phantom_judges(
-        out, size=size, seed=seed, input_size=input_size, round_trip=round_trip, through_autoencoder=through
+        out,
+        size=size,
+        seed=seed,
+        input_size=input_size,
+        round_trip=round_trip,
+        through_autoencoder=through,
+        **({"classifier_steps": classifier_steps} if classifier_steps else {}),
+        **({"feature_steps": feature_steps} if feature_steps else {}),
     )
     click.echo(f"wrote {judges}")
     if (out.resolve().parent / BUNDLE_FILE).is_file():  # a bundle's own judge set: its record pins the new files

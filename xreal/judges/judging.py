@@ -4,7 +4,8 @@ A *judge set* holds the models that look at an image:
 
 - a multi-label classifier in torchxrayvision's conventions (a ``pathologies``
   list, inputs in [-1024, 1024], ``op_threshs`` calibrating every label so that
-  0.5 is its operating point);
+  0.5 is its operating point), or a :class:`CheckpointEnsemble` of one
+  training run's snapshots that follows the same conventions;
 - an anatomy segmenter (lungs and heart, compared with the requested anatomy);
 - a realism reference: the mean and precision of the classifier's features on
   real images, so the Mahalanobis distance of a generated image's features says
@@ -320,6 +321,35 @@ def build_phantom_classifier(
     return model
 
 
+class CheckpointEnsemble(torch.nn.Module):
+    """Snapshots of one classifier's training run judging as one classifier: the mean of their probabilities.
+
+    It follows torchxrayvision's conventions: it carries the members' ``pathologies``, and once ``op_threshs`` is
+    set its outputs are calibrated (0.5 at each label's operating point, :func:`torchxrayvision.models.op_norm`).
+    Uncalibrated it returns the logit of the mean probability, as a lone member returns logits. Its ``features2``
+    are the last member's: the end of the run.
+    """
+
+    def __init__(self, members: Sequence[torch.nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("a checkpoint ensemble needs at least one member")
+        if any(getattr(m, "op_threshs", None) is not None for m in members):
+            raise ValueError("the ensemble is calibrated as a whole: its members must have no op_threshs")
+        self.members = torch.nn.ModuleList(members)
+        self.pathologies = list(members[0].pathologies)
+        self.register_buffer("op_threshs", None)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.stack([torch.sigmoid(member(inputs)) for member in self.members]).mean(0)
+        if self.op_threshs is None:
+            return torch.logit(probabilities, eps=1e-7)
+        return import_xrv().models.op_norm(probabilities, self.op_threshs)
+
+    def features2(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.members[-1].features2(inputs)
+
+
 def save_phantom_judges(
     folder: str | os.PathLike[str],
     classifier,
@@ -367,11 +397,12 @@ def save_phantom_judges(
             "architecture": architecture,
             "pathologies": list(classifier.pathologies),
             "op_threshs": [float(v) for v in classifier.op_threshs],
+            **({"members": len(classifier.members)} if isinstance(classifier, CheckpointEnsemble) else {}),
         },
-        "segmenter": {
+        "segmenter": {  # without diffusers' private keys: one lists a set, in another order on every retrain
             "file": files[1],
             "class": "xreal.phantom_judges.PhantomSegmenter",
-            "config": dict(segmenter.config),
+            "config": {k: v for k, v in segmenter.config.items() if not k.startswith("_")},
             "image_size": segmenter_size or image_size,
         },
         "realism": {"file": files[2], "threshold": realism.threshold},
@@ -439,7 +470,15 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
     folder = Path(folder)
     record = verify_judge_set(folder)
     spec = record["classifier"]
-    classifier = build_phantom_classifier(spec["pathologies"], **spec["architecture"])
+    members = spec.get("members")
+    if members is None:
+        classifier = build_phantom_classifier(spec["pathologies"], **spec["architecture"])
+    elif type(members) is int and members > 0:
+        classifier = CheckpointEnsemble(
+            [build_phantom_classifier(spec["pathologies"], **spec["architecture"]) for _ in range(members)]
+        )
+    else:
+        raise JudgeError(f"{folder / JUDGES_FILE}: classifier 'members' must be a whole number above 0: {members!r}")
     classifier.op_threshs = torch.tensor(spec["op_threshs"], dtype=torch.float32)  # a buffer: set before loading
     classifier.load_state_dict(load_file(folder / spec["file"]))
     segmenter = PhantomSegmenter(**record["segmenter"]["config"])

@@ -43,7 +43,7 @@ build/held-out-phantom/index.parquet: $(PHANTOM_CODE) | $(STAMP)
 demo-model: $(STAMP) build/demo-phantom/index.parquet
 	$(VENV)/bin/xreal train demo --index build/demo-phantom --work build/demo-train --out xreal/bundles/demo
 
-# Retrain the demo bundle's judges (classifier, feature network, segmenter, realism reference) on phantoms (26 min on
+# Retrain the demo bundle's judges (classifier, feature network, segmenter, realism reference) on phantoms (19 min on
 # 2 cores). The classifier is the mean of one run's snapshots at 2500, 3000, 3500 and 4000 steps: any single end point
 # has its own blind spot on generated images (README, "Judges trained longer"). The classifier sees the 64 px phantoms
 # upsampled to 128: at 64 its stem leaves a nodule or a plate of atelectasis a fraction of a cell (sensitivity 0.51

@@ -308,6 +308,11 @@ def test_a_judge_set_with_a_checkpoint_ensemble_saves_loads_and_scores_the_same(
         (folder / "judges.json").write_text(json.dumps(record))
         with pytest.raises(JudgeError, match=rf"judges\.json: classifier 'members' must be .*{members!r}"):
             load_judges(str(folder))
+    single = {key: value for key, value in record["classifier"].items() if key != "members"}
+    for spec, described in (({**single, "members": 3}, "3 networks"), (single, "one network")):
+        (folder / "judges.json").write_text(json.dumps({**record, "classifier": spec}))
+        with pytest.raises(JudgeError, match=rf"classifier\.safetensors does not hold the classifier .*{described}"):
+            load_judges(str(folder))
 
 
 def test_train_judges_takes_the_classifier_steps_as_one_count_or_the_snapshots_of_an_ensemble(tmp_path, monkeypatch):

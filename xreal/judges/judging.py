@@ -22,6 +22,7 @@ see :mod:`xreal.core.weights`).
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -480,7 +481,15 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
     else:
         raise JudgeError(f"{folder / JUDGES_FILE}: classifier 'members' must be a whole number above 0: {members!r}")
     classifier.op_threshs = torch.tensor(spec["op_threshs"], dtype=torch.float32)  # a buffer: set before loading
-    classifier.load_state_dict(load_file(folder / spec["file"]))
+    try:
+        classifier.load_state_dict(load_file(folder / spec["file"]))
+    except RuntimeError as error:  # e.g. a member count the file does not hold
+        described = f"{members} networks" if members else "one network"
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
+        raise JudgeError(
+            f"{folder / spec['file']} does not hold the classifier {JUDGES_FILE} describes ({described}): "
+            f"{textwrap.shorten(details[0], 160)}"
+        ) from None
     segmenter = PhantomSegmenter(**record["segmenter"]["config"])
     segmenter.load_state_dict(load_file(folder / record["segmenter"]["file"]))
     stats = load_file(folder / record["realism"]["file"])

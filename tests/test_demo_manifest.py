@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from scipy import ndimage
 
 from xreal.core.labels import NO_FINDING
 from xreal.core.masks import read_binary_mask
@@ -37,6 +38,36 @@ def test_demo_masks_are_where_the_phantom_renders_its_findings():
         expected = template_finding_mask(request.anatomy.value, list(request.labels), 64)
         found = read_binary_mask(request.pathology_mask_path)
         assert np.array_equal(found, expected), f"{request.pathology_mask_path} is not the phantom's {request.labels}"
+
+
+def test_demo_boxes_lie_where_the_phantom_renders_the_finding_but_consolidations():
+    """Each box lies inside the bounding box of one region of the finding the phantom draws on that template
+    (effusion-right: one of its two sides), at least three quarters of it (a box rounded to two decimals).
+
+    consolidation-left asks for it lower in the same lung than the phantom draws it on phantom-4 (upper zone). At the
+    phantom's own place the judges call an unasked nodule or atelectasis on more draws: demo_fill accepts 0.46 and
+    0.50 of them on seeds + 1000 and + 2000, against 0.75 and 0.58 (stop 38)."""
+
+    def share_inside(box, frame):
+        inter = max(0.0, min(box[2], frame[2]) - max(box[0], frame[0])) * max(
+            0.0, min(box[3], frame[3]) - max(box[1], frame[1])
+        )
+        return inter / ((box[2] - box[0]) * (box[3] - box[1]))
+
+    requests = [r for r in load_requests(MANIFESTS / "demo.parquet") if r.boxes]
+    assert requests
+    for request in requests:
+        finding = template_finding_mask(request.anatomy.value, list(request.labels), 64)
+        frames = [
+            (x.start / 64, y.start / 64, x.stop / 64, y.stop / 64)
+            for y, x in ndimage.find_objects(ndimage.label(finding)[0])
+        ]
+        for box in request.boxes:
+            inside = max(share_inside(box.coords, frame) for frame in frames)
+            if request.request_id == "consolidation-left":
+                assert inside < 0.5, "consolidation-left now lies where the phantom draws it: update this test"
+            else:
+                assert inside >= 0.75, f"{request.request_id}: {box.coords} is outside every region {frames}"
 
 
 def test_demo_asks_for_every_phantom_pathology_with_healthy_twins():

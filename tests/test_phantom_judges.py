@@ -272,7 +272,7 @@ def test_a_classifier_trained_to_several_step_counts_is_the_ensemble_of_its_snap
         assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in kept)
     first, last = (m.state_dict()["classifier.weight"] for m in ensemble.members)
     assert not torch.equal(first, last)
-    for bad in ([], [0, 2], 0):
+    for bad in ([], [0, 2], 0, [1500, "x"], 2.0):
         with pytest.raises(ValueError, match="whole numbers above 0"):
             train_phantom_classifier(steps=bad, **common)
 

@@ -115,10 +115,10 @@ def given_back(round_trip: Callable[[np.ndarray], np.ndarray], images: np.ndarra
 
 def snapshot_steps(steps: int | Sequence[int]) -> list[int]:
     """The steps a classifier is kept at, ascending: one count, or the snapshots of a checkpoint ensemble."""
-    kept = sorted({steps} if isinstance(steps, int) else set(steps))
-    if not kept or kept[0] < 1 or any(type(step) is not int for step in kept):
+    counts = list(steps) if isinstance(steps, Sequence) else [steps]
+    if not counts or any(type(count) is not int or count < 1 for count in counts):
         raise ValueError(f"classifier steps must be whole numbers above 0, not {steps!r}")
-    return kept
+    return sorted(set(counts))
 
 
 def train_phantom_classifier(

@@ -300,27 +300,3 @@ def test_a_missing_bank_or_one_of_another_judge_set_is_refused(phantoms, tiny_ru
     result = _evaluate(tiny_run, "--reference", reference, "--bank", tmp_path / "bank", "--out", tmp_path / "r")
     assert result.exit_code == 2, result.output
     assert "judge set" in result.output and str(other_judges) in result.output
-
-
-@pytest.mark.slow
-def test_the_frechet_distance_is_extrapolated_to_infinitely_many_images_where_the_sets_allow(reports):
-    """A Fréchet distance falls as the sets grow; the report adds the figure for infinitely many images, which
-    needs each set over twice as many images as features: not the demo's 31 against 120 features."""
-    import numpy as np
-
-    from xreal.cli.evaluate import summary_text
-    from xreal.evaluate import metrics
-    from xreal.evaluate.report import _frechet
-
-    report = copy.deepcopy(reports["demo"])
-    fid = report["fidelity"]
-    assert [fid[side]["frechet"]["extrapolated"] for side in ("synthetic", "real_vs_real")] == [None, None]
-    assert "extrapolated" not in summary_text(report)
-    rng = np.random.default_rng(3)
-    a, b = rng.standard_normal((600, 8)), rng.standard_normal((600, 8)) + 0.5
-    settings = EvaluationSettings()
-    entry = _frechet(a, b, settings, extrapolate=True)
-    assert entry["extrapolated"] == metrics.frechet_extrapolated(a, b, seed=settings.seed)
-    assert abs(entry["extrapolated"] - 8 * 0.5**2) < 0.2  # the two populations' distance
-    fid["synthetic"]["frechet"]["extrapolated"], fid["real_vs_real"]["frechet"]["extrapolated"] = 2.0, 0.01
-    assert "; extrapolated to infinitely many images 2.00 (real vs real 0.01)" in summary_text(report)

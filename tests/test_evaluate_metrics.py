@@ -19,7 +19,6 @@ from xreal.evaluate.metrics import (
     change_share,
     frechet_distance,
     frechet_distance_of,
-    frechet_extrapolated,
     frechet_interval,
     kid,
     mean_interval,
@@ -91,27 +90,6 @@ def test_frechet_distance_of_samples_approaches_the_closed_form():
     assert frechet_distance_of(a.astype(np.float32), b.astype(np.float32)) == pytest.approx(expected, rel=0.02)
     small = frechet_distance_of(a[:200], b[:200])
     assert abs(small - expected) > abs(frechet_distance_of(a, b) - expected)  # the estimate converges
-
-
-def test_the_extrapolated_frechet_distance_does_not_grow_as_the_sets_shrink():
-    """Two sets of one population read about 0 at any size, where the plain figure is bias alone and doubles when
-    the sets halve; between two populations it is centred on the closed form, where the plain figure overshoots."""
-    rng = np.random.default_rng(7)
-    d = 16
-    scales, shift = np.linspace(0.5, 2.0, d), np.full(d, 0.1)
-    population = frechet_distance(np.zeros(d), np.eye(d), shift, np.diag(scales**2))  # 4.56
-    for n in (200, 800):
-        a, same = rng.standard_normal((n, d)), rng.standard_normal((n, d))
-        plain, extrapolated = frechet_distance_of(a, same), frechet_extrapolated(a, same)
-        assert plain > 150 / n and abs(extrapolated) < 0.25 * plain, (n, plain, extrapolated)
-    draws = [(rng.standard_normal((200, d)), shift + rng.standard_normal((200, d)) * scales) for _ in range(10)]
-    plain = np.mean([frechet_distance_of(a, other) for a, other in draws])
-    extrapolated = np.mean([frechet_extrapolated(a, other, seed=i) for i, (a, other) in enumerate(draws)])
-    assert plain - population > 0.6 and abs(extrapolated - population) < 0.2, (plain, extrapolated)
-    a, other = draws[0]
-    assert frechet_extrapolated(a[:32], other) is None  # a half of 16 vectors for 16 features: no 1 / n law
-    with pytest.raises(ValueError, match="feature sizes differ"):
-        frechet_extrapolated(a, other[:, :8])
 
 
 def test_feature_stats_streamed_in_uneven_chunks_equals_the_whole():

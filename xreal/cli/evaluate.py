@@ -83,15 +83,9 @@ def summary_text(report: dict) -> str:
             text += f" [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
         return text
 
-    synthetic_fd, real_fd = fidelity["synthetic"]["frechet"], fidelity["real_vs_real"]["frechet"]
-    extrapolated = [entry.get("extrapolated") for entry in (synthetic_fd, real_fd)]
     lines = [
-        f"Fréchet distance {show(synthetic_fd, 2)} (real vs real {show(real_fd, 2)})"
-        + (
-            f"; extrapolated to infinitely many images {extrapolated[0]:.2f} (real vs real {extrapolated[1]:.2f})"
-            if None not in extrapolated
-            else ""
-        ),
+        f"Fréchet distance {show(fidelity['synthetic']['frechet'], 2)} "
+        f"(real vs real {show(fidelity['real_vs_real']['frechet'], 2)})",
         f"anatomy Dice {show(control['anatomy_dice'])} (random pairing "
         f"{show(control['anatomy_dice_random_pairing'])}); change inside the mask {show(control['inside_mask'])}",
         f"requested label found {control['hit_rate_mean']:.3f} (mean over labels)"

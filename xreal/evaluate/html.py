@@ -80,12 +80,6 @@ def _summary(report: dict[str, Any]) -> str:
             _with_interval(real["frechet"]),
             "lower is closer to the real images; compare with real vs real at the same size",
         ),
-        (
-            "Fréchet distance, extrapolated to infinitely many images",
-            _fmt(synthetic["frechet"].get("extrapolated")),
-            _fmt(real["frechet"].get("extrapolated")),
-            "does not depend on the sizes (real vs real about 0); needs each set over twice as many images as features",
-        ),
         ("KID", _fmt(_value(synthetic["kid"])), _fmt(_value(real["kid"])), "lower is better; about 0 when alike"),
         *[
             (f"{name}", _fmt((synthetic["prdc"] or {}).get(name)), _fmt((real["prdc"] or {}).get(name)), reading)

@@ -173,32 +173,6 @@ def frechet_distance_of(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(stats[0].mean, stats[0].covariance(), stats[1].mean, stats[1].covariance())
 
 
-def frechet_extrapolated(a: np.ndarray, b: np.ndarray, halvings: int = 4, seed: int = 0) -> float | None:
-    """The Fréchet distance between feature sets ``a`` and ``b`` extrapolated to infinitely many vectors per set.
-
-    A sample Fréchet distance is biased upwards by about ``k_a / n_a + k_b / n_b``: two sets from one population
-    read above 0, and every figure falls as the sets grow, so figures at different sizes do not compare. Fitting
-    ``FD(n) = FD_inf + k / n`` through the whole sets and random halves of both (Chong & Forsyth 2020, "Effectively
-    Unbiased FID") gives ``FD_inf = 2 FD(a, b) - FD(halves)``, the halves' figure averaged over ``halvings`` random
-    halvings (both halves of each). It is about 0 for two sets from one population at any size, and as noisy as the
-    plain figure; it may read below 0. None when a half would hold no more vectors than there are features, where
-    the bias no longer falls as ``1 / n``.
-    """
-    a, b = _features(a, "a"), _features(b, "b")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sizes differ: {a.shape[1]} and {b.shape[1]}")
-    half_a, half_b = len(a) // 2, len(b) // 2
-    if min(half_a, half_b) <= a.shape[1]:
-        return None
-    rng = np.random.default_rng(seed)
-    halves = []
-    for _ in range(halvings):
-        order_a, order_b = rng.permutation(len(a)), rng.permutation(len(b))
-        halves.append(frechet_distance_of(a[order_a[:half_a]], b[order_b[:half_b]]))
-        halves.append(frechet_distance_of(a[order_a[half_a : 2 * half_a]], b[order_b[half_b : 2 * half_b]]))
-    return 2.0 * frechet_distance_of(a, b) - float(np.mean(halves))
-
-
 class _MomentResampler:
     """Draws the mean and covariance of bootstrap resamples of one feature set, cheaply.
 

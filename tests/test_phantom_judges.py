@@ -278,6 +278,7 @@ def test_a_classifier_trained_to_several_step_counts_is_the_ensemble_of_its_snap
 
 
 def test_a_judge_set_with_a_checkpoint_ensemble_saves_loads_and_scores_the_same(tmp_path):
+    from xreal.core.records import verify_judge_set
     from xreal.judges.judging import CheckpointEnsemble, JudgeError, load_judges
     from xreal.judges.phantom_judges import train_phantom_judges
 
@@ -308,6 +309,8 @@ def test_a_judge_set_with_a_checkpoint_ensemble_saves_loads_and_scores_the_same(
         (folder / "judges.json").write_text(json.dumps(record))
         with pytest.raises(JudgeError, match=rf"judges\.json: classifier 'members' must be .*{members!r}"):
             load_judges(str(folder))
+        with pytest.raises(JudgeError, match="classifier 'members'"):  # the check a run makes before it starts
+            verify_judge_set(folder)
     single = {key: value for key, value in record["classifier"].items() if key != "members"}
     for spec, described in (({**single, "members": 3}, "3 networks"), (single, "one network")):
         (folder / "judges.json").write_text(json.dumps({**record, "classifier": spec}))

@@ -111,6 +111,9 @@ def verify_judge_set(folder: str | os.PathLike[str]) -> dict[str, Any]:
         name = spec.get("file") if isinstance(spec, dict) else None
         if not isinstance(name, str) or name not in record["files"]:
             problems.append(f"{part} file {name!r} is not among the checksummed files")
+    members = record["classifier"].get("members") if isinstance(record["classifier"], dict) else None
+    if members is not None and not (type(members) is int and members > 0):  # a checkpoint ensemble's size
+        problems.append(f"{JUDGES_FILE}: classifier 'members' must be a whole number above 0: {members!r}")
     if problems:
         raise JudgeError(f"{folder}: judge set is damaged: {'; '.join(problems)}; refusing to use it")
     return record

@@ -471,15 +471,13 @@ def load_phantom_judges(folder: str | os.PathLike[str], device: str = "cpu") -> 
     folder = Path(folder)
     record = verify_judge_set(folder)
     spec = record["classifier"]
-    members = spec.get("members")
+    members = spec.get("members")  # checked by verify_judge_set
     if members is None:
         classifier = build_phantom_classifier(spec["pathologies"], **spec["architecture"])
-    elif type(members) is int and members > 0:
+    else:
         classifier = CheckpointEnsemble(
             [build_phantom_classifier(spec["pathologies"], **spec["architecture"]) for _ in range(members)]
         )
-    else:
-        raise JudgeError(f"{folder / JUDGES_FILE}: classifier 'members' must be a whole number above 0: {members!r}")
     classifier.op_threshs = torch.tensor(spec["op_threshs"], dtype=torch.float32)  # a buffer: set before loading
     try:
         classifier.load_state_dict(load_file(folder / spec["file"]))

@@ -206,6 +206,15 @@ def test_train_commands_chain_into_a_loadable_bundle(tmp_path):
     assert not all(torch.equal(trained[k], tuned[k]) for k in trained if k.startswith("decoder."))
     missing = CliRunner().invoke(cli, [*decoder, "--autoencoder", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--autoencoder" in missing.output and "nowhere" in missing.output
+    weighed = [*decoder[:-3], str(tmp_path / "decoder-structure"), *decoder[-2:], "--structure-weight", "50"]
+    result = CliRunner().invoke(cli, [*weighed, "--autoencoder", str(tmp_path / "autoencoder")])
+    assert result.exit_code == 0, result.output
+    structured = load_file(tmp_path / "decoder-structure" / "model" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(tuned[k], structured[k]) for k in tuned if k.startswith("decoder."))
+    negative = CliRunner().invoke(
+        cli, [*weighed, "--autoencoder", str(tmp_path / "autoencoder"), "--structure-weight", "-1"]
+    )
+    assert negative.exit_code == 2 and "--structure-weight" in negative.output
     other_sizes = [a if a != "tiny" else "demo" for a in decoder]  # the tiny autoencoder, at the demo preset
     refused = CliRunner().invoke(cli, [*other_sizes, "--autoencoder", str(tmp_path / "autoencoder")])
     assert refused.exit_code == 2 and "--preset demo needs 64 px" in refused.output, refused.output
@@ -338,8 +347,26 @@ def test_texture_gap_is_zero_for_the_same_image_and_grows_as_the_detail_is_blurr
     assert torch.all(texture_gap(images, moved) < texture_gap(images, strong))
 
 
-def test_the_texture_term_adds_its_weighted_gap_to_the_loss(data):
-    from xreal.model.autoencoder_loss import DetailLoss, autoencoder_loss, texture_gap
+def test_structure_gap_tells_which_way_the_detail_runs_where_the_texture_gap_cannot(data):
+    """Ribs across a lung and a grid of lines hold the same fine-detail power; only their direction differs."""
+    from scipy import ndimage
+
+    from xreal.model.autoencoder_loss import structure_gap, texture_gap
+
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    across, down = (0.2 * torch.sin(2 * torch.pi * t / 4)[None, None].expand(1, 3, 64, 64) for t in (x, y))
+    assert texture_gap(across, down) < 0.001
+    assert structure_gap(across, down) > 50 * texture_gap(across, down)
+    images = data.images[:6]
+    assert torch.allclose(structure_gap(images, images), torch.zeros(6))
+    blurred = torch.from_numpy(ndimage.gaussian_filter(images.numpy(), (0, 0, 2.0, 2.0))).float()
+    assert torch.all(structure_gap(images, blurred) > 0.01)
+
+
+@pytest.mark.parametrize("term", ["texture", "structure"])
+def test_the_texture_and_structure_terms_add_their_weighted_gap_to_the_loss(data, term):
+    from xreal.model import autoencoder_loss as losses_module
+    from xreal.model.autoencoder_loss import DetailLoss, autoencoder_loss
 
     torch.manual_seed(0)
     model = build_autoencoder(get_preset("tiny"))
@@ -347,14 +374,14 @@ def test_the_texture_term_adds_its_weighted_gap_to_the_loss(data):
     losses = {
         weight: autoencoder_loss(
             model, images, images, torch.Generator().manual_seed(1), 1e-6, 0,
-            DetailLoss(perceptual_weight=0.0, texture_weight=weight),
+            DetailLoss(perceptual_weight=0.0, **{f"{term}_weight": weight}),
         )
         for weight in (0.0, 10.0)
     }  # fmt: skip
     posterior = model.encode(images).latent_dist
     noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1))
     reconstruction = model.decode(posterior.mean + posterior.std * noise).sample
-    gap = texture_gap(reconstruction, images).mean()
+    gap = getattr(losses_module, f"{term}_gap")(reconstruction, images).mean()
     assert gap > 0 and torch.isclose(losses[10.0] - losses[0.0], 10.0 * gap, rtol=1e-4)
 
 

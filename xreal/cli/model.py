@@ -124,17 +124,29 @@ def train_autoencoder_command(**options) -> None:
     help="The texture term's weight (default: the demo decoder part's).",
 )
 @click.option(
+    "--structure-weight",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="The structure term's weight: which way the fine detail runs (default: the demo decoder part's).",
+)
+@click.option(
     "--perceptual-weight",
     type=click.FloatRange(min=0.0),
     default=1.0,
     show_default=True,
     help="The perceptual term's weight (0: no perceptual network).",
 )
-def train_decoder_command(autoencoder: Path, texture_weight: float | None, perceptual_weight: float, **options) -> None:
+def train_decoder_command(
+    autoencoder: Path,
+    texture_weight: float | None,
+    structure_weight: float | None,
+    perceptual_weight: float,
+    **options,
+) -> None:
     """Fine-tune a trained autoencoder's decoder with its encoder frozen; saves OUT/model.
 
-    The perceptual, texture and patch-discriminator terms bring back fine detail
-    (ribs, vessels) that L1 averages away. The latents do not change, so a
+    The perceptual, texture, structure and patch-discriminator terms bring back
+    fine detail (ribs, vessels) that L1 averages away. The latents do not change, so a
     backbone trained on them works with the new decoder: pass OUT as
     `xreal train backbone --autoencoder`. The perceptual network is the
     autoencoder run's when it has one, else trained here on the index's labels.
@@ -149,6 +161,8 @@ def train_decoder_command(autoencoder: Path, texture_weight: float | None, perce
     detail = replace(DECODER_DETAIL, perceptual_weight=perceptual_weight)
     if texture_weight is not None:
         detail = replace(detail, texture_weight=texture_weight)
+    if structure_weight is not None:
+        detail = replace(detail, structure_weight=structure_weight)
     tuned = train_autoencoder(
         data,
         run,

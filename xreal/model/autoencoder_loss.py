@@ -60,12 +60,17 @@ TEXTURE_SIGMA = 1.0  # pixels: the detail is what a Gaussian blur of this width 
 TEXTURE_PATCH = 4  # pixels: the detail's power is compared per patch of this side
 
 
+def fine_detail(images: torch.Tensor) -> torch.Tensor:
+    """The fine detail of images ``[B, C, H, W]``: their grey level (channels averaged) minus its Gaussian blur of
+    ``TEXTURE_SIGMA``, ``[B, 1, H, W]``."""
+    gray = images.mean(1, keepdim=True)
+    return gray - gaussian_blur(gray, [7, 7], [TEXTURE_SIGMA, TEXTURE_SIGMA])
+
+
 def detail_rms(images: torch.Tensor) -> torch.Tensor:
     """Root mean square of the fine detail (image minus its Gaussian blur) per ``TEXTURE_PATCH`` patch:
     ``[B, 1, H / p, W / p]`` for images ``[B, C, H, W]`` (channels averaged)."""
-    gray = images.mean(1, keepdim=True)
-    detail = gray - gaussian_blur(gray, [7, 7], [TEXTURE_SIGMA, TEXTURE_SIGMA])
-    return (F.avg_pool2d(detail**2, TEXTURE_PATCH) + 1e-6).sqrt()
+    return (F.avg_pool2d(fine_detail(images) ** 2, TEXTURE_PATCH) + 1e-6).sqrt()
 
 
 def texture_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,10 +79,9 @@ def texture_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def detail_structure(images: torch.Tensor) -> torch.Tensor:
-    """Which way the fine detail runs, per ``TEXTURE_PATCH`` patch: the structure tensor of the detail (image
-    minus its Gaussian blur), its three entries as signed square roots, ``[B, 3, H / p, W / p]``."""
-    gray = images.mean(1, keepdim=True)
-    detail = gray - gaussian_blur(gray, [7, 7], [TEXTURE_SIGMA, TEXTURE_SIGMA])
+    """Which way the :func:`fine_detail` runs, per ``TEXTURE_PATCH`` patch: its structure tensor, the three entries
+    as signed square roots, ``[B, 3, H / p, W / p]``."""
+    detail = fine_detail(images)
     dx = F.pad(detail[..., :, 1:] - detail[..., :, :-1], (0, 1, 0, 0))
     dy = F.pad(detail[..., 1:, :] - detail[..., :-1, :], (0, 0, 0, 1))
     tensor = F.avg_pool2d(torch.cat([dx * dx, dy * dy, dx * dy], 1), TEXTURE_PATCH)

@@ -153,6 +153,12 @@ def latent_detail_power(latents: np.ndarray, anatomy: np.ndarray) -> np.ndarray:
     return np.mean([lung_detail_power(latents[:, c], cells, sigma=1.0) for c in range(latents.shape[1])], axis=0)
 
 
+def describe_guidance(settings) -> str:
+    """Stage 2's guidance as a line says it: one scale, or the scale with its finding-by-finding exceptions."""
+    table = ", ".join(f"{label} {scale:g}" for label, scale in settings.finding_guidance)
+    return f"{settings.guidance_scale:g}" + (f" ({table})" if table else "")
+
+
 def mean_dice(requested: np.ndarray, found: np.ndarray) -> np.ndarray:
     return np.array([np.mean(list(anatomy_dice(a, f).values())) for a, f in zip(requested, found, strict=True)])
 
@@ -181,8 +187,9 @@ def main() -> None:
         "preset's share of --steps)"
     )  # fmt: skip
     parser.add_argument(
-        "--guidance-scale", type=float, default=FAST.guidance_scale, help="stage 2's classifier-free guidance"
-    )
+        "--guidance-scale", type=float, default=None, help="stage 2's classifier-free guidance for every finding "
+        "(default: the fast preset's, finding by finding)"
+    )  # fmt: skip
     parser.add_argument(
         "--healthy-guidance", type=float, default=FAST.healthy_guidance_scale, help="stage 1's guidance away from "
         "the findings (1: off)"
@@ -230,8 +237,9 @@ def main() -> None:
     for lo in range(0, n, args.batch_size):
         hi = min(n, lo + args.batch_size)
         request = (requested[lo:hi], [[label] for label in labels[lo:hi]], seeds[lo:hi], masks[lo:hi])
-        controlled.append(pipe(*request, **settings))
-        unrestored.append(pipe(*request, restore_outside=False, **settings))
+        guided = sampling.pipeline_arguments(request[1])
+        controlled.append(pipe(*request, **guided))
+        unrestored.append(pipe(*request, restore_outside=False, **guided))
         healthy_only = (requested[lo:hi], [""] * (hi - lo), seeds[lo:hi], [None] * (hi - lo))
         uncontrolled.append(pipe(*healthy_only, **{**settings, "anatomy_steps": 0}))
     seconds = time.perf_counter() - started
@@ -244,7 +252,7 @@ def main() -> None:
     print(
         f"{n} held-out phantom requests (seed {args.seed}), {size} px, latent cell {cell} px, "
         f"{args.sampler} {args.steps} steps per stage ({anatomy_steps} with anatomy), guidance "
-        f"{args.guidance_scale:g}, healthy guidance {args.healthy_guidance:g}, one draw each, "
+        f"{describe_guidance(sampling)}, healthy guidance {args.healthy_guidance:g}, one draw each, "
         f"{'boxes' if args.boxes else 'masks'} locating the findings, "
         f"generated in {seconds:.0f} s"
     )

@@ -81,7 +81,9 @@ def main() -> None:
         images, scores = [], []
         for lo in range(0, args.draws, 16):
             n = len(seeds[lo : lo + 16])
-            output = pipe([anatomy] * n, [labels] * n, seeds[lo : lo + 16], [mask] * n, **FAST.pipeline_arguments())
+            output = pipe(
+                [anatomy] * n, [labels] * n, seeds[lo : lo + 16], [mask] * n, **FAST.pipeline_arguments([labels] * n)
+            )
             images.append(output.images)
             scores += judges.score(output.images, np.stack([pipe.conditioning_anatomy(anatomy)] * n), [mask] * n)
         threshold = judges.realism_threshold

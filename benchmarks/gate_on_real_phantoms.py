@@ -141,7 +141,7 @@ def check_generated(args, judges, real_cases, real_asked, real_accepted) -> None
             asked[lo:hi],
             list(range(lo, hi)),
             masks[lo:hi],
-            **sampling.pipeline_arguments(),
+            **sampling.pipeline_arguments(asked[lo:hi]),
         )
         images.append(output.images)
         scores += judges.score(output.images, anatomy, masks[lo:hi])

@@ -73,6 +73,7 @@ class Setting:
             "--sampler", x.sampler, "--steps", str(x.steps), "--anatomy-steps", str(x.anatomy_steps),
             "--step-grid", x.step_grid, "--guidance-interval", *interval, "--guidance-scale", f"{x.guidance_scale:g}",
             "--healthy-guidance", f"{x.healthy_guidance_scale:g}",
+            *(f"--finding-guidance={label}={scale:g}" for label, scale in x.finding_guidance),
         )  # fmt: skip
 
 

@@ -196,6 +196,17 @@ def test_sampler_options_become_the_runs_sampler_settings(manifest, tmp_path, mo
     run("generate", manifest, "--out", tmp_path / "o", "--speed", "fast", "--steps", "10")
     run("generate", manifest, "--out", tmp_path / "o", "--guidance-scale", "4", "--healthy-guidance", "2.5")
     run("generate", manifest, "--out", tmp_path / "o", "--speed", "fast", "--healthy-guidance", "1")
+    run(
+        "generate",
+        manifest,
+        "--out",
+        tmp_path / "o",
+        "--finding-guidance",
+        "edema=3",
+        "--finding-guidance=Lung Lesion=7",
+    )
+    run("generate", manifest, "--out", tmp_path / "o", "--speed", "fast", "--finding-guidance", "Atelectasis=9")
+    run("generate", manifest, "--out", tmp_path / "o", "--speed", "fast", "--guidance-scale", "4")
     assert seen[0] == SPEEDS["fast"]
     assert (seen[1].sampler, seen[1].steps, seen[1].anatomy_steps) == ("ddim", 30, 15)
     assert (seen[2].sampler, seen[2].steps, seen[2].anatomy_steps) == ("unipc", 12, 3)
@@ -203,6 +214,19 @@ def test_sampler_options_become_the_runs_sampler_settings(manifest, tmp_path, mo
     assert (seen[4].sampler, seen[4].steps, seen[4].anatomy_steps) == ("dpmsolver++", 10, 9)  # fast: 7/8 of stage 1
     assert (seen[5].guidance_scale, seen[5].healthy_guidance_scale, seen[5].sampler) == (4.0, 2.5, "ddim")
     assert (seen[6].guidance_scale, seen[6].healthy_guidance_scale) == (SPEEDS["fast"].guidance_scale, 1.0)
+    assert seen[7].finding_guidance == (("Edema", 3.0), ("Lung Lesion", 7.0)) and seen[7].guidance_scale == 7.0
+    assert dict(seen[8].finding_guidance) == {**dict(SPEEDS["fast"].finding_guidance), "Atelectasis": 9.0}
+    assert seen[9].finding_guidance == () and seen[9].guidance_scale == 4.0  # one scale for every finding
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [("Edema", "expected LABEL=SCALE"), ("Oedema=3", "unknown pathology label"), ("Edema=x", "could not convert")],
+)
+def test_a_bad_finding_guidance_entry_exits_2_naming_it(manifest, tmp_path, entry, message):
+    result = run("generate", manifest, "--out", tmp_path / "o", "--finding-guidance", entry)
+    assert result.exit_code == 2 and f"--finding-guidance {entry!r}" in result.output and message in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_sampler_quality_runs_each_of_its_settings_as_it_is(manifest, tmp_path, monkeypatch):

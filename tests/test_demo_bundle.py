@@ -104,7 +104,7 @@ def test_thin_findings_keep_their_contrast_and_are_found(pipe):
         [[label] for label in labels],
         list(range(310, 310 + n)),
         masks,
-        **FAST,
+        **SPEEDS["fast"].pipeline_arguments([[label] for label in labels]),
     )
     contrast = [
         np.abs(out.images[i] - out.healthy_images[i])[m].mean() / np.abs(cases.images[i] - healthy.images[i])[m].mean()

@@ -92,6 +92,21 @@ def test_a_good_manifest_validates(workspace, label_map):
     assert requests[2].settings().steps == 20 and requests[2].settings().eta == 1.0
 
 
+def test_a_rows_own_guidance_wins_over_the_runs_finding_table(workspace, label_map):
+    """The run's table guides a row by its findings (the largest of them); a row's guidance_scale column wins."""
+    from xreal.core.settings import SamplerSettings
+
+    rows = good_rows(label_map)
+    rows[1]["guidance_scale"] = 2.5
+    requests = load_requests(write(workspace / "m.parquet", rows))
+    run = SamplerSettings(guidance_scale=5.0).with_overrides(finding_guidance={"Lung Lesion": 7, "Edema": 3})
+    assert requests[0].settings(run).guidance_scale == 7.0  # Lung Lesion
+    assert requests[1].settings(run).guidance_scale == 2.5  # Edema and Pleural Effusion, its own 2.5
+    rows[1]["guidance_scale"] = None
+    requests = load_requests(write(workspace / "m2.parquet", rows))
+    assert requests[1].settings(run).guidance_scale == 5.0  # Edema 3, Pleural Effusion the run's 5
+
+
 def test_pandas_written_manifests_are_accepted(workspace, label_map):
     import pandas as pd
 

@@ -1,5 +1,7 @@
 """Samplers of XRealPipeline: DDIM (unchanged), DPM-Solver++ 2M, its SDE variant and UniPC; step grids and the
-guidance interval."""
+guidance interval; guidance per finding."""
+
+import json
 
 import numpy as np
 import pytest
@@ -291,3 +293,55 @@ def test_a_reference_grid_past_the_last_training_step_is_refused(pipe, steps):
         pipe.make_scheduler("ddim", steps, step_grid="reference")
     with pytest.raises(XRealError, match="reaches t = 1000"):
         SamplerSettings(steps=steps, anatomy_steps=0, step_grid="reference").check()
+
+
+def test_finding_guidance_sets_each_requests_stage_two_guidance():
+    """A request takes its finding's scale from the table, the largest of its findings' when it asks for several,
+    the base scale for a finding the table leaves out; a healthy request has no stage 2 to guide."""
+    from xreal.core.settings import SamplerSettings
+
+    settings = SamplerSettings(guidance_scale=5.0).with_overrides(finding_guidance={"edema": 3, "Lung Lesion": 7})
+    assert settings.finding_guidance == (("Edema", 3.0), ("Lung Lesion", 7.0))
+    assert settings.for_labels(["Edema"]).guidance_scale == 3.0
+    assert settings.for_labels(["Pneumothorax"]).guidance_scale == 5.0
+    assert settings.for_labels(["Edema", "Pneumothorax"]).guidance_scale == 5.0
+    assert settings.for_labels(["Edema", "Lung Lesion"]).guidance_scale == 7.0
+    assert settings.for_labels(["No Finding"]) == settings
+    asked = [["Edema"], ["No Finding"], ["Lung Lesion", "Edema"]]
+    assert settings.pipeline_arguments(asked)["guidance_scale"] == [3.0, 5.0, 7.0]
+    assert settings.pipeline_arguments()["guidance_scale"] == 5.0
+
+
+def test_one_guidance_scale_given_alone_drops_the_finding_table():
+    """An override of the scale alone means one scale for every request (a manifest row's, a run's
+    --guidance-scale); given with a table, both hold, as a run record gives them back."""
+    from xreal.core.settings import DEFAULT_SETTINGS, SPEEDS, SamplerSettings
+
+    settings = SamplerSettings().with_overrides(finding_guidance={"Edema": 3})
+    assert settings.with_overrides(guidance_scale=4).for_labels(["Edema"]).guidance_scale == 4.0
+    assert settings.with_overrides(steps=20).for_labels(["Edema"]).guidance_scale == 3.0
+    for preset in (settings, SPEEDS["fast"]):
+        assert DEFAULT_SETTINGS.with_overrides(**preset.to_dict()) == preset  # the flow's parameters
+        assert json.loads(json.dumps(preset.to_dict())) == preset.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"Oedema": 3}, "finding guidance 'Oedema': unknown pathology label"),
+        ({"No Finding": 3}, "No Finding has no stage 2"),
+        ({"Edema": "strong"}, "finding guidance 'Edema': could not convert"),
+    ],
+)
+def test_a_bad_finding_table_is_refused_naming_the_entry(table, message):
+    from xreal.core.settings import SamplerSettings
+
+    with pytest.raises(XRealError, match=message):
+        SamplerSettings().with_overrides(finding_guidance=table)
+
+
+def test_a_finding_scale_out_of_range_is_refused():
+    from xreal.core.settings import SamplerSettings
+
+    with pytest.raises(XRealError, match="the guidance for Edema must lie in"):
+        SamplerSettings().with_overrides(finding_guidance={"Edema": 60}).check()

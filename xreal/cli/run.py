@@ -10,6 +10,7 @@ import click
 
 from xreal.cli.base import _Group, cli
 from xreal.core.errors import XRealError
+from xreal.core.labels import canonical_label
 from xreal.core.settings import SAMPLER_NAMES, SPEEDS, STEP_GRIDS, SamplerSettings
 
 SAMPLER_OPTIONS = (
@@ -21,6 +22,7 @@ SAMPLER_OPTIONS = (
     "guidance_interval",
     "guidance_scale",
     "healthy_guidance_scale",
+    "finding_guidance",
 )
 
 
@@ -95,6 +97,13 @@ def _run_options(function):
             default=None,
             help="Guidance of stage 1 away from every finding the model knows (1: off) [reference: 1, fast: 2].",
         ),
+        click.option(
+            "--finding-guidance",
+            multiple=True,
+            metavar="LABEL=SCALE",
+            help="Stage 2's guidance for requests of one finding, over the preset's table (repeat for others; "
+            "a request of several takes the largest). --guidance-scale without it drops the preset's table.",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -112,6 +121,9 @@ def _sampler_settings(options: dict) -> SamplerSettings:
     limit = steps if steps is not None else preset.steps
     if anatomy_steps is not None and anatomy_steps > limit:
         raise XRealError(f"--anatomy-steps {anatomy_steps} is more than the {limit} steps of each stage (--steps)")
+    entries = given.pop("finding_guidance")
+    if entries:
+        given["finding_guidance"] = {**dict(preset.finding_guidance), **_finding_entries(entries)}
     interval = given["guidance_interval"]
     if interval is not None and not interval[0] < interval[1]:
         raise XRealError(f"--guidance-interval: START must be below STOP, got {interval[0]} {interval[1]}")
@@ -119,6 +131,20 @@ def _sampler_settings(options: dict) -> SamplerSettings:
     if settings.step_grid == "reference" and settings.sampler != "ddim":
         raise XRealError(f"--step-grid reference is the reference's DDIM grid; --sampler is {settings.sampler}")
     return settings.check("the sampler options")
+
+
+def _finding_entries(entries: tuple[str, ...]) -> dict[str, float]:
+    """--finding-guidance's LABEL=SCALE entries as a table, labels spelt as CheXpert does."""
+    table = {}
+    for entry in entries:
+        label, sep, scale = entry.rpartition("=")
+        try:
+            if not sep:
+                raise ValueError("expected LABEL=SCALE, e.g. Edema=4")
+            table[canonical_label(label)] = float(scale)
+        except ValueError as error:
+            raise XRealError(f"--finding-guidance {entry!r}: {error}") from None
+    return table
 
 
 def _run_parameters(

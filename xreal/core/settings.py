@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from xreal.core.errors import XRealError
+from xreal.core.labels import NO_FINDING, canonical_label
 
 NUM_TRAIN_TIMESTEPS = 1000
 # The schedulers XRealPipeline can sample with (xreal.model.sampling.SAMPLERS builds them).
@@ -46,6 +48,9 @@ class SamplerSettings:
     (noisiest first), where classifier-free guidance runs; outside it each step costs one UNet evaluation.
     ``healthy_guidance_scale``: classifier-free guidance of stage 1 away from the findings the model knows (the
     healthy twin's empty prompt against a negative prompt naming them); 1 or less turns it off, as the reference.
+    ``finding_guidance``: stage 2's guidance for requests of a given finding, ``(label, scale)`` pairs; a request
+    takes the largest of its findings' scales (``guidance_scale`` for a finding without one), see
+    :meth:`for_labels`. A ``guidance_scale`` given as an override without a table clears it.
     """
 
     steps: int = 100
@@ -57,6 +62,7 @@ class SamplerSettings:
     step_grid: str = "exact"
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     healthy_guidance_scale: float = 1.0
+    finding_guidance: tuple[tuple[str, float], ...] = ()
 
     def with_overrides(self, **overrides: Any) -> SamplerSettings:
         """A copy with the non-None overrides applied."""
@@ -69,7 +75,20 @@ class SamplerSettings:
             )
         if "guidance_interval" in changed:
             changed["guidance_interval"] = tuple(float(x) for x in changed["guidance_interval"])
+        if "finding_guidance" in changed:
+            changed["finding_guidance"] = _finding_table(changed["finding_guidance"])
+        elif "guidance_scale" in changed:
+            changed["finding_guidance"] = ()  # one scale asked for every request
         return replace(self, **changed)
+
+    def for_labels(self, labels: Iterable[str]) -> SamplerSettings:
+        """The settings for one request of ``labels``: its guidance is the largest of its findings' scales in
+        ``finding_guidance`` (``guidance_scale`` for a finding the table leaves out)."""
+        table = dict(self.finding_guidance)
+        findings = [label for label in labels if label != NO_FINDING]
+        if not table or not findings:
+            return self
+        return replace(self, guidance_scale=max(table.get(label, self.guidance_scale) for label in findings))
 
     def check(self, where: str = "sampler settings") -> SamplerSettings:
         """These settings, or an error naming the setting that is wrong and ``where`` it came from."""
@@ -94,6 +113,9 @@ class SamplerSettings:
             )
         if not 0.0 <= self.healthy_guidance_scale <= 50.0:
             raise XRealError(f"{where}: healthy guidance must lie in [0, 50], got {self.healthy_guidance_scale}")
+        for label, scale in self.finding_guidance:
+            if not 0.0 <= scale <= 50.0:
+                raise XRealError(f"{where}: the guidance for {label} must lie in [0, 50], got {scale}")
         return self
 
     def anatomy_steps_for(self, steps: int) -> int:
@@ -128,13 +150,34 @@ class SamplerSettings:
             "healthy_guidance_scale": self.healthy_guidance_scale,
         }
 
-    def pipeline_arguments(self) -> dict[str, Any]:
-        """Every ``XRealPipeline`` argument these settings set, for a call whose items all take them."""
-        return {**self.shared_arguments(), "guidance_scale": self.guidance_scale, "soft_scale": self.soft_scale}
+    def pipeline_arguments(self, labels: Iterable[Iterable[str]] | None = None) -> dict[str, Any]:
+        """Every ``XRealPipeline`` argument these settings set, for a call whose items all take them; with the
+        items' ``labels``, guidance per item as :meth:`for_labels` gives it."""
+        guidance = self.guidance_scale if labels is None else [self.for_labels(item).guidance_scale for item in labels]
+        return {**self.shared_arguments(), "guidance_scale": guidance, "soft_scale": self.soft_scale}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (the guidance interval as a list), as run records pin it."""
-        return {**asdict(self), "guidance_interval": list(self.guidance_interval)}
+        """JSON-ready (the guidance interval as a list, the finding table as a mapping), as run records pin it."""
+        return {
+            **asdict(self),
+            "guidance_interval": list(self.guidance_interval),
+            "finding_guidance": dict(self.finding_guidance),
+        }
+
+
+def _finding_table(table: Mapping[str, float] | Iterable[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    """``finding_guidance`` as sorted ``(label, scale)`` pairs, labels checked and spelt as CheXpert does."""
+    pairs = table.items() if isinstance(table, Mapping) else table
+    out: dict[str, float] = {}
+    for name, scale in pairs:
+        try:
+            label = canonical_label(name)
+            out[label] = float(scale)
+        except (XRealError, TypeError, ValueError) as error:
+            raise XRealError(f"finding guidance {name!r}: {error}") from None
+        if label == NO_FINDING:
+            raise XRealError("finding guidance: No Finding has no stage 2 to guide")
+    return tuple(sorted(out.items()))
 
 
 DEFAULT_SETTINGS = SamplerSettings()

@@ -162,8 +162,9 @@ class Request:
         return self.labels != (NO_FINDING,)
 
     def settings(self, defaults: SamplerSettings = DEFAULT_SETTINGS) -> SamplerSettings:
-        """The sampler settings for this request: defaults with the row's overrides."""
-        return defaults.with_overrides(**self.overrides)
+        """The sampler settings for this request: defaults with the row's overrides, guided as its findings ask
+        (``SamplerSettings.for_labels``; a row's own guidance scale wins)."""
+        return defaults.with_overrides(**self.overrides).for_labels(self.labels)
 
     def anatomy_map(self, size: int) -> np.ndarray:
         """The requested anatomy label map: a file or RLE at its own size, a template rendered at ``size``."""

@@ -432,8 +432,8 @@ def run_batch(config: RunConfig, batch: Batch, device: str, run_id: str) -> Batc
             anatomy_source=s.request.anatomy.key,
             split=s.request.split,
             tags=s.request.tags,
-            settings={
-                **x.to_dict(),
+            settings={  # the finding table is the run record's; each sample keeps the scale it took from it
+                **{k: v for k, v in x.to_dict().items() if k != "finding_guidance"},
                 "guidance_scale": x.guidance_scale if s.request.has_pathology else 1.0,
                 "unet_evaluations": x.unet_evaluations(s.request.has_pathology),
             },

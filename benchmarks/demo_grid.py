@@ -46,7 +46,7 @@ def main() -> None:
         masks,
         **FAST.with_overrides(
             steps=args.steps, anatomy_steps=FAST.anatomy_steps_for(args.steps), sampler=args.sampler
-        ).pipeline_arguments(),
+        ).pipeline_arguments([[lab] for lab in labels]),
     )
     rows = []
     for i in range(len(labels)):

@@ -116,6 +116,12 @@ def test_a_batch_writes_its_files_then_its_shard(finished_run):
     assert (table["Cardiomegaly"] == [1, 1, 0, 0]).all() and (table["No Finding"] == [0, 0, 1, 1]).all()
     assert table.boxes[0][0]["x_min"] == pytest.approx(0.35 * 64)
     assert table.seed.tolist() == [10, 11, 10, 11]
+    fast = SPEEDS["fast"]
+    cardio = fast.for_labels(["Cardiomegaly"]).guidance_scale
+    assert cardio != fast.guidance_scale  # the fast preset's finding table guides cardiomegaly apart
+    assert table.guidance_scale.tolist() == [cardio, cardio, 1.0, 1.0]  # healthy requests have no stage 2
+    pinned = json.loads((out / "run.json").read_text())["identity"]["sampler"]["finding_guidance"]
+    assert pinned == dict(fast.finding_guidance)
     for row in table.itertuples():
         folder = "images" if row.decision == "accepted" else "rejected"
         assert row.image_path == f"{folder}/{row.sample_id}.png"

@@ -88,7 +88,8 @@ def _run_options(function):
             "--guidance-scale",
             type=click.FloatRange(0, 50),
             default=None,
-            help="Classifier-free guidance of stage 2 for rows without their own (1: off) [reference: 7, fast: 5.5].",
+            help="Classifier-free guidance of stage 2 for rows without their own (1: off) [reference: 7; fast: 5.5, "
+            "2.5-4.5 for the findings its table names].",
         ),
         click.option(
             "--healthy-guidance",

@@ -11,7 +11,7 @@ import click
 from xreal.cli.base import _Group, cli
 from xreal.core.errors import XRealError
 from xreal.core.labels import canonical_label
-from xreal.core.settings import SAMPLER_NAMES, SPEEDS, STEP_GRIDS, SamplerSettings
+from xreal.core.settings import MAX_GUIDANCE, SAMPLER_NAMES, SPEEDS, STEP_GRIDS, SamplerSettings
 
 SAMPLER_OPTIONS = (
     "speed",
@@ -86,7 +86,7 @@ def _run_options(function):
         ),
         click.option(
             "--guidance-scale",
-            type=click.FloatRange(0, 50),
+            type=click.FloatRange(0, MAX_GUIDANCE),
             default=None,
             help="Classifier-free guidance of stage 2 for rows without their own (1: off) [reference: 7; fast: 5.5, "
             "2.5-4.5 for the findings its table names].",
@@ -94,7 +94,7 @@ def _run_options(function):
         click.option(
             "--healthy-guidance",
             "healthy_guidance_scale",
-            type=click.FloatRange(0, 50),
+            type=click.FloatRange(0, MAX_GUIDANCE),
             default=None,
             help="Guidance of stage 1 away from every finding the model knows (1: off) [reference: 1, fast: 2].",
         ),

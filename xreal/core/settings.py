@@ -16,6 +16,7 @@ SAMPLER_NAMES = ("ddim", "dpmsolver++", "dpmsolver++-sde", "unipc")
 # every 1000 // steps from t = 1 up, which is more than ``steps`` steps when ``steps`` does not divide 1000
 # (30 gives 31 steps from t = 991, 60 gives 63).
 STEP_GRIDS = ("exact", "reference")
+MAX_GUIDANCE = 50.0  # the largest classifier-free guidance scale a manifest, a run or a finding table may ask for
 
 
 def reference_grid(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, offset: int = 1) -> list[int]:
@@ -111,11 +112,13 @@ class SamplerSettings:
             raise XRealError(
                 f"{where}: the guidance interval must be two fractions 0 <= start < stop <= 1, got {start}, {stop}"
             )
-        if not 0.0 <= self.healthy_guidance_scale <= 50.0:
-            raise XRealError(f"{where}: healthy guidance must lie in [0, 50], got {self.healthy_guidance_scale}")
+        if not 0.0 <= self.healthy_guidance_scale <= MAX_GUIDANCE:
+            raise XRealError(
+                f"{where}: healthy guidance must lie in [0, {MAX_GUIDANCE:g}], got {self.healthy_guidance_scale}"
+            )
         for label, scale in self.finding_guidance:
-            if not 0.0 <= scale <= 50.0:
-                raise XRealError(f"{where}: the guidance for {label} must lie in [0, 50], got {scale}")
+            if not 0.0 <= scale <= MAX_GUIDANCE:
+                raise XRealError(f"{where}: the guidance for {label} must lie in [0, {MAX_GUIDANCE:g}], got {scale}")
         return self
 
     def anatomy_steps_for(self, steps: int) -> int:

@@ -38,14 +38,13 @@ from xreal.core.masks import (
     read_binary_mask,
     read_label_map,
 )
-from xreal.core.settings import DEFAULT_SETTINGS, SamplerSettings
+from xreal.core.settings import DEFAULT_SETTINGS, MAX_GUIDANCE, SamplerSettings
 from xreal.phantom.templates import template_label_map, template_seed
 
 MANIFEST_VERSION = "1"
 VERSION_KEY = b"xreal.manifest_version"
 MAX_SAMPLES_PER_REQUEST = 100_000
 MAX_STEPS = 1000
-MAX_GUIDANCE = 50.0
 BATCH_ROWS = 65_536
 
 BOX_TYPE = pa.struct(

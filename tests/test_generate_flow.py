@@ -8,6 +8,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner, Result
 
 from xreal.core.settings import SPEEDS
 from xreal.manifest.schema import write_manifest
@@ -17,6 +18,14 @@ from xreal.run.dataset import XRealDataset
 pytestmark = pytest.mark.slow
 
 FAST = {"steps": SPEEDS["fast"].steps, "anatomy_steps": SPEEDS["fast"].anatomy_steps}
+
+
+def xreal(*args) -> Result:
+    """``xreal ARGS`` in this process, on the session's Prefect API: for the runs a test does not kill, which a new
+    interpreter would spend 15-20 s importing torch, diffusers and Prefect for."""
+    from xreal.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def manifest(path, samples=2, steps=FAST):
@@ -135,21 +144,9 @@ def test_images_do_not_depend_on_batch_size_or_on_a_resume(prefect_api, tmp_path
 def test_a_killed_run_resumes_to_exactly_the_requested_samples(prefect_api, tmp_path):
     path = manifest(tmp_path / "m.parquet", samples=4, steps={"steps": 30, "anatomy_steps": 15})
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "xreal.cli",
-        "generate",
-        str(path),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--quiet",
-        "--policy",
-        str(no_redraws(tmp_path)),
-    ]
+    args = ["generate", path, "--out", out, "--batch-size", "2", "--quiet", "--policy", no_redraws(tmp_path)]
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    command = [sys.executable, "-m", "xreal.cli", *map(str, args)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shards = out / "shards"
     deadline = time.monotonic() + 240
@@ -163,15 +160,15 @@ def test_a_killed_run_resumes_to_exactly_the_requested_samples(prefect_api, tmp_
     committed = len(list(shards.glob("*.parquet")))
     assert 2 <= committed < 6 and not (out / "samples.parquet").exists()
 
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stdout + finished.stderr
+    finished = xreal(*args)
+    assert finished.exit_code == 0, finished.output
     table = pq.read_table(out / "samples.parquet")
     ids = table.column("sample_id").to_pylist()
     assert sorted(ids) == sorted(f"{r}-r{i:04d}" for r in ("cardio", "effusion", "healthy") for i in range(4))
     assert audit_run(out).consistent
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+    again = xreal(*args)
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
 
 
 def no_redraws(tmp_path):
@@ -209,17 +206,11 @@ def test_a_failing_batch_does_not_stop_the_others_and_a_rerun_completes(prefect_
 
 
 def test_generate_names_a_missing_judge_weight_file_and_writes_nothing(prefect_api, tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from xreal.cli import cli
-
     monkeypatch.setenv("XREAL_WEIGHTS_DIR", str(tmp_path / "empty-cache"))
     policy = tmp_path / "policy.yaml"
     policy.write_text("judges: torchxrayvision\n")
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        cli, ["generate", str(manifest(tmp_path / "m.parquet")), "--out", str(out), "--policy", str(policy), "--quiet"]
-    )
+    result = xreal("generate", manifest(tmp_path / "m.parquet"), "--out", out, "--policy", policy, "--quiet")
     assert result.exit_code == 2, result.output
     assert "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121" in result.output
     assert str(tmp_path / "empty-cache") in result.output and "xreal weights fetch" in result.output

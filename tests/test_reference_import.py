@@ -511,7 +511,7 @@ def test_paper_preset_benchmark_runs(tmp_path):
     import sys
 
     script = Path(__file__).parents[1] / "benchmarks" / "paper_preset.py"
-    options = ["--preset", "demo", "--steps", "2", "--images", "1", "--batch", "2", "--repeats", "1"]
+    options = ["--preset", "demo", "--steps", "2", "--images", "1", "--batch", "1", "--repeats", "1"]
     options += ["--rungs", "1,2,3,4,5,7,8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, script, *options], capture_output=True, text=True, timeout=300, env=env)

@@ -3,6 +3,7 @@ infra/prefect.yaml to a process worker with the server on PostgreSQL, as infra/R
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import urllib.request
@@ -46,44 +47,46 @@ def assert_complete_dataset(out: Path) -> None:
     assert decisions.count("accepted") == 6  # every request filled, within the policy's redraws
 
 
-def test_xreal_serve_runs_submitted_runs_on_its_schedule_and_one_writer_per_directory(tmp_path):
+def test_xreal_serve_runs_submitted_runs_on_its_schedule_and_one_writer_per_directory(prefect_api, tmp_path):
     path = manifest(tmp_path / "m.parquet")
-    with prefect_server(tmp_path / "prefect") as env:
-        log = tmp_path / "serve.log"
-        schedule = ["--cron", "0 3 * * *", "--manifest", str(path), "--out", str(tmp_path / "nightly" / "{date}")]
-        served = start([str(BIN / "xreal"), "serve", "--name", "gen", "--limit", "2", *schedule], env, log, tmp_path)
-        try:
-            wait_for(lambda: api(env, "deployments/name/generate-dataset/gen"), "xreal serve", 120, served, log)
-            deployment = api(env, "deployments/name/generate-dataset/gen")
-            assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
-            assert deployment["global_concurrency_limit"]["limit"] == 2
-            assert deployment["parameters"]["out"].endswith("nightly/{date}")
+    # The session's Prefect server: a real one, on SQLite (the next test starts one on PostgreSQL).
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "client")}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    log = tmp_path / "serve.log"
+    schedule = ["--cron", "0 3 * * *", "--manifest", str(path), "--out", str(tmp_path / "nightly" / "{date}")]
+    served = start([str(BIN / "xreal"), "serve", "--name", "gen", "--limit", "2", *schedule], env, log, tmp_path)
+    try:
+        wait_for(lambda: api(env, "deployments/name/generate-dataset/gen"), "xreal serve", 120, served, log)
+        deployment = api(env, "deployments/name/generate-dataset/gen")
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+        assert deployment["global_concurrency_limit"]["limit"] == 2
+        assert deployment["parameters"]["out"].endswith("nightly/{date}")
 
-            out = tmp_path / "out"
-            result = submit(env, path, out, "gen")
-            assert result.returncode == 0, result.stdout + result.stderr + log.read_text()
-            assert "Completed" in result.stdout
-            run = api(env, f"flow_runs/{run_id(result.stdout)}")
-            assert run["state_type"] == "COMPLETED" and run["parameters"]["out"] == str(out)
-            assert_complete_dataset(out)
-            assert json.loads((out / "dataset.json").read_text())["flow_run_id"] == run["id"]
-            missing = submit(env, path, tmp_path / "elsewhere", "no-such-deployment")
-            assert missing.returncode == 2 and "no deployment 'generate-dataset/no-such-deployment'" in missing.stderr
+        out = tmp_path / "out"
+        result = submit(env, path, out, "gen")
+        assert result.returncode == 0, result.stdout + result.stderr + log.read_text()
+        assert "Completed" in result.stdout
+        run = api(env, f"flow_runs/{run_id(result.stdout)}")
+        assert run["state_type"] == "COMPLETED" and run["parameters"]["out"] == str(out)
+        assert_complete_dataset(out)
+        assert json.loads((out / "dataset.json").read_text())["flow_run_id"] == run["id"]
+        missing = submit(env, path, tmp_path / "elsewhere", "no-such-deployment")
+        assert missing.returncode == 2 and "no deployment 'generate-dataset/no-such-deployment'" in missing.stderr
 
-            # Two runs at once into one directory: one writes it, the other is refused (or finds it done).
-            twin = tmp_path / "twin"
-            args = ["submit", str(path), "--out", str(twin), "--deployment", "gen", *FAST, "--wait"]
-            both = [subprocess.Popen([str(BIN / "xreal"), *args], env=env, stdout=subprocess.PIPE, text=True)]
-            both.append(subprocess.Popen([str(BIN / "xreal"), *args], env=env, stdout=subprocess.PIPE, text=True))
-            outputs = [p.communicate(timeout=300)[0] for p in both]
-            states = [api(env, f"flow_runs/{run_id(o)}")["state"] for o in outputs]
-            assert any(s["type"] == "COMPLETED" for s in states), outputs
-            for state in states:
-                if state["type"] != "COMPLETED":
-                    assert "is being written by another run" in state["message"], state
-            assert_complete_dataset(twin)
-        finally:
-            stop(served)
+        # Two runs at once into one directory: one writes it, the other is refused (or finds it done).
+        twin = tmp_path / "twin"
+        args = ["submit", str(path), "--out", str(twin), "--deployment", "gen", *FAST, "--wait"]
+        both = [subprocess.Popen([str(BIN / "xreal"), *args], env=env, stdout=subprocess.PIPE, text=True)]
+        both.append(subprocess.Popen([str(BIN / "xreal"), *args], env=env, stdout=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=300)[0] for p in both]
+        states = [api(env, f"flow_runs/{run_id(o)}")["state"] for o in outputs]
+        assert any(s["type"] == "COMPLETED" for s in states), outputs
+        for state in states:
+            if state["type"] != "COMPLETED":
+                assert "is being written by another run" in state["message"], state
+        assert_complete_dataset(twin)
+    finally:
+        stop(served)
 
 
 @pytest.mark.skipif(postgres_bin() is None, reason="Debian's postgresql package is not installed")

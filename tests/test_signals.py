@@ -7,7 +7,8 @@
 - A bad input or environment (an unreachable Dask scheduler or Prefect server, an --out under a file,
   a read-only or full disk) ends in one paragraph naming the address or file, exit 2, no traceback.
 
-Real processes, real signals, the embedded Prefect server with its own PREFECT_HOME.
+Real processes, real signals, the embedded Prefect server with its own PREFECT_HOME; the runs no test signals
+(reruns, failing disks) run in this process, on the session's Prefect API.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from test_generate_flow import manifest, no_redraws
+from test_generate_flow import manifest, no_redraws, xreal
 
 from xreal.cli import cli
 from xreal.run.audit import audit_run
@@ -143,7 +144,9 @@ def assert_interrupted_once(log: Path, out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_run_within_seconds_leaves_no_process_and_a_rerun_completes_it(setup, jobs, tmp_path):
+def test_ctrl_c_stops_the_run_within_seconds_leaves_no_process_and_a_rerun_completes_it(
+    setup, jobs, prefect_api, tmp_path
+):
     out, log = tmp_path / "out", tmp_path / "generate.log"
     process, server = jobs(setup, out, log)
     seconds = stop(process, lambda: os.killpg(process.pid, signal.SIGINT))  # as a terminal sends Ctrl-C
@@ -155,8 +158,8 @@ def test_ctrl_c_stops_the_run_within_seconds_leaves_no_process_and_a_rerun_compl
     assert not (out / "samples.parquet").exists()  # it was stopped mid-run
 
     kept = {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")} if (out / "shards").exists() else {}
-    rerun = subprocess.run(generate_command(setup, out), env=setup["env"], cwd=ROOT, capture_output=True, timeout=400)
-    assert rerun.returncode == 0, rerun.stdout.decode() + rerun.stderr.decode()
+    rerun = xreal(*generate_command(setup, out)[len(XREAL) :])
+    assert rerun.exit_code == 0, rerun.output
     assert sorted(pq.read_table(out / "samples.parquet").column("sample_id").to_pylist()) == SAMPLE_IDS
     assert audit_run(out).consistent
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())  # what was committed was kept
@@ -239,31 +242,23 @@ def test_the_embedded_server_gets_the_project_start_up_time_without_the_project_
     assert waits == [EMBEDDED_STARTUP_SECONDS, 300] and EMBEDDED_STARTUP_SECONDS >= 60
 
 
-def _fake_disk_error(setup, tmp_path, where: str, code: int) -> subprocess.CompletedProcess:
-    """`xreal generate` whose ``where`` (``run_batch`` or ``open_run``) meets OSError ``code`` on --out."""
-    out = tmp_path / "out"
-    bootstrap = (
-        "import os, sys, xreal.run.generation as g\n"
-        f"def broken(config, *args): raise OSError({code}, os.strerror({code}), str(config.out / 'shards'))\n"
-        f"g.{where} = broken\n"
-        "from xreal.cli import main\n"
-        "main()\n"
-    )
-    command = [sys.executable, "-c", bootstrap, *generate_command(setup, out)[len(XREAL) :]]
-    return subprocess.run(command, env=setup["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "code", "advice"),
     [("run_batch", errno.ENOSPC, "free some space there"), ("open_run", errno.EROFS, "use a writable --out")],
 )
 def test_a_full_or_read_only_disk_inside_the_flow_is_one_paragraph_naming_the_path(
-    setup, tmp_path, where, code, advice
+    setup, prefect_api, tmp_path, capfd, monkeypatch, where, code, advice
 ):
-    result = _fake_disk_error(setup, tmp_path, where, code)
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
+    """`xreal generate` whose ``where`` (``run_batch``, inside a task, or ``open_run``) meets OSError ``code`` on
+    --out."""
+    from xreal.run import generation
+
+    def broken(config, *args):
+        raise OSError(code, os.strerror(code), str(config.out / "shards"))
+
+    monkeypatch.setattr(generation, where, broken)
+    result, output = run_cli(capfd, *generate_command(setup, tmp_path / "out")[len(XREAL) :])
+    assert result.exit_code == 2, output
     assert "Traceback" not in output, output
     message = f"Error: {os.strerror(code)}: {tmp_path / 'out' / 'shards'}; {advice}"
     assert output.count(message) == 1 and output.count(str(tmp_path / "out" / "shards")) == 1, output

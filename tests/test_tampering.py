@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_generate_flow import xreal
 
 from xreal.core.errors import XRealError
 from xreal.core.files import write_json
@@ -258,42 +259,47 @@ KILL_AT = textwrap.dedent(
 )
 
 
-def _generate(kill_at: dict | None, manifest, out, env) -> subprocess.CompletedProcess:
-    code = KILL_AT.format(**kill_at) if kill_at else "import sys\nfrom xreal.cli import main\nmain(sys.argv[1:])"
-    args = [sys.executable, "-c", code, "generate", str(manifest), "--out", str(out), "--quiet", "--keep-rejected"]
+def _args(manifest, out) -> list[str]:
+    return ["generate", str(manifest), "--out", str(out), "--quiet", "--keep-rejected"]
+
+
+def _killed(kill_at: dict, manifest, out, env) -> subprocess.CompletedProcess:
+    """`xreal generate` in a new process that SIGKILLs itself as ``kill_at`` says."""
+    args = [sys.executable, "-c", KILL_AT.format(**kill_at), *_args(manifest, out)]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_sigkill_inside_finalize_and_inside_a_shard_write_then_resume(prefect_api, tmp_path):
     """Items 4 and 6 with real SIGKILLs of a real ``xreal generate``: after the card is written and before
-    dataset.json, and while a shard's table is half written. Each rerun completes the same dataset."""
+    dataset.json, and while a shard's table is half written. Each rerun completes the same dataset as a run never
+    killed (the reruns and that run go through the same command in this process)."""
     manifest = tiny_manifest(tmp_path / "m.parquet")
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
     reference = tmp_path / "reference"
-    assert _generate(None, manifest, reference, env).returncode == 0
+    assert xreal(*_args(manifest, reference)).exit_code == 0  # never killed; in this process, as the reruns
 
     in_finalize = tmp_path / "finalize"
-    killed = _generate({"module": "xreal.run.dataset", "function": "write_card", "condition": "True"},
-                       manifest, in_finalize, env)  # fmt: skip
+    killed = _killed({"module": "xreal.run.dataset", "function": "write_card", "condition": "True"},
+                     manifest, in_finalize, env)  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     assert (in_finalize / "README.md").is_file() and not (in_finalize / "dataset.json").exists()
     (in_finalize / "README.md").unlink()  # the crash the issue saw: the card lost
-    rerun = _generate(None, manifest, in_finalize, env)
-    assert rerun.returncode == 0 and "already complete" not in rerun.stdout + rerun.stderr, rerun.stderr
+    rerun = xreal(*_args(manifest, in_finalize))
+    assert rerun.exit_code == 0 and "already complete" not in rerun.output, rerun.output
     assert "synthetic" in (in_finalize / "README.md").read_text()
 
     in_shard = tmp_path / "shard"
-    killed = _generate(
+    killed = _killed(
         {"module": "pyarrow.parquet", "function": "write_table", "condition": "'shards' in str(args[1])"},
         manifest, in_shard, env,
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     leftovers = list((in_shard / "shards").glob(".*.part.parquet"))
     assert leftovers and not dataset.shard_paths(in_shard)
-    rerun = _generate(None, manifest, in_shard, env)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = xreal(*_args(manifest, in_shard))
+    assert rerun.exit_code == 0, rerun.output
     assert not list((in_shard / "shards").glob(".*"))
     for out in (in_finalize, in_shard):
         assert audit_run(out).consistent, audit_run(out).to_text()

@@ -242,6 +242,7 @@ def test_the_embedded_server_gets_the_project_start_up_time_without_the_project_
     assert waits == [EMBEDDED_STARTUP_SECONDS, 300] and EMBEDDED_STARTUP_SECONDS >= 60
 
 
+@pytest.mark.slow  # the session's Prefect API takes 15-25 s to start
 @pytest.mark.parametrize(
     ("where", "code", "advice"),
     [("run_batch", errno.ENOSPC, "free some space there"), ("open_run", errno.EROFS, "use a writable --out")],

@@ -54,6 +54,13 @@ def start(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> 
     )
 
 
+def client_env(url: str, home: Path) -> dict:
+    """The environment that points a Prefect client (``xreal``, ``prefect``) at the server ``url``."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
 @contextlib.contextmanager
 def prefect_server(home: Path, database_url: str | None = None) -> Iterator[dict]:
     """``prefect server start`` on a free port; yields the environment that points a client at it."""
@@ -72,9 +79,7 @@ def prefect_server(home: Path, database_url: str | None = None) -> Iterator[dict
     try:
         healthy = lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200  # noqa: E731
         wait_for(healthy, "prefect server", 180, process, log)
-        client_env = {**os.environ, "PREFECT_HOME": str(home / "client"), "PREFECT_API_URL": url}
-        client_env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-        yield client_env
+        yield client_env(url, home / "client")
     finally:
         stop(process)
 

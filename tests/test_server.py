@@ -3,7 +3,6 @@ infra/prefect.yaml to a process worker with the server on PostgreSQL, as infra/R
 
 import asyncio
 import json
-import os
 import re
 import subprocess
 import urllib.request
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from servers import BIN, postgres, postgres_bin, prefect_server, start, stop, wait_for
+from servers import BIN, client_env, postgres, postgres_bin, prefect_server, start, stop, wait_for
 from test_generate_flow import manifest
 
 from xreal.run.audit import audit_run
@@ -49,9 +48,7 @@ def assert_complete_dataset(out: Path) -> None:
 
 def test_xreal_serve_runs_submitted_runs_on_its_schedule_and_one_writer_per_directory(prefect_api, tmp_path):
     path = manifest(tmp_path / "m.parquet")
-    # The session's Prefect server: a real one, on SQLite (the next test starts one on PostgreSQL).
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "client")}
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env = client_env(prefect_api, tmp_path / "client")  # the session's server: a real one, on SQLite
     log = tmp_path / "serve.log"
     schedule = ["--cron", "0 3 * * *", "--manifest", str(path), "--out", str(tmp_path / "nightly" / "{date}")]
     served = start([str(BIN / "xreal"), "serve", "--name", "gen", "--limit", "2", *schedule], env, log, tmp_path)

@@ -24,10 +24,8 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from test_generate_flow import manifest, no_redraws, xreal
 
-from xreal.cli import cli
 from xreal.run.audit import audit_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +264,7 @@ def test_a_full_or_read_only_disk_inside_the_flow_is_one_paragraph_naming_the_pa
 
 
 def run_cli(capfd, *args: str):
-    result = CliRunner().invoke(cli, list(args))
+    result = xreal(*args)
     captured = capfd.readouterr()  # what Prefect's loggers wrote
     return result, result.output + captured.out + captured.err
 

@@ -263,7 +263,7 @@ def _args(manifest, out) -> list[str]:
     return ["generate", str(manifest), "--out", str(out), "--quiet", "--keep-rejected"]
 
 
-def _generate(manifest, out, env, kill_at: dict | None = None) -> subprocess.CompletedProcess:
+def _generate(kill_at: dict | None, manifest, out, env) -> subprocess.CompletedProcess:
     """`xreal generate` in a new process; with ``kill_at``, one that SIGKILLs itself as it says."""
     code = KILL_AT.format(**kill_at) if kill_at else "import sys\nfrom xreal.cli import main\nmain(sys.argv[1:])"
     args = [sys.executable, "-c", code, *_args(manifest, out)]
@@ -280,11 +280,11 @@ def test_sigkill_inside_finalize_and_inside_a_shard_write_then_resume(prefect_ap
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
     reference = tmp_path / "reference"
-    assert _generate(manifest, reference, env).returncode == 0
+    assert _generate(None, manifest, reference, env).returncode == 0
 
     in_finalize = tmp_path / "finalize"
-    killed = _generate(manifest, in_finalize, env, {"module": "xreal.run.dataset", "function": "write_card",
-                                                    "condition": "True"})  # fmt: skip
+    killed = _generate({"module": "xreal.run.dataset", "function": "write_card", "condition": "True"},
+                       manifest, in_finalize, env)  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     assert (in_finalize / "README.md").is_file() and not (in_finalize / "dataset.json").exists()
     (in_finalize / "README.md").unlink()  # the crash the issue saw: the card lost
@@ -293,12 +293,14 @@ def test_sigkill_inside_finalize_and_inside_a_shard_write_then_resume(prefect_ap
     assert "synthetic" in (in_finalize / "README.md").read_text()
 
     in_shard = tmp_path / "shard"
-    killed = _generate(manifest, in_shard, env, {"module": "pyarrow.parquet", "function": "write_table",
-                                                 "condition": "'shards' in str(args[1])"})  # fmt: skip
+    killed = _generate(
+        {"module": "pyarrow.parquet", "function": "write_table", "condition": "'shards' in str(args[1])"},
+        manifest, in_shard, env,
+    )  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     leftovers = list((in_shard / "shards").glob(".*.part.parquet"))
     assert leftovers and not dataset.shard_paths(in_shard)
-    rerun = _generate(manifest, in_shard, env)  # draws every image: in a new process, as the reference
+    rerun = _generate(None, manifest, in_shard, env)  # draws every image: in a new process, as the reference
     assert rerun.returncode == 0, rerun.stderr
     assert not list((in_shard / "shards").glob(".*"))
     for out in (in_finalize, in_shard):

@@ -55,9 +55,13 @@ def start(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> 
 
 
 def client_env(url: str, home: Path) -> dict:
-    """The environment that points a Prefect client (``xreal``, ``prefect``) at the server ``url``."""
+    """The environment that points a Prefect client (``xreal``, ``prefect``) at the server ``url``.
+
+    Runners (``xreal serve``) and workers it starts ask for runs each second rather than Prefect's 10: a test waits
+    for the run it just submitted."""
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["PREFECT_RUNNER_POLL_FREQUENCY"] = env["PREFECT_WORKER_QUERY_SECONDS"] = "1"
     return env
 
 

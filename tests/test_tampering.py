@@ -274,13 +274,11 @@ def _generate(kill_at: dict | None, manifest, out, env) -> subprocess.CompletedP
 def test_sigkill_inside_finalize_and_inside_a_shard_write_then_resume(prefect_api, tmp_path):
     """Items 4 and 6 with real SIGKILLs of a real ``xreal generate``: after the card is written and before
     dataset.json, and while a shard's table is half written. Each rerun completes the same dataset as a run never
-    killed. Images that are compared are drawn in new processes: in this one, after the rest of the suite, the same
-    requests come out with other float32 bytes. The rerun that only finalizes runs in this process."""
+    killed. The run killed in finalize drew every image without a break: it is the never-killed reference. Images
+    that are compared are drawn in new processes: in this one, after the rest of the suite, the same requests come out
+    with other float32 bytes. The rerun that only finalizes runs in this process."""
     manifest = tiny_manifest(tmp_path / "m.parquet")
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-
-    reference = tmp_path / "reference"
-    assert _generate(None, manifest, reference, env).returncode == 0
 
     in_finalize = tmp_path / "finalize"
     killed = _generate({"module": "xreal.run.dataset", "function": "write_card", "condition": "True"},
@@ -305,10 +303,10 @@ def test_sigkill_inside_finalize_and_inside_a_shard_write_then_resume(prefect_ap
     assert not list((in_shard / "shards").glob(".*"))
     for out in (in_finalize, in_shard):
         assert audit_run(out).consistent, audit_run(out).to_text()
-        same = ["sample_id", "decision", "content_sha256"]
-        assert pq.read_table(out / "samples.parquet", columns=same) == pq.read_table(
-            reference / "samples.parquet", columns=same
-        )
+    same = ["sample_id", "decision", "content_sha256"]
+    drawn = pq.read_table(in_finalize / "samples.parquet", columns=same)
+    assert pq.read_table(in_shard / "samples.parquet", columns=same) == drawn
+    assert drawn.num_rows >= 3  # at least one draw for each of the manifest's 2 + 1 samples
 
 
 def test_a_checkpoint_naming_a_code_running_function_is_named_and_never_loaded(tmp_path):

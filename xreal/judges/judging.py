@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from xreal.core.weights import import_xrv
 
 JUDGES_VERSION = 1
 XRV_NAMES = {"Effusion": "Pleural Effusion"}
+CPU_CHUNK = 32  # images a judge network sees per call on a CPU (`benchmarks/judge_speed.py`)
 
 
 def chexpert_name(label: str) -> str:
@@ -68,6 +69,17 @@ def chexpert_name(label: str) -> str:
 def classifier_input(images: np.ndarray) -> torch.Tensor:
     """Images ``[B, H, W]`` in [0, 1] -> torchxrayvision's ``[B, 1, H, W]`` in [-1024, 1024]."""
     return torch.from_numpy(np.ascontiguousarray(images)).float()[:, None] * 2048.0 - 1024.0
+
+
+def in_chunks(network: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """``network(inputs)``, called on :data:`CPU_CHUNK` images at a time when the inputs are on a CPU.
+
+    A judge network on a CPU is about twice as fast on 32 images a call as on 128
+    (`benchmarks/judge_speed.py`); the outputs are the same to the bit. Elsewhere it
+    gets the whole batch."""
+    if inputs.device.type != "cpu" or len(inputs) <= CPU_CHUNK:
+        return network(inputs)
+    return torch.cat([network(inputs[i : i + CPU_CHUNK]) for i in range(0, len(inputs), CPU_CHUNK)])
 
 
 def resize_inputs(inputs: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -223,7 +235,7 @@ class JudgeSet:
         inputs in [-1024, 1024] at the classifier's size), the space every
         fidelity and memorisation figure of ``xreal evaluate`` is measured in.
         """
-        return self.feature_model.features2(self.classifier_inputs(images)).float().cpu().numpy()
+        return in_chunks(self.feature_model.features2, self.classifier_inputs(images)).float().cpu().numpy()
 
     @property
     def segmentation_size(self) -> int:
@@ -240,7 +252,7 @@ class JudgeSet:
     def _segment(self, inputs: torch.Tensor) -> np.ndarray:
         """Label maps of classifier inputs (the segmenter reads [0, 1] at its own size)."""
         inputs = resize_inputs(inputs, self.segmenter_size)
-        return self.segmenter((inputs + 1024.0) / 2048.0).argmax(1).cpu().numpy().astype(np.uint8)
+        return in_chunks(self.segmenter, (inputs + 1024.0) / 2048.0).argmax(1).cpu().numpy().astype(np.uint8)
 
     @property
     def feature_size(self) -> int:
@@ -268,7 +280,7 @@ class JudgeSet:
         images = np.asarray(images, dtype=np.float32)
         rows = [sanity_scores(image) for image in images]
         inputs = self.classifier_inputs(images)
-        probabilities = self.classifier(inputs).float().cpu().numpy()
+        probabilities = in_chunks(self.classifier, inputs).float().cpu().numpy()
         for row, p in zip(rows, probabilities, strict=True):
             row.update(
                 {
@@ -278,9 +290,9 @@ class JudgeSet:
                 }
             )
         if isinstance(self.realism, RealismReference):
-            distances = self.realism.distance(self.feature_model.features2(inputs).float().cpu())
+            distances = self.realism.distance(in_chunks(self.feature_model.features2, inputs).float().cpu())
         elif self.realism is not None:
-            distances = self.realism(inputs).float().cpu().numpy()
+            distances = in_chunks(self.realism, inputs).float().cpu().numpy()
         if self.realism is not None:
             for row, d in zip(rows, distances, strict=True):
                 row["realism_distance"] = float(d)
@@ -299,9 +311,14 @@ class JudgeSet:
         return self.realism.threshold if self.realism is not None else None
 
     def to(self, device: str | torch.device) -> JudgeSet:
+        """Move every network to ``device``; on a CPU their weights take the channels-last layout, in which they
+        run 1.5-1.9x faster there (`benchmarks/judge_speed.py`; scores change in the sixth decimal)."""
+        cpu = torch.device(device).type == "cpu"
         for model in (self.classifier, self.segmenter, self.realism, self.feature_network):
             if isinstance(model, torch.nn.Module):
                 model.to(device)
+                if cpu:
+                    model.to(memory_format=torch.channels_last)
         return self
 
 

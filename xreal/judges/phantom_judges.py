@@ -29,6 +29,7 @@ from xreal.judges.judging import (
     build_phantom_classifier,
     classifier_input,
     dice,
+    in_chunks,
     resize_inputs,
     save_phantom_judges,
 )
@@ -179,7 +180,7 @@ def train_phantom_classifier(
 def classify(model, images: np.ndarray, input_size: int | None = None) -> dict[str, np.ndarray]:
     """Probability of each label for images ``[B, H, W]`` in [0, 1] (calibrated when the model has op_threshs),
     upsampled to ``input_size`` first for a classifier trained that way."""
-    outputs = model(resize_inputs(classifier_input(images), input_size))
+    outputs = in_chunks(model, resize_inputs(classifier_input(images), input_size))
     probabilities = (outputs if getattr(model, "op_threshs", None) is not None else torch.sigmoid(outputs)).numpy()
     return {label: probabilities[:, i] for i, label in enumerate(model.pathologies)}
 

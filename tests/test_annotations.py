@@ -186,9 +186,11 @@ def test_a_source_that_cannot_place_a_request_is_one_clear_error(phantom_set, tm
 
 @pytest.mark.slow
 def test_a_siim_masked_manifest_generates_end_to_end_on_the_demo_bundle(phantom_set, tmp_path):
-    # Prefect's embedded API, as `xreal generate` starts it, not the session's `prefect_api` harness: this file
-    # runs before test_cli.py, whose checks that `serve` and `submit` need a server expect no PREFECT_API_URL.
+    # Prefect's embedded API, as `xreal generate` starts it, where this process runs no session `prefect_api`
+    # harness yet (this file runs first). Where another file started the harness first (`pytest -n`), the run uses
+    # it, and it is left running: Prefect keeps it where it keeps the embedded server, which stop_embedded_api stops.
     from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
 
     from flows.embedded import stop_embedded_api
     from flows.generate import run_generation
@@ -203,11 +205,13 @@ def test_a_siim_masked_manifest_generates_end_to_end_on_the_demo_bundle(phantom_
     _, masks = write_index_manifest(rows, manifest)
     run("manifest", "validate", manifest)
     out = tmp_path / "out"
+    harness = SubprocessASGIServer._instances.get(None)
     try:
         state = run_generation(manifest, out, policy={"retries": {"max_rounds": 1}}, progress=False)
     finally:  # stop it now, its run's logs sent, not at exit where its log lines meet closed streams
         APILogWorker.drain_all(timeout=10)
-        stop_embedded_api()
+        if SubprocessASGIServer._instances.get(None) is not harness:
+            stop_embedded_api()
     assert state.is_completed(), state.message
     report = audit_run(out)
     assert report.consistent, report.to_text()

@@ -55,9 +55,13 @@ demo-model: $(STAMP) build/demo-phantom/index.parquet
 demo-judges: $(STAMP)
 	$(VENV)/bin/xreal train judges --input-size 128 --autoencoder xreal/bundles/demo --out xreal/bundles/demo/judges
 
+# Two pytest workers, a file each at a time (module fixtures are built once): much of the suite waits on the
+# processes and servers it starts, and the other worker uses that time (conftest.py shares the cores out).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/manifest_scale.py

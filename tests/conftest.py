@@ -10,11 +10,29 @@ import pytest
 
 from flows import use_project_defaults  # imports no Prefect: its settings apply
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores are shared out, as Dask workers share them
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_name] = str(_share)  # before torch is imported here, and for every process a test starts
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="xreal-test-prefect-")  # never the user's Prefect database
 os.environ.pop("PREFECT_API_URL", None)
 # The settings `xreal` commands run with, for the runs tests start in this process: among them the embedded
 # server's 90 s to start, where Prefect's own 20 s failed a run on a loaded 2-core machine.
 use_project_defaults()
+
+
+# The files whose tests take longest (over 40 s on 2 cores, by `pytest --durations`), longest first.
+LONGEST_FILES = [
+    "test_server.py", "test_dask.py", "test_reference_import.py", "test_signals.py", "test_generate_flow.py",
+    "test_evaluate.py", "test_judging.py", "test_utility.py", "test_tampering.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files run first: under ``pytest -n`` (``make test``) the many quick ones come last and even out
+    when the workers finish. Every other file, and the tests within each file, keep their order."""
+    first = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ import time
 import torch
 
 from xreal.core.records import DEMO_BUNDLE
-from xreal.judges.judging import build_phantom_classifier, classifier_input, load_judges, resize_inputs
+from xreal.core.weights import import_xrv
+from xreal.judges.judging import classifier_input, in_chunks, load_judges, resize_inputs
 from xreal.phantom.renderer import generate
 
 WAYS = [("NCHW", None), ("NCHW", "chunk"), ("channels-last", None), ("channels-last", "chunk")]
@@ -24,9 +25,8 @@ WAYS = [("NCHW", None), ("NCHW", "chunk"), ("channels-last", None), ("channels-l
 
 def timed(network, inputs: torch.Tensor, chunk: int | None) -> tuple[float, torch.Tensor]:
     started = time.perf_counter()
-    step = chunk or len(inputs)
     with torch.inference_mode():
-        outputs = torch.cat([network(inputs[i : i + step]).float() for i in range(0, len(inputs), step)])
+        outputs = in_chunks(network, inputs, chunk or len(inputs)).float()
     return time.perf_counter() - started, outputs
 
 
@@ -37,13 +37,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved passes; the median counts (default 3)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     args = parser.parse_args()
+    for name in ("images", "chunk", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
     torch.set_num_threads(args.threads)
 
     judges = load_judges(DEMO_BUNDLE / "judges")
     images = generate(args.images, judges.image_size, seed=7).images
     inputs = classifier_input(images)
-    xrv = build_phantom_classifier(["Effusion"] * 18, growth_rate=32, block_config=(6, 12, 24, 16),
-                                   num_init_features=64).eval()  # fmt: skip
+    xrv = import_xrv().models.DenseNet().eval()  # torchxrayvision's DenseNet-121, untrained (weights=None)
     networks = {
         "classifier (4 DenseNets, 128 px)": (judges.classifier, inputs),
         "feature network features2 (128 px)": (judges.feature_model.features2, inputs),

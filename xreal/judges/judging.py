@@ -71,15 +71,17 @@ def classifier_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).float()[:, None] * 2048.0 - 1024.0
 
 
-def in_chunks(network: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-    """``network(inputs)``, called on :data:`CPU_CHUNK` images at a time when the inputs are on a CPU.
+def in_chunks(
+    network: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, size: int = CPU_CHUNK
+) -> torch.Tensor:
+    """``network(inputs)``, called on ``size`` images at a time when the inputs are on a CPU.
 
     A judge network on a CPU is about twice as fast on 32 images a call as on 128
     (`benchmarks/judge_speed.py`); the outputs are the same to the bit. Elsewhere it
     gets the whole batch."""
-    if inputs.device.type != "cpu" or len(inputs) <= CPU_CHUNK:
+    if inputs.device.type != "cpu" or len(inputs) <= size:
         return network(inputs)
-    return torch.cat([network(inputs[i : i + CPU_CHUNK]) for i in range(0, len(inputs), CPU_CHUNK)])
+    return torch.cat([network(inputs[i : i + size]) for i in range(0, len(inputs), size)])
 
 
 def resize_inputs(inputs: torch.Tensor, size: int | None) -> torch.Tensor:

@@ -14,7 +14,9 @@ request and every draw scored (no quality gate), prints:
   one of the other findings (what the quality gate's absent check rejects);
 - pathology placement: the share of |final - healthy twin| strictly inside the
   requested mask and within one latent cell of it, with the pixels outside the
-  mask restored (the default) and without (the reference's behaviour);
+  mask restored (the default) and without (the reference's behaviour), beside
+  the real phantoms' own share (a finding that changes the lung around its
+  mask, as a pneumothorax's collapsed lung does, keeps less than all of it);
 - diversity: MS-SSIM between two draws of one healthy request, beside draws of
   different requests and real phantoms of different anatomies;
 - texture: the Frechet distance between generated finals and twins and as many
@@ -23,7 +25,9 @@ request and every draw scored (no quality gate), prints:
   same real ones, and that of the requests' own real phantoms passed through the
   model's autoencoder alone (what the decoder does to real latents; no floor: the
   backbone's latents can decode closer to the real phantoms); the same for the
-  healthy twins alone. The real-to-real distance is sampling bias that falls as
+  healthy twins alone; then the finals finding by finding, with how each is
+  drawn (pixels changed, summed change inside and outside its mask) beside the
+  real findings. The real-to-real distance is sampling bias that falls as
   1/n, so the ratio grows with the count; and the lungs'
   high-frequency power (ribs, vessels, noise) of the generated healthy twins over
   that of the real phantoms of the same anatomies, in the images and in the
@@ -151,6 +155,16 @@ def latent_detail_power(latents: np.ndarray, anatomy: np.ndarray) -> np.ndarray:
     cell = anatomy.shape[-1] // latents.shape[-1]
     cells = anatomy[:, cell // 2 :: cell, cell // 2 :: cell]
     return np.mean([lung_detail_power(latents[:, c], cells, sigma=1.0) for c in range(latents.shape[1])], axis=0)
+
+
+def signed_change(images: np.ndarray, twins: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
+    """Per image, [pixels changed by more than 0.05, summed change inside the mask, summed change outside it]:
+    how large and how bright a finding is drawn, and how much of it lies around the mask (images in [0, 1])."""
+    change = np.asarray(images, np.float64) - np.asarray(twins, np.float64)
+    inside = np.stack(masks).astype(bool)
+    return np.stack(
+        [(np.abs(change) > 0.05).sum((1, 2)), (change * inside).sum((1, 2)), (change * ~inside).sum((1, 2))], 1
+    )
 
 
 def describe_guidance(settings) -> str:
@@ -310,18 +324,28 @@ def main() -> None:
     )
 
     print(
-        f"\nPathology placement: share of |final - healthy twin| inside the mask / within {cell} px (one latent cell)"
+        f"\nPathology placement: share of |final - healthy twin| inside the mask / within {cell} px (one latent cell); "
+        "the real phantoms' own share (finding against healthy twin) beside it: a finding that changes the lung "
+        "around its mask (a pneumothorax's collapsed lung, oedema's haze below its mask's threshold) has it below 1"
     )
-    print(f"  {'label':18s} {'restored: inside':>17s} {'cell':>6s} {'not restored: inside':>21s} {'cell':>6s}")
+    print(
+        f"  {'label':18s} {'restored: inside':>17s} {'cell':>6s} {'not restored: inside':>21s} {'cell':>6s} "
+        f"{'real phantom: inside':>21s} {'cell':>6s}"
+    )
+    pairs = {"restored": (final, twin), "not restored": (final_unrestored, twin_unrestored)}
+    pairs["real"] = (diseased_cases.images, healthy_cases.images)
     shares = {
-        (restored, margin): np.array([change_share(a, b, m, margin) for a, b, m in zip(f, t, masks, strict=True)])
-        for restored, (f, t) in {True: (final, twin), False: (final_unrestored, twin_unrestored)}.items()
+        (name, margin): np.array([change_share(a, b, m, margin) for a, b, m in zip(f, t, masks, strict=True)])
+        for name, (f, t) in pairs.items()
         for margin in (0, cell)
     }
     for label in [*phantom.PHANTOM_PATHOLOGIES, "all"]:
         idx = [i for i, lab in enumerate(labels) if label in (lab, "all")]
-        values = [np.nanmean(shares[key][idx]) for key in ((True, 0), (True, cell), (False, 0), (False, cell))]
-        print(f"  {label:18s} {values[0]:17.3f} {values[1]:6.3f} {values[2]:21.3f} {values[3]:6.3f}")
+        values = [np.nanmean(shares[name, margin][idx]) for name in pairs for margin in (0, cell)]
+        print(
+            f"  {label:18s} {values[0]:17.3f} {values[1]:6.3f} {values[2]:21.3f} {values[3]:6.3f} "
+            f"{values[4]:21.3f} {values[5]:6.3f}"
+        )
     print(f"  goal: inside >= {GOALS['inside']:.2f}, within one cell >= {GOALS['cell']:.2f}")
 
     print("\nDiversity: MS-SSIM of healthy images (xreal evaluate warns of mode collapse at 0.95 within a request)")
@@ -360,6 +384,24 @@ def main() -> None:
         "count (the stop-34 bundle, seed 1049: 1.5, 3.2, 5.3, 9.3 at 140, 280, 560, 1120 requests), so compare "
         "bundles at one count; at 1120 the twins separate decoders that 280 does not (README, stop 39)"
     )
+    print(
+        "  finals finding by finding (Frechet distance to as many real phantoms with it, beside other real ones), and "
+        "how each is drawn: pixels changed by more than 0.05, summed change inside / outside the mask (final "
+        "against twin, real finding against its healthy twin)"
+    )
+    print(
+        f"  {'label':18s} {'generated':>9s} {'real':>6s}   {'changed px':>10s} {'real':>6s}   {'inside':>7s} "
+        f"{'real':>7s}   {'outside':>7s} {'real':>7s}"
+    )
+    drawn, true = signed_change(final, twin, masks), signed_change(diseased_cases.images, healthy_cases.images, masks)
+    for label in phantom.PHANTOM_PATHOLOGIES:
+        idx = [i for i, lab in enumerate(labels) if lab == label]
+        fd = frechet_distance_of(generated[idx], real[idx]), frechet_distance_of(other_real[idx], real[idx])
+        g, r = drawn[idx].mean(0), true[idx].mean(0)
+        print(
+            f"  {label:18s} {fd[0]:9.2f} {fd[1]:6.2f}   {g[0]:10.1f} {r[0]:6.1f}   {g[1]:7.2f} {r[1]:7.2f}   "
+            f"{g[2]:7.2f} {r[2]:7.2f}"
+        )
     requests_real = np.concatenate([diseased_cases.images, healthy_cases.images])
     fd_round_trip = frechet_distance_of(features(classifier, pipe.round_trip(requests_real)), real)
     print(

@@ -56,3 +56,16 @@ def test_demo_fill_chance_follows_the_runs_redraws():
             accepted += int((rng.random(2 - accepted) < 0.62).sum())
         runs.append(accepted >= 2)
     assert fill(0.62, 2, 3) == pytest.approx(np.mean(runs), abs=0.01)
+
+
+def test_signed_change_counts_size_and_brightness_inside_and_around_the_mask(control_phantom):
+    twin = np.full((2, 8, 8), 0.5)
+    final = twin.copy()
+    final[0, 2:4, 2:4] += 0.2  # a brighter patch on its mask
+    final[1, 2:4, 2:4] -= 0.1  # darker on its mask, and brighter around it: a collapsed lung beside the air
+    final[1, 5:7, 5:7] += 0.04  # a change under the 0.05 the pixel count counts
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    drawn = control_phantom.signed_change(final, twin, [mask, mask])
+    np.testing.assert_allclose(drawn[0], [4, 0.8, 0.0], atol=1e-9)
+    np.testing.assert_allclose(drawn[1], [4, -0.4, 0.16], atol=1e-9)

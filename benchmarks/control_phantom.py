@@ -231,6 +231,7 @@ def main() -> None:
 
     n = args.count
     labels = [phantom.PHANTOM_PATHOLOGIES[i % len(phantom.PHANTOM_PATHOLOGIES)] for i in range(n)]
+    of_label = {label: [i for i, lab in enumerate(labels) if lab == label] for label in phantom.PHANTOM_PATHOLOGIES}
     healthy_cases = phantom.generate(n, size, seed=args.seed, pathologies=[[]] * n)
     diseased_cases = phantom.generate(n, size, seed=args.seed, pathologies=[[label] for label in labels])
     requested = healthy_cases.anatomy
@@ -299,8 +300,7 @@ def main() -> None:
         called(classifier, thresholds, images) for images in (final, twin, diseased_cases.images)
     )
     print(f"  {'label':18s} {'final':>6s} {'healthy twin':>13s} {'real phantom':>13s}")
-    for label in phantom.PHANTOM_PATHOLOGIES:
-        idx = [i for i, lab in enumerate(labels) if lab == label]
+    for label, idx in of_label.items():
         print(
             f"  {label:18s} {np.mean(on_final[label][idx]):6.2f} {np.mean(on_twin[label][idx]):13.2f} "
             f"{np.mean(truth[label][idx]):13.2f}"
@@ -332,15 +332,17 @@ def main() -> None:
         f"  {'label':18s} {'restored: inside':>17s} {'cell':>6s} {'not restored: inside':>21s} {'cell':>6s} "
         f"{'real phantom: inside':>21s} {'cell':>6s}"
     )
-    pairs = {"restored": (final, twin), "not restored": (final_unrestored, twin_unrestored)}
-    pairs["real"] = (diseased_cases.images, healthy_cases.images)
+    pairs = {
+        "restored": (final, twin),
+        "not restored": (final_unrestored, twin_unrestored),
+        "real": (diseased_cases.images, healthy_cases.images),
+    }
     shares = {
         (name, margin): np.array([change_share(a, b, m, margin) for a, b, m in zip(f, t, masks, strict=True)])
         for name, (f, t) in pairs.items()
         for margin in (0, cell)
     }
-    for label in [*phantom.PHANTOM_PATHOLOGIES, "all"]:
-        idx = [i for i, lab in enumerate(labels) if label in (lab, "all")]
+    for label, idx in {**of_label, "all": list(range(n))}.items():
         values = [np.nanmean(shares[name, margin][idx]) for name in pairs for margin in (0, cell)]
         print(
             f"  {label:18s} {values[0]:17.3f} {values[1]:6.3f} {values[2]:21.3f} {values[3]:6.3f} "
@@ -394,8 +396,7 @@ def main() -> None:
         f"{'real':>7s}   {'outside':>7s} {'real':>7s}"
     )
     drawn, true = signed_change(final, twin, masks), signed_change(diseased_cases.images, healthy_cases.images, masks)
-    for label in phantom.PHANTOM_PATHOLOGIES:
-        idx = [i for i, lab in enumerate(labels) if lab == label]
+    for label, idx in of_label.items():
         fd = frechet_distance_of(generated[idx], real[idx]), frechet_distance_of(other_real[idx], real[idx])
         g, r = drawn[idx].mean(0), true[idx].mean(0)
         print(

@@ -142,6 +142,24 @@ def test_frechet_interval_methods_handle_the_sampling_bias():
         frechet_interval(a, b, method="bca")
 
 
+def test_frechet_difference_pairs_the_requests_and_sees_a_gap_unpaired_intervals_miss():
+    rng = np.random.default_rng(8)
+    real = rng.normal(size=(300, 16))
+    shared = rng.normal(size=(300, 16))  # what both models draw for the same requests
+    a = shared + 0.02 * rng.normal(size=(300, 16))
+    b = a + np.r_[0.25, np.zeros(15)]  # b sits a little further off along one feature
+    difference, low, high = metrics.frechet_difference(a, b, real, rounds=100, seed=1)
+    assert difference == pytest.approx(frechet_distance_of(a, real) - frechet_distance_of(b, real))
+    assert low < difference < high < 0  # a is closer, and the paired interval says so
+    a_high = frechet_interval(a, real, rounds=100, seed=1)[1]
+    b_low = frechet_interval(b, real, rounds=100, seed=1)[0]
+    assert a_high > b_low  # the two intervals overlap: read apart, the gap is lost in the noise
+    same = metrics.frechet_difference(a, a, real, rounds=20)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="paired row by row"):
+        metrics.frechet_difference(a, b[:200], real)
+
+
 # --- KID -------------------------------------------------------------------------------------------------------
 
 

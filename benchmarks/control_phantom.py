@@ -39,13 +39,15 @@ The segmenter (a small U-Net) and the classifier (torchxrayvision DenseNet) are
 trained here on phantoms, apart from the model's own judges (the classifier
 sees images upsampled twice: at 64 px its stem would leave a nodule a fraction
 of a cell); ``--cache DIR`` keeps them between runs, keyed by a fingerprint of
-the phantom renderer.
+the phantom renderer; the ones the README's figures were read with are pinned in
+``benchmarks/phantom-judges`` (``--pin`` replaces them).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import time
 from pathlib import Path
 
@@ -80,6 +82,9 @@ from xreal.phantom import renderer as phantom
 
 HELD_OUT_SEED = 999
 FAST = SPEEDS["fast"]
+# The benchmark's judges, kept in git: trained at first use they came out different on each machine, and so did the
+# figures read with them (stop 44: one bundle's Frechet ratio 2.97 with one, 1.81 with another). Pinned at stop 45.
+PINNED = Path(__file__).parent / "phantom-judges"
 GOALS = {"recovered": 0.75, "detected": 0.90, "detected_each": 0.80, "twin": 0.05, "inside": 0.80, "cell": 0.95}
 
 
@@ -89,19 +94,42 @@ def renderer_fingerprint(size: int) -> str:
     return hashlib.sha256(cases.images.tobytes() + cases.anatomy.tobytes()).hexdigest()[:12]
 
 
+def judges_key(size: int) -> str:
+    """The folder name the benchmark's judges for ``size`` px phantoms are kept under (pinned or cached)."""
+    return f"{size}px-classifier{2 * size}-{renderer_fingerprint(size)}"
+
+
 def judges(cache: Path | None, size: int):
-    """The benchmark's own segmenter and classifier (the classifier sees phantoms upsampled to ``2 size``)."""
-    folder = cache / f"{size}px-classifier{2 * size}-{renderer_fingerprint(size)}" if cache else None
-    segmenter_file = folder / "segmenter.safetensors" if folder else None
-    classifier_file = folder / "classifier.safetensors" if folder else None
-    if segmenter_file and segmenter_file.exists() and classifier_file.exists():
-        return (load_weights(PhantomSegmenter(), segmenter_file), load_weights(phantom_classifier(), classifier_file))
+    """The benchmark's own segmenter and classifier (the classifier sees phantoms upsampled to ``2 size``): the
+    pinned ones when the renderer is the one they were trained for, else ``cache``'s, else trained here."""
+    key = judges_key(size)
+    for folder in (PINNED / key, cache / key if cache else None):
+        if folder and all((folder / f"{name}.safetensors").exists() for name in ("segmenter", "classifier")):
+            return (
+                load_weights(PhantomSegmenter(), folder / "segmenter.safetensors"),
+                load_weights(phantom_classifier(), folder / "classifier.safetensors"),
+            )
+    print(f"No pinned judges for {key} (the renderer changed?): training them here. Figures read with them compare")
+    print("with each other only; pin them (--pin) when they are to be the benchmark's.")
     segmenter, classifier = train_phantom_segmenter(size), train_phantom_classifier(size, input_size=2 * size)
-    if folder:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_weights(segmenter, segmenter_file)
-        save_weights(classifier, classifier_file)
+    if cache:
+        (cache / key).mkdir(parents=True, exist_ok=True)
+        save_weights(segmenter, cache / key / "segmenter.safetensors")
+        save_weights(classifier, cache / key / "classifier.safetensors")
     return segmenter, classifier
+
+
+def pin_judges(segmenter, classifier, size: int) -> Path:
+    """Keep the judges as the benchmark's own (in git) for the current renderer. In float32: in float16 the
+    classifier's AUROC on its own findings fell to 0.26-0.89."""
+    folder = PINNED / judges_key(size)
+    for stale in PINNED.glob(f"{size}px-*"):  # an earlier renderer's
+        if stale != folder:
+            shutil.rmtree(stale)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(segmenter, folder / "segmenter.safetensors")
+    save_weights(classifier, folder / "classifier.safetensors")
+    return folder
 
 
 def findings_and_twins(labels: list[str], size: int, seed: int) -> np.ndarray:
@@ -221,6 +249,9 @@ def main() -> None:
         "--real-count", type=int, default=600, help="real phantoms that set the classifier's thresholds"
     )
     parser.add_argument("--cache", type=Path, default=Path("build/phantom-judges"))
+    parser.add_argument(
+        "--pin", action="store_true", help="keep the judges this run uses as the benchmark's own (in git), then go on"
+    )
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model)
@@ -228,6 +259,8 @@ def main() -> None:
     size = pipe.config.image_size
     cell = size // pipe.unet.config.sample_size
     segmenter, classifier = judges(args.cache, size)
+    if args.pin:
+        print(f"pinned the judges in {pin_judges(segmenter, classifier, size)}")
 
     n = args.count
     labels = [phantom.PHANTOM_PATHOLOGIES[i % len(phantom.PHANTOM_PATHOLOGIES)] for i in range(n)]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from xreal.core.labels import Anatomy
 
@@ -69,3 +70,30 @@ def test_signed_change_counts_size_and_brightness_inside_and_around_the_mask(con
     drawn = control_phantom.signed_change(final, twin, [mask, mask])
     np.testing.assert_allclose(drawn[0], [4, 0.8, 0.0], atol=1e-9)
     np.testing.assert_allclose(drawn[1], [4, -0.4, 0.16], atol=1e-9)
+
+
+def test_the_benchmark_reads_with_its_pinned_judges_for_the_current_renderer(control_phantom, monkeypatch):
+    """A renderer change must come with re-pinned judges (control_phantom.py --pin), or the benchmark's figures
+    silently move to judges trained on whatever machine runs it."""
+    from xreal.evaluate.metrics import auroc
+    from xreal.phantom.renderer import PHANTOM_PATHOLOGIES, generate
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("trained the judges: none are pinned for this renderer")
+
+    monkeypatch.setattr(control_phantom, "train_phantom_segmenter", must_not_train)
+    monkeypatch.setattr(control_phantom, "train_phantom_classifier", must_not_train)
+    segmenter, classifier = control_phantom.judges(None, 64)
+    assert sorted(p.name for p in control_phantom.PINNED.iterdir()) == [control_phantom.judges_key(64)]
+
+    # The pinned copies do their work: each finding's phantoms score above the others' for it, and the
+    # segmenter finds the anatomy.
+    asked = list(PHANTOM_PATHOLOGIES) * 6
+    cases = generate(len(asked), 64, seed=5, pathologies=[[label] for label in asked])
+    scores = control_phantom.classify(classifier, cases.images, input_size=128)
+    aurocs = [auroc(scores[label], np.array(asked) == label) for label in PHANTOM_PATHOLOGIES]
+    assert min(aurocs) > 0.8 and np.mean(aurocs) > 0.9
+    with torch.no_grad():
+        found = segmenter.segment(cases.images)
+    dice = [control_phantom.anatomy_dice(a, f) for a, f in zip(cases.anatomy, found, strict=True)]
+    assert np.mean([np.mean(list(d.values())) for d in dice]) > 0.9

@@ -221,7 +221,7 @@ def test_sampler_options_become_the_runs_sampler_settings(manifest, tmp_path, mo
 
 @pytest.mark.parametrize(
     ("entry", "message"),
-    [("Edema", "expected LABEL=SCALE"), ("Oedema=3", "unknown pathology label"), ("Edema=x", "could not convert")],
+    [("Edema", "expected LABEL=VALUE"), ("Oedema=3", "unknown pathology label"), ("Edema=x", "could not convert")],
 )
 def test_a_bad_finding_guidance_entry_exits_2_naming_it(manifest, tmp_path, entry, message):
     result = run("generate", manifest, "--out", tmp_path / "o", "--finding-guidance", entry)
@@ -289,3 +289,16 @@ def test_submit_sends_only_the_options_given_as_absolute_paths(manifest, tmp_pat
     assert sent["parameters"] == {
         "sampler": {**SamplerSettings().to_dict(), "sampler": "dpmsolver++", "steps": 10, "anatomy_steps": 5}
     }
+
+
+def test_train_demo_passes_its_oversampled_findings_on_and_refuses_a_bad_entry(tmp_path, monkeypatch):
+    import xreal.model.training as training
+
+    seen = []
+    monkeypatch.setattr(training, "train_demo_bundle", lambda *args, **kwargs: seen.append(kwargs) or tmp_path / "b")
+    paths = ["train", "demo", "--index", tmp_path / "i", "--work", tmp_path / "w", "--out", tmp_path / "b"]
+    assert run(*paths, "--oversample", "lung lesion=4", "--oversample", "Atelectasis=2.5").exit_code == 0
+    assert run(*paths).exit_code == 0
+    assert [kwargs["findings_oversample"] for kwargs in seen] == [{"Lung Lesion": 4.0, "Atelectasis": 2.5}, None]
+    result = run(*paths, "--oversample", "Nodule=4")
+    assert result.exit_code == 2 and "--oversample 'Nodule=4'" in result.output and len(seen) == 2

@@ -11,6 +11,7 @@ from xreal.model.bundle import build_autoencoder, get_preset
 from xreal.model.training import (
     TrainingRun,
     continue_with_findings,
+    draw_chances,
     finding_weights,
     load_training_set,
     train_autoencoder,
@@ -141,6 +142,57 @@ def test_the_findings_part_continues_the_backbone_and_its_weight_changes_what_it
     assert not states_equal(plain.unet, base.unet)
     assert not states_equal(weighted.unet, plain.unet)  # the same batches and noise: only the weights differ
     assert (tmp_path / "w20.0" / "checkpoints" / "step-2").is_dir()
+
+
+def test_draw_chances_weigh_up_the_oversampled_labels_only():
+    from xreal.core.errors import XRealError
+    from xreal.core.labels import CHEXPERT_LABELS
+
+    labels = torch.zeros(4, len(CHEXPERT_LABELS), dtype=torch.bool)
+    labels[1, CHEXPERT_LABELS.index("Lung Lesion")] = True
+    labels[2, CHEXPERT_LABELS.index("Atelectasis")] = True
+    labels[2, CHEXPERT_LABELS.index("Lung Lesion")] = True  # two oversampled labels: the larger factor, not both
+    labels[3, CHEXPERT_LABELS.index("Edema")] = True
+    chances = draw_chances(labels, {"Lung Lesion": 4.0, "Atelectasis": 2.0})
+    assert chances == pytest.approx(np.array([1.0, 4.0, 4.0, 1.0]) / 10.0)
+    with pytest.raises(XRealError, match="unknown label 'Nodule'"):
+        draw_chances(labels, {"Nodule": 4.0})
+    with pytest.raises(XRealError, match="Atelectasis's factor must be positive"):
+        draw_chances(labels, {"Atelectasis": 0.0})
+
+
+def test_oversampling_draws_the_named_findings_more_often(data, tmp_path):
+    from xreal.core.labels import CHEXPERT_LABELS
+
+    ac = train_autoencoder(
+        data, TrainingRun(tmp_path / "ac", steps=1, batch_size=4), preset="tiny", anatomy_controller=True
+    )
+    base = train_backbone(data, TrainingRun(tmp_path / "b", steps=1, batch_size=4), ac, ac, preset="tiny")
+    label = max(CHEXPERT_LABELS[1:], key=lambda name: int(data.labels[:, CHEXPERT_LABELS.index(name)].sum()))
+    has = data.labels[:, CHEXPERT_LABELS.index(label)]
+    assert 0 < int(has.sum()) <= len(data) // 3
+    tokens = base.tokenizer(
+        data.prompts, padding="max_length", truncation=True, max_length=base.text_encoder.config.max_positions,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    with_label = tokens[has]
+
+    def share_drawn(name, oversample):
+        """The share of the text encoder's inputs (the drawn images' prompts) that are a prompt with ``label``."""
+        seen = []
+        hook = base.text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+        run = TrainingRun(tmp_path / name, steps=6, batch_size=16, learning_rate=0.0)
+        try:
+            train_backbone(data, run, ac, ac, preset="tiny", start_from=base, oversample=oversample)
+        finally:
+            hook.remove()
+        drawn = torch.cat(seen)
+        return run, float((drawn[:, None] == with_label[None]).all(dim=-1).any(dim=1).float().mean())
+
+    plain_run, plain = share_drawn("plain", None)
+    over_run, over = share_drawn("over", {label: 50.0})
+    assert "oversample" not in plain_run.log and over_run.log["oversample"] == {label: 50.0}
+    assert plain < 0.5 < 0.7 < over  # 1/3 at most of the images; about 0.9 of the draws at 50 times as often
 
 
 def test_max_timestep_trains_at_the_low_noise_levels_only(data, tmp_path):

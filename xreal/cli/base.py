@@ -5,9 +5,24 @@ from __future__ import annotations
 import click
 
 from xreal.core.errors import XRealError
+from xreal.core.labels import canonical_label
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
+def label_values(entries: tuple[str, ...], option: str) -> dict[str, float]:
+    """An option's LABEL=VALUE entries as a table, labels spelt as CheXpert does (``option`` names it in errors)."""
+    table = {}
+    for entry in entries:
+        label, sep, value = entry.rpartition("=")
+        try:
+            if not sep:
+                raise ValueError("expected LABEL=VALUE, e.g. Edema=4")
+            table[canonical_label(label)] = float(value)
+        except ValueError as error:
+            raise XRealError(f"{option} {entry!r}: {error}") from None
+    return table
 
 
 class UserError(click.ClickException):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from xreal.cli.base import _Group, cli
+from xreal.cli.base import _Group, cli, label_values
 
 
 @cli.group(cls=_Group)
@@ -295,11 +295,19 @@ def train_backbone_command(
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle to write.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_demo_command(index: Path, work: Path, out: Path, seed: int) -> None:
+@click.option(
+    "--oversample",
+    multiple=True,
+    metavar="LABEL=FACTOR",
+    help="The findings part draws the phantoms with LABEL FACTOR times as often as the rest (repeat for others).",
+)
+def train_demo_command(index: Path, work: Path, out: Path, seed: int, oversample: tuple[str, ...]) -> None:
     """Train the demo bundle end to end with the demo schedule (CPU-sized)."""
     from xreal.model.training import train_demo_bundle
 
-    click.echo(f"wrote {train_demo_bundle(index, work, out, seed=seed, command=' '.join(sys.argv))}")
+    factors = label_values(oversample, "--oversample") or None
+    bundle = train_demo_bundle(index, work, out, seed=seed, command=" ".join(sys.argv), findings_oversample=factors)
+    click.echo(f"wrote {bundle}")
 
 
 def _step_counts(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:

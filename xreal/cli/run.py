@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from xreal.cli.base import _Group, cli
+from xreal.cli.base import _Group, cli, label_values
 from xreal.core.errors import XRealError
-from xreal.core.labels import canonical_label
 from xreal.core.settings import MAX_GUIDANCE, SAMPLER_NAMES, SPEEDS, STEP_GRIDS, SamplerSettings
 
 SAMPLER_OPTIONS = (
@@ -124,7 +123,7 @@ def _sampler_settings(options: dict) -> SamplerSettings:
         raise XRealError(f"--anatomy-steps {anatomy_steps} is more than the {limit} steps of each stage (--steps)")
     entries = given.pop("finding_guidance")
     if entries:
-        given["finding_guidance"] = {**dict(preset.finding_guidance), **_finding_entries(entries)}
+        given["finding_guidance"] = {**dict(preset.finding_guidance), **label_values(entries, "--finding-guidance")}
     interval = given["guidance_interval"]
     if interval is not None and not interval[0] < interval[1]:
         raise XRealError(f"--guidance-interval: START must be below STOP, got {interval[0]} {interval[1]}")
@@ -132,20 +131,6 @@ def _sampler_settings(options: dict) -> SamplerSettings:
     if settings.step_grid == "reference" and settings.sampler != "ddim":
         raise XRealError(f"--step-grid reference is the reference's DDIM grid; --sampler is {settings.sampler}")
     return settings.check("the sampler options")
-
-
-def _finding_entries(entries: tuple[str, ...]) -> dict[str, float]:
-    """--finding-guidance's LABEL=SCALE entries as a table, labels spelt as CheXpert does."""
-    table = {}
-    for entry in entries:
-        label, sep, scale = entry.rpartition("=")
-        try:
-            if not sep:
-                raise ValueError("expected LABEL=SCALE, e.g. Edema=4")
-            table[canonical_label(label)] = float(scale)
-        except ValueError as error:
-            raise XRealError(f"--finding-guidance {entry!r}: {error}") from None
-    return table
 
 
 def _run_parameters(

@@ -390,6 +390,20 @@ def finding_weights(
     return 1.0 + weight * scale * touched
 
 
+def draw_chances(labels: torch.Tensor, oversample: dict[str, float]) -> np.ndarray:
+    """The chance of drawing each training image when those with a label in ``oversample`` are drawn that many
+    times as often as the rest (an image with several such labels takes the largest factor)."""
+    factors = np.ones(len(labels))
+    for label, factor in oversample.items():
+        if label not in CHEXPERT_LABELS:
+            raise XRealError(f"oversample: unknown label {label!r}; known: {', '.join(CHEXPERT_LABELS)}")
+        if not factor > 0:
+            raise XRealError(f"oversample: {label}'s factor must be positive, got {factor}")
+        has = labels[:, CHEXPERT_LABELS.index(label)].numpy()
+        factors[has] = np.maximum(factors[has], factor)
+    return factors / factors.sum()
+
+
 def train_backbone(
     data: TrainingSet,
     run: TrainingRun,
@@ -402,6 +416,7 @@ def train_backbone(
     finding_min_cells: int = 0,
     max_timestep: int | None = None,
     all_levels_share: float = 0.0,
+    oversample: dict[str, float] | None = None,
 ):
     """Train UNet and text encoder on the frozen autoencoder's latents; return the full pipeline.
 
@@ -414,6 +429,7 @@ def train_backbone(
     scheduler's): the low noise levels, where a sampler's last steps draw the fine detail.
     ``all_levels_share`` of each batch is still drawn over all noise levels, so the
     levels above ``max_timestep`` are not forgotten.
+    ``oversample`` draws the images with a given label that many times as often as the rest (:func:`draw_chances`).
     ``start_from`` is a pipeline (trained on the same index) whose UNet and text
     encoder training continues from; it is trained in place.
     """
@@ -455,11 +471,17 @@ def train_backbone(
     run.log["finding_weight"] = finding_weight
     if finding_min_cells:
         run.log["finding_min_cells"] = finding_min_cells
+    chances = draw_chances(data.labels, oversample) if oversample else None
+    if oversample:
+        run.log["oversample"] = dict(oversample)
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True)
 
     def loss_fn(step, rng, generator, device, modules):
         unet, text_encoder = modules["unet"], modules["text_encoder"]
-        idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
+        if chances is None:
+            idx = torch.from_numpy(rng.integers(0, len(data), run.batch_size))
+        else:
+            idx = torch.from_numpy(rng.choice(len(data), run.batch_size, p=chances))
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, timesteps, (run.batch_size,), generator=generator)
@@ -544,6 +566,7 @@ def continue_with_findings(
     finding_min_cells: int = FINDING_MIN_CELLS,
     max_timestep: int | None = None,
     all_levels_share: float = 0.0,
+    oversample: dict[str, float] | None = None,
 ):
     """The demo's "findings" part: ``pipeline``'s backbone trained on with the finding-weighted loss, in place;
     with ``max_timestep``, its "detail" part (the low noise levels only)."""
@@ -558,6 +581,7 @@ def continue_with_findings(
         finding_min_cells=finding_min_cells,
         max_timestep=max_timestep,
         all_levels_share=all_levels_share,
+        oversample=oversample,
     )
 
 
@@ -568,13 +592,18 @@ def train_demo_bundle(
     schedule: dict[str, tuple[int, int]] = DEMO_SCHEDULE,
     seed: int = 0,
     command: str = "",
+    findings_oversample: dict[str, float] | None = None,
 ) -> Path:
     """Train every part on a phantom training index and save the demo bundle to ``out``.
 
-    ``schedule`` maps each part to (steps, batch size); the parts run in its order.
+    ``schedule`` maps each part to (steps, batch size); the parts run in its order. ``findings_oversample``: the
+    labels the "findings" part draws more often, and how many times (:func:`draw_chances`; ``xreal train demo
+    --oversample``). The bundle was trained without it; README, "Oversampling the small findings" (stop 45).
     """
     preset = get_preset("demo")
     data = load_training_set(index_dir, preset.image_size)
+    if findings_oversample:
+        draw_chances(data.labels, findings_oversample)  # a bad factor stops here, not after an hour of training
     runs = {
         name: TrainingRun(work / name, steps=steps, batch_size=batch_size, seed=seed)
         for name, (steps, batch_size) in schedule.items()
@@ -590,7 +619,7 @@ def train_demo_bundle(
     controller = train_autoencoder(data, runs["anatomy_controller"], anatomy_controller=True)
     pipeline = train_backbone(data, runs["backbone"], autoencoder, controller)
     if "findings" in runs:
-        pipeline = continue_with_findings(data, runs["findings"], pipeline)
+        pipeline = continue_with_findings(data, runs["findings"], pipeline, oversample=findings_oversample)
     if "detail" in runs:
         pipeline = continue_with_findings(data, runs["detail"], pipeline, max_timestep=DETAIL_MAX_TIMESTEP)
     training = {

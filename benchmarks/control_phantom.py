@@ -113,10 +113,15 @@ def judges(cache: Path | None, size: int):
     print("with each other only; pin them (--pin) when they are to be the benchmark's.")
     segmenter, classifier = train_phantom_segmenter(size), train_phantom_classifier(size, input_size=2 * size)
     if cache:
-        (cache / key).mkdir(parents=True, exist_ok=True)
-        save_weights(segmenter, cache / key / "segmenter.safetensors")
-        save_weights(classifier, cache / key / "classifier.safetensors")
+        _save_judges(segmenter, classifier, cache / key)
     return segmenter, classifier
+
+
+def _save_judges(segmenter, classifier, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(segmenter, folder / "segmenter.safetensors")
+    save_weights(classifier, folder / "classifier.safetensors")
+    return folder
 
 
 def pin_judges(segmenter, classifier, size: int) -> Path:
@@ -126,10 +131,7 @@ def pin_judges(segmenter, classifier, size: int) -> Path:
     for stale in PINNED.glob(f"{size}px-*"):  # an earlier renderer's
         if stale != folder:
             shutil.rmtree(stale)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_weights(segmenter, folder / "segmenter.safetensors")
-    save_weights(classifier, folder / "classifier.safetensors")
-    return folder
+    return _save_judges(segmenter, classifier, folder)
 
 
 def findings_and_twins(labels: list[str], size: int, seed: int) -> np.ndarray:

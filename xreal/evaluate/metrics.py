@@ -291,17 +291,13 @@ def frechet_difference(
         raise ValueError(f"a and b must be paired row by row: shapes {a.shape} and {b.shape}")
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-
-    def distance(x: np.ndarray, y: np.ndarray) -> float:
-        return frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(rounds):
         pick, real_pick = rng.integers(0, len(a), len(a)), rng.integers(0, len(real), len(real))
-        values.append(distance(a[pick], real[real_pick]) - distance(b[pick], real[real_pick]))
+        values.append(frechet_distance_of(a[pick], real[real_pick]) - frechet_distance_of(b[pick], real[real_pick]))
     low, high = _percentile_interval(values, level)
-    return distance(a, real) - distance(b, real), low, high
+    return frechet_distance_of(a, real) - frechet_distance_of(b, real), low, high
 
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:

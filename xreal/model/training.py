@@ -237,6 +237,9 @@ def _train(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-LOSS_WINDOW:]):.4f}")
         done = step + 1 == run.steps
+        # The preview first: the checkpoint's seconds then count it, and a resumed run's record covers every call.
+        if preview is not None and accelerator.is_main_process and ((step + 1) % run.preview_every == 0 or done):
+            _save_preview(run.out / "previews" / f"step-{step + 1}.png", preview, modules)
         if (step + 1) % run.checkpoint_every == 0 or done:
             _save_checkpoint(
                 run,
@@ -247,8 +250,6 @@ def _train(
                 seconds=earlier_seconds + time.perf_counter() - began,
                 losses=losses[-LOSS_WINDOW:],
             )
-        if preview is not None and accelerator.is_main_process and ((step + 1) % run.preview_every == 0 or done):
-            _save_preview(run.out / "previews" / f"step-{step + 1}.png", preview, modules)
     run.log.update(
         steps=run.steps,
         resumed_from=start,
@@ -598,7 +599,7 @@ def train_demo_bundle(
 
     ``schedule`` maps each part to (steps, batch size); the parts run in its order. ``findings_oversample``: the
     labels the "findings" part draws more often, and how many times (:func:`draw_chances`; ``xreal train demo
-    --oversample``). The bundle was trained without it; README, "Oversampling the small findings" (stop 45).
+    --oversample``). The bundle was trained without it.
     """
     preset = get_preset("demo")
     data = load_training_set(index_dir, preset.image_size)

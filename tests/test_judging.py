@@ -241,7 +241,8 @@ def test_the_pspnet_adapter_turns_network_outputs_into_label_scores():
 
 def test_judges_on_a_cpu_run_channels_last_in_chunks_and_score_as_in_one_call(judges):
     """The speed-ups of `benchmarks/judge_speed.py`: weights in channels-last layout on a CPU, and a batch fed in
-    chunks, whose outputs match the whole batch's to the bit."""
+    chunks, whose outputs match the whole batch's to float rounding (to the bit on some CPUs; on AVX-512 ones the
+    kernels picked for 32 and 37 images differ and scores move by about 1e-8)."""
     for network in (judges.classifier, judges.feature_model, judges.segmenter):
         convolutions = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
         assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
@@ -257,7 +258,7 @@ def test_judges_on_a_cpu_run_channels_last_in_chunks_and_score_as_in_one_call(ju
     with torch.no_grad():
         chunked, whole = in_chunks(network, inputs), judges.classifier(inputs)
     assert calls == [CPU_CHUNK, 5]
-    assert torch.equal(chunked, whole)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
     assert judges.features(images).shape[0] == CPU_CHUNK + 5
 
 

@@ -4,7 +4,8 @@ Every network of a judge set (the demo set's classifier, its feature network and
 DenseNet-121 with random weights at 224 px) scores the same phantoms four ways: the whole batch in one call or in
 chunks of ``--chunk``, with the weights in PyTorch's default (NCHW) or channels-last layout. Ratios are images per
 second against the first way, the layout and call judges used before. The largest difference between outputs is
-printed beside each: a layout changes float32 rounding, chunking must not. Usage:
+printed beside each: a layout changes float32 rounding, and so may chunking on CPUs whose kernels depend on the
+batch size (AVX-512: ~1e-8 on scores). Usage:
 ``python benchmarks/judge_speed.py [--images N] [--chunk C] [--repeats R] [--threads T]``.
 """
 

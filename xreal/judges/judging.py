@@ -77,8 +77,9 @@ def in_chunks(
     """``network(inputs)``, called on ``size`` images at a time when the inputs are on a CPU.
 
     A judge network on a CPU is about twice as fast on 32 images a call as on 128
-    (`benchmarks/judge_speed.py`); the outputs agree to float rounding (to the bit on
-    some CPUs, within 1e-6 on others). Elsewhere it gets the whole batch."""
+    (`benchmarks/judge_speed.py`); the outputs agree to float32 rounding (to the bit on
+    some CPUs; on AVX-512 ones scores move by ~1e-8, features by ~1e-6). Elsewhere it
+    gets the whole batch."""
     if inputs.device.type != "cpu" or len(inputs) <= size:
         return network(inputs)
     return torch.cat([network(inputs[i : i + size]) for i in range(0, len(inputs), size)])

@@ -111,6 +111,26 @@ def test_the_judge_card_reports_the_classifier_on_blurred_phantoms_beside_the_pl
     assert row.count("|") == 6  # label, plain sensitivity and specificity, blurred sensitivity and specificity
 
 
+@pytest.mark.filterwarnings("error:Mean of empty slice")
+def test_a_label_the_held_out_phantoms_lack_is_recorded_as_not_measured(tmp_path):
+    """Six held-out phantoms (seed 2026) have no oedema, atelectasis or pneumothorax: their sensitivity is not
+    measured (null, "not measured" on the card), never NaN; the specificity of every label still is."""
+    from xreal.judges.judging import judges_card
+    from xreal.judges.phantom_judges import train_phantom_judges
+
+    folder = train_phantom_judges(
+        tmp_path / "judges", size=64, segmenter_steps=2, classifier_steps=2, train_count=16, held_out_count=6
+    )
+    metrics = json.loads((folder / "judges.json").read_text())["metrics"]
+    absent = {"Edema", "Atelectasis", "Pneumothorax"}
+    assert {label for label, value in metrics["sensitivity"].items() if value is None} == absent
+    assert {label for label, v in metrics["blurred_1px"].items() if v["sensitivity"] is None} == absent
+    assert all(0.0 <= value <= 1.0 for value in metrics["specificity"].values())
+    rows = {line.split(" | ")[0][2:]: line for line in judges_card(folder).splitlines() if line.startswith("| ")}
+    assert rows["Edema"].count("not measured") == 2  # plain and blurred sensitivity
+    assert "not measured" not in rows["Cardiomegaly"]
+
+
 def test_a_classifier_trained_through_an_autoencoder_sees_each_phantom_twice_with_its_labels(monkeypatch):
     """``round_trip`` adds every training phantom once more as the autoencoder gives it back, labels unchanged."""
     from xreal.judges import phantom_judges

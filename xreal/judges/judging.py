@@ -437,6 +437,11 @@ def save_phantom_judges(
     return folder
 
 
+def _rate(value: float | None) -> str:
+    """A recorded sensitivity or specificity as a card shows it (None: the held-out set had no case to count)."""
+    return "not measured" if value is None else f"{value:.3f}"
+
+
 def judges_card(folder: str | os.PathLike[str]) -> str:
     """A Markdown section describing a judge set and what it measured (for model cards)."""
     record = read_judges_record(folder)
@@ -471,10 +476,10 @@ def judges_card(folder: str | os.PathLike[str]) -> str:
             "|---|---:|---:|" + "---:|---:|" * len(variants),
         ]
         for label, value in metrics["sensitivity"].items():
-            row = f"| {label} | {value:.3f} | {metrics['specificity'][label]:.3f} |"
+            row = f"| {label} | {_rate(value)} | {_rate(metrics['specificity'][label])} |"
             for rates in variants.values():
                 if label in rates:
-                    row += f" {rates[label]['sensitivity']:.3f} | {rates[label]['specificity']:.3f} |"
+                    row += f" {_rate(rates[label]['sensitivity'])} | {_rate(rates[label]['specificity'])} |"
             lines.append(row)
     if "segmenter_dice" in metrics:
         dice_text = ", ".join(f"{k} {v:.3f}" for k, v in metrics["segmenter_dice"].items())

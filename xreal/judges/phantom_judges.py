@@ -211,10 +211,16 @@ def operating_point(scores: np.ndarray, truth: np.ndarray, min_specificity: floa
     return best
 
 
+def _share(hits: np.ndarray) -> float | None:
+    """The share of true values, or None (not measured) when there are none to count."""
+    return float(hits.mean()) if hits.size else None
+
+
 def _rates(detected: np.ndarray, truth: np.ndarray, labels: list[str]) -> tuple[dict, dict]:
-    """Per label (columns of ``[N, L]`` calls and truth): sensitivity and specificity."""
-    sensitivity = {lab: float(detected[truth[:, i], i].mean()) for i, lab in enumerate(labels)}
-    specificity = {lab: float((~detected[~truth[:, i], i]).mean()) for i, lab in enumerate(labels)}
+    """Per label (columns of ``[N, L]`` calls and truth): sensitivity and specificity, None for a label the
+    held-out set has no positive (or no negative) of."""
+    sensitivity = {lab: _share(detected[truth[:, i], i]) for i, lab in enumerate(labels)}
+    specificity = {lab: _share(~detected[~truth[:, i], i]) for i, lab in enumerate(labels)}
     return sensitivity, specificity
 
 

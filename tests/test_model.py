@@ -157,6 +157,25 @@ def test_paper_preset_has_the_reference_architecture():
     assert text.config.max_positions == 150 and text.blocks[0].to_qkv.weight.shape == (3 * 512, 1280)
 
 
+def test_model_card_names_the_parts_trained_on_other_or_unknown_data(tmp_path):
+    from xreal.model.bundle import write_model_card
+
+    digest, old = "ab" * 32, "cd" * 32
+    runs = {
+        "autoencoder": {"steps": 4, "resumed_from": 4, "seconds": 1.0, "final_loss": 0.5, "data_sha256": old},
+        "anatomy_controller": {"steps": 4, "resumed_from": 4, "seconds": 1.0, "final_loss": 0.5, "data_sha256": None},
+        "backbone": {"steps": 4, "resumed_from": 0, "seconds": 1.0, "final_loss": 0.1, "data_sha256": digest},
+    }
+    training = {"data": "24 images", "data_sha256": digest, "runs": runs}
+    text = write_model_card(save_bundle(build_pipeline("tiny"), tmp_path / "b", training=training)).read_text()
+    assert "- trained on: 24 images (data sha256 `abababababababab`)" in text
+    other = "- parts trained on other or unknown data: autoencoder (cdcdcdcdcdcdcdcd), anatomy_controller (unknown)"
+    assert other in text
+    runs["autoencoder"]["data_sha256"] = runs["anatomy_controller"]["data_sha256"] = digest
+    text = write_model_card(save_bundle(build_pipeline("tiny"), tmp_path / "c", training=training)).read_text()
+    assert "other or unknown data" not in text
+
+
 def test_model_card_of_a_run_resumed_from_its_last_checkpoint(tmp_path):
     """`make demo-model` rerun after its last checkpoint trains no step, so a part has no final loss; the card
     must still be written (it crashed the end of a resumed retrain)."""

@@ -61,6 +61,36 @@ def test_autoencoder_training_learns_and_resumes_exactly(data, tmp_path):
     assert straight.config.scaling_factor != pytest.approx(0.18215)  # fitted to the latents' spread
 
 
+def test_a_checkpoint_resumes_only_on_the_data_it_was_trained_on(data, tmp_path):
+    """A part's checkpoints carry the digest of the data they saw; a work folder resumed on other data (another
+    index, or phantoms a changed renderer drew) is refused, never silently mixed into the record."""
+    from xreal.core.errors import XRealError
+
+    first = TrainingRun(tmp_path / "a", steps=2, batch_size=4, checkpoint_every=2)
+    train_autoencoder(data, first, preset="tiny")
+    assert first.log["data_sha256"] == data.sha256 and len(data.sha256) == 64
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["data_sha256"] == data.sha256
+    other = copy.copy(data)
+    other.__dict__.pop("sha256", None)  # the copy digests its own pixels
+    other.images = data.images.clone()
+    other.images[0, :, 0, 0] += 0.01  # one pixel of one image
+    assert other.sha256 != data.sha256
+    with pytest.raises(XRealError, match=r"step-2: trained on other data .* Train into a new work folder"):
+        train_autoencoder(other, TrainingRun(tmp_path / "a", steps=4, batch_size=4, checkpoint_every=2), preset="tiny")
+    resumed = TrainingRun(tmp_path / "a", steps=4, batch_size=4, checkpoint_every=2)
+    train_autoencoder(data, resumed, preset="tiny")
+    assert resumed.log["resumed_from"] == 2 and resumed.log["data_sha256"] == data.sha256
+    # A checkpoint from before digests were kept resumes, and its record says the data is unknown.
+    state_file = tmp_path / "a" / "checkpoints" / "step-4" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["data_sha256"]
+    state_file.write_text(json.dumps(state))
+    older = TrainingRun(tmp_path / "a", steps=6, batch_size=4, checkpoint_every=2)
+    train_autoencoder(other, older, preset="tiny")
+    assert older.log["resumed_from"] == 4 and older.log["data_sha256"] is None
+
+
 def test_anatomy_controller_and_backbone_resume_exactly(data, tmp_path):
     ac = train_autoencoder(
         data, TrainingRun(tmp_path / "ac", steps=2, batch_size=4), preset="tiny", anatomy_controller=True

@@ -272,6 +272,7 @@ def train_backbone_command(
     )
     training = {
         "data": f"{len(data)} training images from {options['index']}",
+        "data_sha256": data.sha256,
         "command": " ".join(sys.argv),
         "runs": {"backbone": {**run.log, "batch_size": run.batch_size}},
         "autoencoder": str(autoencoder),

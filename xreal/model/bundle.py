@@ -175,6 +175,19 @@ def quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(verbosity)
 
 
+def _parts_on_other_data(training: dict[str, Any]) -> list[str]:
+    """A card line naming the training runs whose checkpoints saw other data than the bundle's last part, or
+    whose data is not known (resumed from checkpoints older than the digest); none when all agree."""
+    if not training.get("data_sha256"):
+        return []
+    other = [
+        f"{name} ({(run.get('data_sha256') or 'unknown')[:16]})"
+        for name, run in training.get("runs", {}).items()
+        if run.get("data_sha256") != training["data_sha256"]
+    ]
+    return [f"- parts trained on other or unknown data: {', '.join(other)}"] if other else []
+
+
 def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None) -> Path:
     """Write MODEL_CARD.md from the bundle record (and measured metrics, as Markdown, when given)."""
     folder = Path(folder)
@@ -187,7 +200,9 @@ def write_model_card(folder: str | os.PathLike[str], metrics: str | None = None)
         f"latents {record['image_size'] // 2 ** (len(preset['autoencoder_channels']) - 1)} px, 3 channels",
         f"- autoencoder channels {preset['autoencoder_channels']}, UNet channels {preset['unet_channels']}, "
         f"context width {preset['context_width']}, text encoder {preset['text_layers']} layers",
-        f"- trained on: {training.get('data', 'unknown')}",
+        f"- trained on: {training.get('data', 'unknown')}"
+        + (f" (data sha256 `{training['data_sha256'][:16]}`)" if training.get("data_sha256") else ""),
+        *_parts_on_other_data(training),
         f"- command: `{training.get('command', '')}`",
         *([f"- weights from {training['source']}, licence {training['licence']}"] if "licence" in training else []),
         "",

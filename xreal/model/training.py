@@ -18,6 +18,8 @@ work on the available devices and runs mixed precision when asked.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import shutil
 import time
@@ -72,6 +74,16 @@ class TrainingSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """A digest of everything the trainers read: pixels, anatomy, labels, prompts and finding masks. It
+        changes when the data does (a phantom renderer change included), whatever the files are called."""
+        digest = hashlib.sha256()
+        for tensor in (self.images, self.label_maps, self.labels, self.finding_masks):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        digest.update(json.dumps([self.prompts, self.findings]).encode())
+        return digest.hexdigest()
 
 
 def load_training_set(index_dir: str | Path, size: int, split: str | None = "train") -> TrainingSet:
@@ -152,8 +164,10 @@ def _save_checkpoint(
     ema: EMAModel | None,
     seconds: float = 0.0,
     losses: list[float] | None = None,
+    data_sha256: str | None = None,
 ):
-    """Write the part's state at ``step`` (with the training seconds and recent losses so far, for the record)."""
+    """Write the part's state at ``step`` (with the training seconds and recent losses so far and the digest of
+    the data it trained on, for the record)."""
     folder = run.out / "checkpoints" / f"step-{step}"
     staging = folder.with_name(folder.name + ".part")
     shutil.rmtree(staging, ignore_errors=True)
@@ -165,15 +179,26 @@ def _save_checkpoint(
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     if ema is not None:
         torch.save(ema.state_dict(), staging / "ema.pt")
-    (staging / "state.json").write_text(json.dumps({"step": step, "seconds": seconds, "losses": losses or []}))
+    state = {"step": step, "seconds": seconds, "losses": losses or [], "data_sha256": data_sha256}
+    (staging / "state.json").write_text(json.dumps(state))
     staging.rename(folder)
     for old in run.out.glob("checkpoints/step-*"):
         if old != folder:
             shutil.rmtree(old)
 
 
-def _load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer, ema: EMAModel | None) -> dict:
-    """Load a checkpoint into ``modules``, ``optimizer`` and ``ema``; return its state (step, seconds, losses)."""
+def _load_checkpoint(
+    folder: Path, modules: dict[str, nn.Module], optimizer, ema: EMAModel | None, data_sha256: str | None = None
+) -> dict:
+    """Load a checkpoint into ``modules``, ``optimizer`` and ``ema``; return its state (step, seconds, losses,
+    data_sha256). A checkpoint trained on other data than ``data_sha256`` is refused."""
+    state = {"seconds": 0.0, "losses": [], "data_sha256": None, **json.loads((folder / "state.json").read_text())}
+    if data_sha256 is not None and state["data_sha256"] not in (None, data_sha256):
+        raise XRealError(
+            f"{folder}: trained on other data (sha256 {state['data_sha256'][:12]}) than this training set's "
+            f"({data_sha256[:12]}): the training index or the phantom renderer changed since. Train into a new work "
+            "folder, or delete this one"
+        )
     for name, module in modules.items():
         try:
             module.load_state_dict(load_file(folder / f"{name}.safetensors"))
@@ -185,19 +210,19 @@ def _load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer, ema
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     if ema is not None:
         ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=True))
-    state = json.loads((folder / "state.json").read_text())
-    return {"seconds": 0.0, "losses": [], **state}  # checkpoints written before the seconds were kept
+    return state  # checkpoints written before the seconds, losses or data digest were kept lack them
 
 
 def _train(
     run: TrainingRun,
+    data: TrainingSet,
     modules: dict[str, nn.Module],
     loss_fn: Callable,
     ema: EMAModel | None = None,
     description: str = "train",
     preview: Callable[[dict[str, nn.Module]], np.ndarray] | None = None,
 ) -> Accelerator:
-    """The shared loop: resume, step, checkpoint, preview.
+    """The shared loop: resume (from a checkpoint of the same ``data`` only), step, checkpoint, preview.
 
     ``loss_fn(step, rng, generator, device, modules)`` returns the loss of one step,
     computed with ``modules`` (the accelerator-prepared ones, so gradients are
@@ -207,11 +232,12 @@ def _train(
     accelerator = Accelerator(mixed_precision=run.mixed_precision, cpu=not torch.cuda.is_available())
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=0.0)
-    start, earlier_seconds, losses = 0, 0.0, []
+    start, earlier_seconds, losses, trained_on = 0, 0.0, [], data.sha256
     latest = _latest_checkpoint(run.out)
     if latest is not None:
-        state = _load_checkpoint(latest, modules, optimizer, ema)
+        state = _load_checkpoint(latest, modules, optimizer, ema, data.sha256)
         start, earlier_seconds, losses = state["step"], state["seconds"], state["losses"]
+        trained_on = state["data_sha256"]  # None: a checkpoint from before digests were kept, data unknown
     prepared = accelerator.prepare(*modules.values(), optimizer)
     optimizer = prepared[-1]
     live = dict(zip(modules, prepared[:-1], strict=True))
@@ -249,12 +275,14 @@ def _train(
                 ema,
                 seconds=earlier_seconds + time.perf_counter() - began,
                 losses=losses[-LOSS_WINDOW:],
+                data_sha256=trained_on,
             )
     run.log.update(
         steps=run.steps,
         resumed_from=start,
         seconds=round(earlier_seconds + time.perf_counter() - began, 1),  # over every call, resumes included
         final_loss=float(np.mean(losses[-LOSS_WINDOW:])) if losses else None,
+        data_sha256=trained_on,
     )
     return accelerator
 
@@ -367,6 +395,7 @@ def train_autoencoder(
 
     _train(
         run,
+        data,
         modules,
         loss_fn,
         preview=preview,
@@ -509,7 +538,8 @@ def train_backbone(
         images = sampler(label_maps, [""] * 4, [0, 1, 2, 3], num_inference_steps=20, anatomy_steps=10).images
         return torch.from_numpy(np.concatenate(list(images), 1))
 
-    _train(run, {"unet": unet, "text_encoder": text_encoder}, loss_fn, ema=ema, preview=preview, description="backbone")
+    parts = {"unet": unet, "text_encoder": text_encoder}
+    _train(run, data, parts, loss_fn, ema=ema, preview=preview, description="backbone")
     ema.copy_to(unet.parameters())
     pipeline.to("cpu")
     return pipeline
@@ -625,6 +655,7 @@ def train_demo_bundle(
         pipeline = continue_with_findings(data, runs["detail"], pipeline, max_timestep=DETAIL_MAX_TIMESTEP)
     training = {
         "data": f"{len(data)} phantom training images ({index_dir})",
+        "data_sha256": data.sha256,
         "command": command,
         "runs": {
             name: {**r.log, "batch_size": r.batch_size, "learning_rate": r.learning_rate} for name, r in runs.items()

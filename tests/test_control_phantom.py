@@ -98,3 +98,42 @@ def test_the_benchmark_reads_with_its_pinned_judges_for_the_current_renderer(con
         found = segmenter.segment(cases.images)
     dice = [control_phantom.anatomy_dice(a, f) for a, f in zip(cases.anatomy, found, strict=True)]
     assert np.mean([np.mean(list(d.values())) for d in dice]) > 0.9
+
+
+def test_compare_models_asks_for_each_finding_on_its_healthy_twins_anatomy(monkeypatch):
+    """A cardiomegaly phantom's own anatomy has the enlarged heart; its twin drawn on it would be compared with
+    real healthy twins whose hearts are normal. compare_models asks on the healthy twin's anatomy, with the
+    finding's mask, as control_phantom does, and round-trips exactly the real phantoms it is given."""
+    from types import SimpleNamespace
+
+    from xreal.phantom import renderer as phantom
+
+    compare_models = load_benchmark("compare_models")
+    seen = {}
+
+    class Pipe:
+        def set_progress_bar_config(self, **_):
+            pass
+
+        def round_trip(self, images):
+            seen["round_trip"] = images
+            return images
+
+        def __call__(self, anatomy, asked, seeds, masks, **_):
+            seen.setdefault("anatomy", []).append(anatomy)
+            seen.setdefault("masks", []).extend(masks)
+            blank = np.zeros((len(asked), 64, 64), np.float32)
+            return SimpleNamespace(images=blank, healthy_images=blank)
+
+    monkeypatch.setattr(compare_models, "load_pipeline", lambda _: Pipe())
+    labels = ["Cardiomegaly", "Pleural Effusion"]
+    cases = phantom.generate(2, 64, seed=5, pathologies=[[label] for label in labels])
+    healthy = phantom.generate(2, 64, seed=5, pathologies=[[], []])
+    real = compare_models.findings_and_twins(labels, 64, 5)
+    finals, twins, round_trip = compare_models.draw(Path("bundle"), labels, cases, real, batch_size=1)
+    assert finals.shape == twins.shape == (2, 64, 64) and round_trip is real is seen["round_trip"]
+    asked_on = np.concatenate(seen["anatomy"])
+    assert np.array_equal(asked_on, healthy.anatomy)
+    heart = int(Anatomy.HEART)
+    assert (asked_on[0] == heart).sum() < (cases.anatomy[0] == heart).sum()  # a normal heart, not the enlarged one
+    assert np.array_equal(seen["masks"][0], cases.pathology_masks["Cardiomegaly"][0])

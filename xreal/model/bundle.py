@@ -176,8 +176,9 @@ def quiet_diffusers() -> Iterator[None]:
 
 
 def _parts_on_other_data(training: dict[str, Any]) -> list[str]:
-    """A card line naming the training runs whose checkpoints saw other data than the bundle's last part, or
-    whose data is not known (resumed from checkpoints older than the digest); none when all agree."""
+    """A card line naming the training runs that saw other data than the bundle's training set (its
+    ``data_sha256``), or whose data is not known (resumed from checkpoints older than the digest); none when all
+    agree."""
     if not training.get("data_sha256"):
         return []
     other = [

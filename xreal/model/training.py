@@ -11,7 +11,8 @@
 Every step's batch and noise are drawn from generators seeded with
 ``(seed, step)``, so a run resumed from a checkpoint continues exactly as if it
 had never stopped. Checkpoints hold safetensors weights, the optimizer state
-(loaded with ``weights_only=True``) and the step. ``accelerate`` places the
+(loaded with ``weights_only=True``), the step and the digest of the data
+trained on: a run resumes only on the same data. ``accelerate`` places the
 work on the available devices and runs mixed precision when asked.
 """
 

@@ -52,10 +52,10 @@ REQUESTS = "healthy-twin anatomy"  # draws kept under another way of making the 
 
 
 def draw(
-    model: Path, labels: list[str], cases: phantom.PhantomBatch, requests_real: np.ndarray, batch_size: int
+    model: Path, labels: list[str], cases: phantom.PhantomBatch, healthy: phantom.PhantomBatch, batch_size: int
 ) -> tuple[np.ndarray, ...]:
-    """One bundle's finals and healthy twins of the requests (seeds 0..n-1) with the fast preset, and
-    ``requests_real`` (the requests' real phantoms and their twins) through its autoencoder alone.
+    """One bundle's finals and healthy twins of the requests (seeds 0..n-1) with the fast preset, and the
+    requests' real phantoms (``cases``, then their healthy twins ``healthy``) through its autoencoder alone.
 
     Each request asks for its finding's mask (``cases``) on the anatomy of its healthy twin, as control_phantom's
     do: a cardiomegaly phantom's own anatomy has the enlarged heart, and a twin drawn on it would be compared with
@@ -63,14 +63,13 @@ def draw(
     twins of the other six findings alone 0.22)."""
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    round_trip = pipe.round_trip(requests_real)
+    round_trip = pipe.round_trip(np.concatenate([cases.images, healthy.images]))
     masks = request_masks(cases, [[label] for label in labels])
-    anatomy = phantom.generate(len(labels), cases.images.shape[-1], seed=cases.seed, pathologies=[[]] * len(labels))
     finals, twins = [], []
     for lo in range(0, len(labels), batch_size):
         hi = min(len(labels), lo + batch_size)
         asked = [[label] for label in labels[lo:hi]]
-        request = anatomy.anatomy[lo:hi], asked, list(range(lo, hi)), masks[lo:hi]
+        request = healthy.anatomy[lo:hi], asked, list(range(lo, hi)), masks[lo:hi]
         out = pipe(*request, **FAST.pipeline_arguments(asked))
         finals.append(out.images)
         twins.append(out.healthy_images)
@@ -105,8 +104,8 @@ def main() -> None:
     labels = [label for label in findings for _ in range(args.per_finding)]
     of_label = {label: [i for i, lab in enumerate(labels) if lab == label] for label in findings}
     cases = phantom.generate(len(labels), size, seed=args.seed, pathologies=[[label] for label in labels])
+    healthy = phantom.generate(len(labels), size, seed=args.seed, pathologies=[[]] * len(labels))
     real = features(classifier, findings_and_twins(labels, size, args.seed + 1))
-    requests_real = findings_and_twins(labels, size, args.seed)
     thresholds = classifier_thresholds(classifier, phantom.generate(args.real_count, size, seed=args.seed + 2))
 
     drawn = {}
@@ -114,15 +113,11 @@ def main() -> None:
         kept = args.work / f"{draws_key(model, size)}-seed{args.seed}-{args.per_finding}.npz"
         if kept.exists():
             with np.load(kept) as saved:
-                saved = dict(saved)
-            if "round_trip" not in saved:  # kept before the round trip was
-                saved["round_trip"] = features(classifier, load_pipeline(model).round_trip(requests_real))
-                np.savez(kept, **saved)
-            drawn[model] = saved["finals"], saved["twins"], saved["detected"], saved["round_trip"]
+                drawn[model] = saved["finals"], saved["twins"], saved["detected"], saved["round_trip"]
             print(f"{model}: its draws kept in {kept}")
             continue
         started = time.perf_counter()
-        finals, twins, round_trip = draw(model, labels, cases, requests_real, args.batch_size)
+        finals, twins, round_trip = draw(model, labels, cases, healthy, args.batch_size)
         on_final = called(classifier, thresholds, finals)
         detected = np.array([on_final[label][i] for i, label in enumerate(labels)])
         drawn[model] = (
@@ -158,7 +153,7 @@ def main() -> None:
             row.append(cell)
         print(f"  {name:16s} " + "   ".join(row))
 
-    requests = features(classifier, requests_real)
+    requests = features(classifier, np.concatenate([cases.images, healthy.images]))
     print(
         "\nThe floor each autoencoder sets: the requests' own real phantoms (findings, then twins) through it alone, "
         "against the same real phantoms as above; paired as above"

@@ -103,7 +103,7 @@ def test_the_benchmark_reads_with_its_pinned_judges_for_the_current_renderer(con
 def test_compare_models_asks_for_each_finding_on_its_healthy_twins_anatomy(monkeypatch):
     """A cardiomegaly phantom's own anatomy has the enlarged heart; its twin drawn on it would be compared with
     real healthy twins whose hearts are normal. compare_models asks on the healthy twin's anatomy, with the
-    finding's mask, as control_phantom does, and round-trips exactly the real phantoms it is given."""
+    finding's mask, as control_phantom does, and round-trips the requests' real phantoms and their twins."""
     from types import SimpleNamespace
 
     from xreal.phantom import renderer as phantom
@@ -130,8 +130,9 @@ def test_compare_models_asks_for_each_finding_on_its_healthy_twins_anatomy(monke
     cases = phantom.generate(2, 64, seed=5, pathologies=[[label] for label in labels])
     healthy = phantom.generate(2, 64, seed=5, pathologies=[[], []])
     real = compare_models.findings_and_twins(labels, 64, 5)
-    finals, twins, round_trip = compare_models.draw(Path("bundle"), labels, cases, real, batch_size=1)
-    assert finals.shape == twins.shape == (2, 64, 64) and round_trip is real is seen["round_trip"]
+    finals, twins, round_trip = compare_models.draw(Path("bundle"), labels, cases, healthy, batch_size=1)
+    assert finals.shape == twins.shape == (2, 64, 64) and round_trip is seen["round_trip"]
+    assert np.array_equal(round_trip, real)  # the requests' real phantoms, then their twins
     asked_on = np.concatenate(seen["anatomy"])
     assert np.array_equal(asked_on, healthy.anatomy)
     heart = int(Anatomy.HEART)

@@ -548,7 +548,8 @@ def train_backbone(
 
 # At 32x32 latents a backbone step costs 3.7x one at 16x16: half the batch keeps the whole run within 2 hours. From
 # scratch on 2 otherwise idle cores it took 68 min (stop 33): autoencoder 9 min, decoder 3, anatomy controller 9,
-# backbone 36, findings 7, detail 3.5.
+# backbone 36, findings 7, detail 3.5. A backbone trained to 14000 steps (stop 48) drew healthy twins closer to the real
+# phantoms but pneumothoraces further and found them less (0.82 -> 0.70 of draws; README, "A longer backbone").
 DEMO_SCHEDULE = {
     "autoencoder": (1200, 16),
     "decoder": (400, 16),

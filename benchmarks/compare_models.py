@@ -86,6 +86,18 @@ def draws_key(model: Path, size: int) -> str:
     return digest.hexdigest()[:12]
 
 
+def paired_cell(
+    generated: np.ndarray, first: np.ndarray | None, target: np.ndarray, rounds: int, seed: int, note: str = ""
+) -> str:
+    """One table cell: the Fréchet distance of ``generated`` to ``target`` (then ``note``), and, unless ``first``
+    is None, the paired difference from ``first``'s with its bootstrap interval."""
+    cell = f"{frechet_distance_of(generated, target):.3f}{note}"
+    if first is not None:
+        difference, low, high = frechet_difference(generated, first, target, rounds, seed=seed)
+        cell += f" {difference:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return cell
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", type=Path, nargs="+", help="bundles; each after the first is compared with it")
@@ -145,12 +157,9 @@ def main() -> None:
                 generated, target, share = twins, real[n:], ""
             else:
                 generated, target, share = finals[idx], real[idx], f" ({detected[idx].mean():.2f})"
-            cell = f"{frechet_distance_of(generated, target):.3f}{share}"
-            if k:
-                first = drawn[args.models[0]][1] if idx is None else drawn[args.models[0]][0][idx]
-                difference, low, high = frechet_difference(generated, first, target, args.rounds, seed=args.seed)
-                cell += f" {difference:+.3f} [{low:+.3f}, {high:+.3f}]"
-            row.append(cell)
+            baseline = drawn[args.models[0]]
+            first = (baseline[1] if idx is None else baseline[0][idx]) if k else None
+            row.append(paired_cell(generated, first, target, args.rounds, args.seed, share))
         print(f"  {name:16s} " + "   ".join(row))
 
     requests = features(classifier, np.concatenate([cases.images, healthy.images]))
@@ -161,13 +170,8 @@ def main() -> None:
     for name, part in (("findings", slice(0, n)), ("twins", slice(n, 2 * n))):
         row = []
         for k, model in enumerate(args.models):
-            returned = drawn[model][3][part]
-            cell = f"{frechet_distance_of(returned, real[part]):.3f}"
-            if k:
-                first = drawn[args.models[0]][3][part]
-                difference, low, high = frechet_difference(returned, first, real[part], args.rounds, seed=args.seed)
-                cell += f" {difference:+.3f} [{low:+.3f}, {high:+.3f}]"
-            row.append(cell)
+            first = drawn[args.models[0]][3][part] if k else None
+            row.append(paired_cell(drawn[model][3][part], first, real[part], args.rounds, args.seed))
         print(f"  {'round trip, ' + name:24s} " + "   ".join(row))
         print(f"  {'the real ones, ' + name:24s} {frechet_distance_of(requests[part], real[part]):.3f}")
 

@@ -90,7 +90,7 @@ def main() -> None:
         f"({time.perf_counter() - started:.0f} s now)"
     )
 
-    _, classifier = judges(args.cache, size)
+    classifier = judges(args.cache, size).classifier
     labels = [phantom.PHANTOM_PATHOLOGIES[i % 7] for i in range(args.count)]
     cases = phantom.generate(args.count, size, seed=HELD_OUT_SEED, pathologies=[[lab] for lab in labels])
     real_power = lung_detail_power(cases.images, cases.anatomy, sigma=size / 64)

@@ -3,7 +3,7 @@
 Every bundle draws the same requests: phantoms of ``--seed`` (tune on another
 seed than control_phantom's held-out 999, then confirm on it), ``--per-finding``
 of each of the seven findings, one draw each, the fast preset with the pixels
-outside the mask restored. In control_phantom's pinned classifier's features it
+outside the mask restored. In control_phantom's pinned feature network's features it
 prints, per finding and bundle:
 - the Fréchet distance of the finals to as many real phantoms with the finding
   (seed + 1), and in brackets the share of draws on which the classifier
@@ -35,13 +35,14 @@ from pathlib import Path
 import numpy as np
 from control_phantom import (
     FAST,
+    Judges,
     called,
     classifier_thresholds,
     features,
     findings_and_twins,
     judges,
-    judges_key,
     request_masks,
+    weights_digest,
 )
 
 from xreal.evaluate.metrics import frechet_difference, frechet_distance_of
@@ -76,10 +77,11 @@ def draw(
     return np.concatenate(finals), np.concatenate(twins), round_trip
 
 
-def draws_key(model: Path, size: int) -> str:
-    """A short digest of what a bundle's draws depend on: its sampling weights (its judges left out), the fast
-    preset, the benchmark's judges and how the requests are made (``REQUESTS``)."""
-    digest = hashlib.sha256(f"{FAST!r} {judges_key(size)} {REQUESTS}".encode())
+def draws_key(model: Path, benchmark_judges: Judges) -> str:
+    """A short digest of what a bundle's draws as kept depend on: its sampling weights (its judges left out), the
+    fast preset, the benchmark's judges that read them (their weights) and how the requests are made
+    (``REQUESTS``)."""
+    digest = hashlib.sha256(f"{FAST!r} {weights_digest(*benchmark_judges)} {REQUESTS}".encode())
     for path in sorted(model.rglob("*.safetensors")):
         if "judges" not in path.relative_to(model).parts:
             digest.update(path.read_bytes())
@@ -111,18 +113,18 @@ def main() -> None:
     args = parser.parse_args()
 
     size = load_pipeline(args.models[0]).config.image_size
-    _, classifier = judges(args.cache, size)
+    _, classifier, feature_network = benchmark_judges = judges(args.cache, size)
     findings = phantom.PHANTOM_PATHOLOGIES
     labels = [label for label in findings for _ in range(args.per_finding)]
     of_label = {label: [i for i, lab in enumerate(labels) if lab == label] for label in findings}
     cases = phantom.generate(len(labels), size, seed=args.seed, pathologies=[[label] for label in labels])
     healthy = phantom.generate(len(labels), size, seed=args.seed, pathologies=[[]] * len(labels))
-    real = features(classifier, findings_and_twins(labels, size, args.seed + 1))
+    real = features(feature_network, findings_and_twins(labels, size, args.seed + 1))
     thresholds = classifier_thresholds(classifier, phantom.generate(args.real_count, size, seed=args.seed + 2))
 
     drawn = {}
     for model in args.models:
-        kept = args.work / f"{draws_key(model, size)}-seed{args.seed}-{args.per_finding}.npz"
+        kept = args.work / f"{draws_key(model, benchmark_judges)}-seed{args.seed}-{args.per_finding}.npz"
         if kept.exists():
             with np.load(kept) as saved:
                 drawn[model] = saved["finals"], saved["twins"], saved["detected"], saved["round_trip"]
@@ -133,10 +135,10 @@ def main() -> None:
         on_final = called(classifier, thresholds, finals)
         detected = np.array([on_final[label][i] for i, label in enumerate(labels)])
         drawn[model] = (
-            features(classifier, finals),
-            features(classifier, twins),
+            features(feature_network, finals),
+            features(feature_network, twins),
             detected,
-            features(classifier, round_trip),
+            features(feature_network, round_trip),
         )
         args.work.mkdir(parents=True, exist_ok=True)
         np.savez(kept, finals=drawn[model][0], twins=drawn[model][1], detected=detected, round_trip=drawn[model][3])
@@ -145,7 +147,7 @@ def main() -> None:
     n = len(labels)
     groups = {**of_label, "every finding": list(range(n))}
     print(
-        f"\nFrechet distance to as many real phantoms (seed {args.seed + 1}), classifier features, with detection in "
+        f"\nFrechet distance to as many real phantoms (seed {args.seed + 1}), feature network, with detection in "
         f"brackets; seed {args.seed}, {args.per_finding} requests a finding; paired differences against "
         f"{args.models[0]} ({args.rounds} rounds, 95% interval; below 0: closer)"
     )
@@ -162,7 +164,7 @@ def main() -> None:
             row.append(paired_cell(generated, first, target, args.rounds, args.seed, share))
         print(f"  {name:16s} " + "   ".join(row))
 
-    requests = features(classifier, np.concatenate([cases.images, healthy.images]))
+    requests = features(feature_network, np.concatenate([cases.images, healthy.images]))
     print(
         "\nThe floor each autoencoder sets: the requests' own real phantoms (findings, then twins) through it alone, "
         "against the same real phantoms as above; paired as above"

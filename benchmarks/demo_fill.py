@@ -61,7 +61,7 @@ def main() -> None:
     size = pipe.config.image_size
     judges = load_phantom_judges(args.model / "judges")
     policy = QualityPolicy()
-    _, classifier = independent_judges(args.cache, size)
+    classifier = independent_judges(args.cache, size).classifier
     # the thresholds gate_on_real_phantoms sets on its held-out draws' calibration phantoms
     thresholds = classifier_thresholds(classifier, phantom.generate(600, size, seed=HELD_OUT_SEED + 2))
     requests = [r for r in load_requests(args.manifest, root=args.root) if r.has_pathology]

@@ -147,7 +147,7 @@ def check_generated(args, judges, real_cases, real_asked, real_accepted) -> None
         scores += judges.score(output.images, anatomy, masks[lo:hi])
     images = np.concatenate(images)
 
-    _, classifier = independent_judges(args.cache, args.size)
+    classifier = independent_judges(args.cache, args.size).classifier
     thresholds = classifier_thresholds(classifier, phantom.generate(600, args.size, seed=args.draw_seed + 2))
     missed, extra = independent_calls(classifier, thresholds, images, asked)
     real_missed, real_extra = independent_calls(classifier, thresholds, real_cases.images, real_asked)

@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     size = 64
-    _, classifier = judges(args.cache, size)
+    classifier = judges(args.cache, size).classifier
     cases = phantom.generate(args.count, size, seed=HELD_OUT_SEED + 2)
     scores = classify(classifier, cases.images, 2 * size)
     has = {lab: np.array([lab in labels for labels in cases.labels]) for lab in phantom.PHANTOM_PATHOLOGIES}

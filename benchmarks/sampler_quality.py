@@ -287,7 +287,7 @@ def main() -> None:
     chosen = [s for s in SETTINGS if s.name == args.baseline]
     chosen += [s for s in SETTINGS if s.name != args.baseline and (args.only is None or s.name in args.only)]
     cache: dict = {}
-    _, classifier = independent_judges(args.cache, 64)
+    classifier = independent_judges(args.cache, 64).classifier
     independent = (classifier, classifier_thresholds(classifier, phantom.generate(600, 64, seed=args.phantom_seed + 2)))
     results = []
     for setting in chosen:

@@ -83,7 +83,7 @@ def test_the_benchmark_reads_with_its_pinned_judges_for_the_current_renderer(con
 
     monkeypatch.setattr(control_phantom, "train_phantom_segmenter", must_not_train)
     monkeypatch.setattr(control_phantom, "train_phantom_classifier", must_not_train)
-    segmenter, classifier = control_phantom.judges(None, 64)
+    segmenter, classifier, features = control_phantom.judges(None, 64)
     pinned = sorted(p.name for p in control_phantom.PINNED.iterdir() if p.is_dir())
     assert pinned == [control_phantom.judges_key(64)]
 
@@ -93,11 +93,41 @@ def test_the_benchmark_reads_with_its_pinned_judges_for_the_current_renderer(con
     cases = generate(len(asked), 64, seed=5, pathologies=[[label] for label in asked])
     scores = control_phantom.classify(classifier, cases.images, input_size=128)
     aurocs = [auroc(scores[label], np.array(asked) == label) for label in PHANTOM_PATHOLOGIES]
-    assert min(aurocs) > 0.8 and np.mean(aurocs) > 0.9
+    assert min(aurocs) > 0.9
     with torch.no_grad():
         found = segmenter.segment(cases.images)
     dice = [control_phantom.anatomy_dice(a, f) for a, f in zip(cases.anatomy, found, strict=True)]
     assert np.mean([np.mean(list(d.values())) for d in dice]) > 0.9
+    assert control_phantom.features(features, cases.images[:3]).shape[0] == 3
+
+
+def test_the_benchmark_classifier_finds_each_real_finding_at_95_percent_specificity(control_phantom):
+    """Issue 18's per-finding goal (80% of the draws) can only be read by a classifier that finds each finding on
+    the real phantoms: the stop-45 classifier (now the feature network) found 0.58 of nodules."""
+    from xreal.phantom.renderer import PHANTOM_PATHOLOGIES, generate
+
+    judges = control_phantom.judges(None, 64)
+    thresholds = control_phantom.classifier_thresholds(judges.classifier, generate(300, 64, seed=31))
+    asked = list(PHANTOM_PATHOLOGIES) * 20
+    cases = generate(len(asked), 64, seed=6, pathologies=[[label] for label in asked])
+    found = control_phantom.called(judges.classifier, thresholds, cases.images)
+    sensitivity = {label: found[label][np.array(asked) == label].mean() for label in PHANTOM_PATHOLOGIES}
+    assert min(sensitivity.values()) >= 0.9, sensitivity
+
+
+def test_judges_are_saved_and_loaded_with_as_many_snapshots_as_the_classifier_has(control_phantom, tmp_path):
+    from xreal.judges.judging import CheckpointEnsemble
+
+    torch.manual_seed(0)
+    saved = control_phantom.Judges(
+        control_phantom.PhantomSegmenter(),
+        CheckpointEnsemble([control_phantom.phantom_classifier() for _ in range(3)]),
+        control_phantom.phantom_classifier(),
+    )
+    loaded = control_phantom.load_judges(control_phantom.save_judges(saved, tmp_path / "judges"))
+    assert len(loaded.classifier.members) == 3
+    assert control_phantom.weights_digest(*loaded) == control_phantom.weights_digest(*saved)
+    assert control_phantom.weights_digest(loaded.features) != control_phantom.weights_digest(loaded.classifier)
 
 
 def test_compare_models_asks_for_each_finding_on_its_healthy_twins_anatomy(monkeypatch):

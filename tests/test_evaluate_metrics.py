@@ -25,6 +25,7 @@ from xreal.evaluate.metrics import (
     ms_ssim,
     pairwise_ms_ssim,
     prdc,
+    share_interval,
 )
 
 # --- Fréchet distance ------------------------------------------------------------------------------------------
@@ -364,6 +365,17 @@ def test_auroc_matches_a_brute_force_pair_count_with_ties():
     assert auroc(np.array([1.0, 2.0, 3.0]), np.array([0, 0, 1])) == 1.0
     assert auroc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5
     assert np.isnan(auroc(np.array([1.0, 2.0]), np.array([1, 1])))
+
+
+def test_share_interval_is_wilsons_and_keeps_its_width_where_every_draw_is_a_hit():
+    # Wilson's score interval for 0 of 10 at 95% reaches z^2 / (n + z^2) = 0.2775.
+    assert share_interval(np.zeros(10, bool)) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    low, high = share_interval(np.ones(40, bool))
+    assert high == 1.0 and low == pytest.approx(1 - 0.0876, abs=1e-3)  # a bootstrap would give (1, 1)
+    low, high = share_interval(np.arange(280) < 272)
+    assert low < 272 / 280 < high
+    assert high - low < share_interval(np.arange(28) < 27)[1] - share_interval(np.arange(28) < 27)[0]
+    assert np.isnan(share_interval(np.array([], bool))).all()
 
 
 def test_intervals_contain_the_estimate_and_narrow_with_more_data():

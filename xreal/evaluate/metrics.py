@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scipy.stats import rankdata
+from scipy.stats import binomtest, rankdata
 
 from xreal.core.labels import Anatomy
 
@@ -638,6 +638,17 @@ def mean_interval(values: np.ndarray, rounds: int = 1000, level: float = 0.95, s
         _check_level(level)
         return float("nan"), float("nan")
     return bootstrap_interval(lambda idx: float(values[idx].mean()), values.size, rounds, level, seed)
+
+
+def share_interval(hits: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the share of true values in ``hits``: unlike a bootstrap it does not collapse to a
+    point when every draw (or none) is a hit, which is where detection rates sit. (nan, nan) when empty."""
+    _check_level(level)
+    hits = np.asarray(hits, dtype=bool).ravel()
+    if hits.size == 0:
+        return float("nan"), float("nan")
+    interval = binomtest(int(hits.sum()), hits.size).proportion_ci(confidence_level=level, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def auroc_interval(

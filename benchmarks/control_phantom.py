@@ -411,6 +411,12 @@ def main() -> None:
         "  another finding called (any of the six not asked for): "
         + ", ".join(f"{name} {share:.2f}" for name, share in others.items())
     )
+    print("  the finding most often called beside each requested one, on the finals (on its real phantoms):")
+    for label, idx in of_label.items():
+        share = {other: on_final[other][idx].mean() for other in on_final if other != label}
+        other = max(share, key=share.get)
+        called_too = f"{other} {share[other]:.2f} ({truth[other][idx].mean():.2f})" if share[other] else "none"
+        print(f"    {label:18s} {called_too}")
 
     print(
         f"\nPathology placement: share of |final - healthy twin| inside the mask / within {cell} px (one latent cell); "

@@ -125,8 +125,8 @@ def train_judges(size: int) -> Judges:
     """Train the benchmark's judges for ``size`` px phantoms (2 cores: about 20 min); the classifier and the feature
     network are snapshots of one run on phantoms upsampled to ``2 size``."""
     run = train_phantom_classifier(size, steps=(FEATURE_STEPS, *CLASSIFIER_STEPS), input_size=2 * size)
-    features, *late = run.members
-    return Judges(train_phantom_segmenter(size), CheckpointEnsemble(late), features)
+    early, *late = run.members
+    return Judges(train_phantom_segmenter(size), CheckpointEnsemble(late), early)
 
 
 def judges(cache: Path | None, size: int) -> Judges:
@@ -135,17 +135,17 @@ def judges(cache: Path | None, size: int) -> Judges:
     key = judges_key(size)
     for folder in (PINNED / key, cache / key if cache else None):
         if folder and all((folder / f"{name}.safetensors").exists() for name in JUDGE_FILES):
-            return load_judges(folder)
+            return load_benchmark_judges(folder)
     print(f"No pinned judges for {key} (the renderer changed?): training them here. Figures read with them compare")
     print("with each other only; pin them (--pin) when they are to be the benchmark's.")
     trained = train_judges(size)
     if cache:
-        save_judges(trained, cache / key)
+        save_benchmark_judges(trained, cache / key)
     return trained
 
 
-def load_judges(folder: Path) -> Judges:
-    """Judges as :func:`save_judges` wrote them; the classifier holds as many snapshots as its file does."""
+def load_benchmark_judges(folder: Path) -> Judges:
+    """Judges as :func:`save_benchmark_judges` wrote them; the classifier holds as many snapshots as its file does."""
     state = load_file(folder / "classifier.safetensors")
     snapshots = len({name.split(".")[1] for name in state})  # its keys: members.<i>.<parameter>
     classifier = CheckpointEnsemble([phantom_classifier() for _ in range(snapshots)])
@@ -157,7 +157,7 @@ def load_judges(folder: Path) -> Judges:
     )
 
 
-def save_judges(judges: Judges, folder: Path) -> Path:
+def save_benchmark_judges(judges: Judges, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, model in zip(JUDGE_FILES, judges, strict=True):
         save_weights(model, folder / f"{name}.safetensors")
@@ -180,7 +180,7 @@ def pin_judges(judges: Judges, size: int) -> Path:
     for stale in PINNED.glob(f"{size}px-*"):  # an earlier renderer's
         if stale != folder:
             shutil.rmtree(stale)
-    return save_judges(judges, folder)
+    return save_benchmark_judges(judges, folder)
 
 
 def findings_and_twins(labels: list[str], size: int, seed: int) -> np.ndarray:

@@ -124,10 +124,31 @@ def test_judges_are_saved_and_loaded_with_as_many_snapshots_as_the_classifier_ha
         CheckpointEnsemble([control_phantom.phantom_classifier() for _ in range(3)]),
         control_phantom.phantom_classifier(),
     )
-    loaded = control_phantom.load_judges(control_phantom.save_judges(saved, tmp_path / "judges"))
+    loaded = control_phantom.load_benchmark_judges(control_phantom.save_benchmark_judges(saved, tmp_path / "judges"))
     assert len(loaded.classifier.members) == 3
     assert control_phantom.weights_digest(*loaded) == control_phantom.weights_digest(*saved)
     assert control_phantom.weights_digest(loaded.features) != control_phantom.weights_digest(loaded.classifier)
+
+
+def test_judges_trained_anew_take_the_classifier_and_the_feature_network_from_one_run(control_phantom, monkeypatch):
+    """The feature network must be the run's 800-step snapshot (the Fréchet figures since stop 45 are read in it),
+    the classifier the mean of the later ones."""
+    from xreal.judges.judging import CheckpointEnsemble
+
+    asked = {}
+
+    def fake_classifier_run(size, steps, input_size):
+        asked.update(size=size, steps=steps, input_size=input_size)
+        asked["run"] = CheckpointEnsemble([control_phantom.phantom_classifier() for _ in steps])
+        return asked["run"]
+
+    monkeypatch.setattr(control_phantom, "train_phantom_classifier", fake_classifier_run)
+    monkeypatch.setattr(control_phantom, "train_phantom_segmenter", lambda size: control_phantom.PhantomSegmenter())
+    trained = control_phantom.train_judges(64)
+    run = asked.pop("run").members
+    assert asked == {"size": 64, "steps": (800, 2500, 3000, 3500, 4000), "input_size": 128}
+    assert trained.features is run[0]
+    assert list(trained.classifier.members) == list(run[1:])
 
 
 def test_compare_models_asks_for_each_finding_on_its_healthy_twins_anatomy(monkeypatch):

@@ -42,10 +42,10 @@ from control_phantom import (
     findings_and_twins,
     judges,
     request_masks,
-    weights_digest,
 )
 
 from xreal.evaluate.metrics import frechet_difference, frechet_distance_of
+from xreal.evaluate.utility import weights_digest
 from xreal.model.bundle import load_pipeline
 from xreal.phantom import renderer as phantom
 
@@ -81,7 +81,8 @@ def draws_key(model: Path, benchmark_judges: Judges) -> str:
     """A short digest of what a bundle's draws as kept depend on: its sampling weights (its judges left out), the
     fast preset, the benchmark's judges that read them (their weights) and how the requests are made
     (``REQUESTS``)."""
-    digest = hashlib.sha256(f"{FAST!r} {weights_digest(*benchmark_judges)} {REQUESTS}".encode())
+    judged_by = " ".join(weights_digest(network) for network in benchmark_judges)
+    digest = hashlib.sha256(f"{FAST!r} {judged_by} {REQUESTS}".encode())
     for path in sorted(model.rglob("*.safetensors")):
         if "judges" not in path.relative_to(model).parts:
             digest.update(path.read_bytes())

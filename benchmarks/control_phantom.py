@@ -164,15 +164,6 @@ def save_benchmark_judges(judges: Judges, folder: Path) -> Path:
     return folder
 
 
-def weights_digest(*models: torch.nn.Module) -> str:
-    """A short digest of the models' weights: what a figure read with them depends on."""
-    digest = hashlib.sha256()
-    for model in models:
-        for name, tensor in model.state_dict().items():
-            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 def pin_judges(judges: Judges, size: int) -> Path:
     """Keep the judges as the benchmark's own (in git) for the current renderer. In float32: in float16 the
     classifier's AUROC on its own findings fell to 0.26-0.89."""

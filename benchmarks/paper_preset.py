@@ -16,7 +16,9 @@ sampling settings:
   7 cuda-graphs    + CUDA graphs (max-autotune, which records them; ``reduce-overhead`` after a default-mode
                    rung 6); CUDA only, printed as skipped elsewhere
   8 fast           the fast preset (``SPEEDS["fast"]``: its sampler, steps, anatomy steps, guidance interval) on
-                   the best configuration that ran: the highest of rungs 2-7 selected and runnable here
+                   the highest of rungs 2-7 selected and runnable here, or on ``--fast-on RUNG``'s configuration
+                   (on an H200 channels_last made both presets slower: ``--fast-on bf16`` is the fastest there,
+                   and what ``xreal generate --precision bfloat16`` runs)
 
 The batched rungs ask the pipeline for ``step_grid="reference"``, the reference's
 DDIM grid (every ``1000 // steps`` timesteps: 31 steps for 30, 63 for 60), so
@@ -109,14 +111,18 @@ RUNGS: dict[str, Callable[[Config, Context], Config | str]] = {
 }
 
 
-def ladder(selected: list[str], context: Context) -> dict[str, Config | str]:
-    """Every rung's configuration (or why it is skipped), each on top of the one before."""
+def ladder(selected: list[str], context: Context, fast_on: str | None = None) -> dict[str, Config | str]:
+    """Every rung's configuration (or why it is skipped), each on top of the one before; the fast rung on
+    ``fast_on``'s configuration, or by default on the highest batched rung selected that runs here."""
     configs: dict[str, Config | str] = {}
     previous = Config()
     for name, change in RUNGS.items():
         if name == "fast":
             ran = [n for n, c in configs.items() if isinstance(c, Config) and c.batched]
-            base = [n for n in ran if n in selected] or ran
+            if fast_on is not None and fast_on not in ran:
+                choices = ", ".join(ran)
+                raise SystemExit(f"--fast-on {fast_on}: not a batched rung that runs here; choose one of {choices}")
+            base = [fast_on] if fast_on else [n for n in ran if n in selected] or ran
             previous = replace(configs[base[-1]], on=f"on rung {list(RUNGS).index(base[-1]) + 1}'s configuration")
         configs[name] = change(previous, context)
         if isinstance(configs[name], Config):
@@ -124,7 +130,7 @@ def ladder(selected: list[str], context: Context) -> dict[str, Config | str]:
     return configs
 
 
-def select(spec: str) -> list[str]:
+def select(spec: str, option: str = "--rungs") -> list[str]:
     """``all``, or rungs by number or name, e.g. ``1,3,4,8`` or ``reference,sdpa``; in ladder order."""
     names = list(RUNGS)
     if spec == "all":
@@ -134,7 +140,7 @@ def select(spec: str) -> list[str]:
         item = item.strip()
         name = names[int(item) - 1] if item.isdigit() and 1 <= int(item) <= len(names) else item
         if name not in RUNGS:
-            raise SystemExit(f"--rungs: unknown rung {item!r}; choose 1-{len(names)} or {', '.join(names)}")
+            raise SystemExit(f"{option}: unknown rung {item!r}; choose 1-{len(names)} or {', '.join(names)}")
         wanted.add(name)
     return [n for n in names if n in wanted]
 
@@ -253,13 +259,20 @@ def main() -> None:
     parser.add_argument(
         "--compile-mode", default=None, help="rung 6's mode (default: max-autotune-no-cudagraphs on CUDA, else default)"
     )
+    parser.add_argument(
+        "--fast-on",
+        default=None,
+        help="the rung whose configuration the fast preset runs on, e.g. bf16 or 4 (default: the highest batched "
+        "rung selected)",
+    )
     args = parser.parse_args()
     if not 1 <= args.steps <= NUM_TRAIN_TIMESTEPS or not grid_fits(args.steps):
         parser.error(f"--steps {args.steps}: the reference's DDIM grid would run past t = {NUM_TRAIN_TIMESTEPS - 1}")
     cuda = args.device.startswith("cuda")
     selected = select(args.rungs)
     compile_mode = args.compile_mode or ("max-autotune-no-cudagraphs" if cuda else "default")
-    configs = ladder(selected, Context(cuda, compile_mode))
+    fast_on = select(args.fast_on, "--fast-on")[0] if args.fast_on else None
+    configs = ladder(selected, Context(cuda, compile_mode), fast_on)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -1,26 +1,13 @@
 """The measures benchmarks/control_phantom.py adds to the pipeline's own outputs."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.benchmark_loader import load_benchmark
 from xreal.core.labels import Anatomy
-
-
-def load_benchmark(name: str):
-    folder = Path(__file__).parents[1] / "benchmarks"
-    sys.path.insert(0, str(folder))  # benchmarks import each other
-    try:
-        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
 
 
 @pytest.fixture(scope="module")

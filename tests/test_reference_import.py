@@ -17,6 +17,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from tests import reference_layout as ref
+from tests.benchmark_loader import load_benchmark
 from xreal.core.labels import Anatomy
 from xreal.core.settings import SPEEDS
 from xreal.model.bundle import (
@@ -530,6 +531,27 @@ def test_paper_preset_benchmark_runs(tmp_path):
     assert {rows[name][4] for name in ran[:-1]} == {"6"}, done.stdout
     fast = SPEEDS["fast"]
     assert f"{fast.sampler} {fast.steps}+{fast.steps}" in " ".join(rows["fast"]), done.stdout
+
+
+def test_paper_preset_fast_rung_runs_on_the_configuration_asked_for():
+    """By default the fast preset runs on the highest batched rung selected; ``--fast-on`` picks another (on an H200
+    bf16 without channels_last is the fastest); a rung that is not batched, or does not run here, is refused."""
+    paper_preset = load_benchmark("paper_preset")
+    cpu, gpu = paper_preset.Context(False, "default"), paper_preset.Context(True, "max-autotune-no-cudagraphs")
+    names = paper_preset.select("all")
+
+    default = paper_preset.ladder(names, cpu)["fast"]
+    assert default.fast and default.compile_mode == "default" and default.channels_last
+    assert default.on == "on rung 6's configuration"
+    assert paper_preset.ladder(names, gpu)["fast"].compile_mode == "max-autotune"  # rung 7: CUDA graphs
+
+    on_bf16 = paper_preset.ladder(names, gpu, fast_on="bf16")["fast"]
+    assert on_bf16.autocast is torch.bfloat16 and on_bf16.attention == "sdpa" and on_bf16.batched
+    assert not on_bf16.channels_last and on_bf16.compile_mode is None and on_bf16.fast
+    assert on_bf16.on == "on rung 4's configuration"
+    for refused in ("reference", "cuda-graphs"):
+        with pytest.raises(SystemExit, match=f"--fast-on {refused}: not a batched rung"):
+            paper_preset.ladder(names, cpu, fast_on=refused)
 
 
 def test_reads_the_old_non_zip_format(tmp_path):

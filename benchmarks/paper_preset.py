@@ -271,8 +271,10 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     selected = select(args.rungs)
     compile_mode = args.compile_mode or ("max-autotune-no-cudagraphs" if cuda else "default")
-    fast_on = select(args.fast_on, "--fast-on")[0] if args.fast_on else None
-    configs = ladder(selected, Context(cuda, compile_mode), fast_on)
+    fast_on = select(args.fast_on, "--fast-on") if args.fast_on else [None]
+    if len(fast_on) != 1:
+        parser.error(f"--fast-on {args.fast_on}: name one rung")
+    configs = ladder(selected, Context(cuda, compile_mode), fast_on[0])
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -535,7 +535,8 @@ def test_paper_preset_benchmark_runs(tmp_path):
 
 def test_paper_preset_fast_rung_runs_on_the_configuration_asked_for():
     """By default the fast preset runs on the highest batched rung selected; ``--fast-on`` picks another (on an H200
-    bf16 without channels_last is the fastest); a rung that is not batched, or does not run here, is refused."""
+    bf16 without channels_last is the fastest); a rung that is not batched, or does not run here, or more than one
+    rung, is refused."""
     paper_preset = load_benchmark("paper_preset")
     cpu, gpu = paper_preset.Context(False, "default"), paper_preset.Context(True, "max-autotune-no-cudagraphs")
     names = paper_preset.select("all")
@@ -552,6 +553,13 @@ def test_paper_preset_fast_rung_runs_on_the_configuration_asked_for():
     for refused in ("reference", "cuda-graphs"):
         with pytest.raises(SystemExit, match=f"--fast-on {refused}: not a batched rung"):
             paper_preset.ladder(names, cpu, fast_on=refused)
+
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "paper_preset.py"
+    done = subprocess.run([sys.executable, script, "--fast-on", "4,5"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--fast-on 4,5: name one rung" in done.stderr, done.stderr
 
 
 def test_reads_the_old_non_zip_format(tmp_path):
